@@ -1,0 +1,90 @@
+"""quantplug: LoRA adapters on already-quantized models, for every quantization backend.
+
+Importing this package is cheap: torch, the backends' libraries, transformers
+and peft are imported only when a function that needs them runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from quantplug.config import LoraConfig
+from quantplug.info import BackendInfo, BackendStatus, Requirement, Status
+
+__version__ = "0.1.0"
+
+hookimpl = pluggy.HookimplMarker("quantplug")
+
+# public name -> module that defines it, imported on first access
+_LAZY = {
+    "LoraLayer": "quantplug.lora",
+    "attach": "quantplug.model",
+    "detect": "quantplug.model",
+    "set_adapter": "quantplug.model",
+    "adapter_batch": "quantplug.model",
+    "disable_adapters": "quantplug.model",
+    "prepare_for_training": "quantplug.model",
+    "trainable_parameters": "quantplug.model",
+    "lora_layers": "quantplug.model",
+    "quantize": "quantplug.model",
+    "merge": "quantplug.merge",
+    "unmerge": "quantplug.merge",
+    "unload": "quantplug.merge",
+    "MergeReport": "quantplug.merge",
+    "MergeError": "quantplug.merge",
+    "save_adapter": "quantplug.io",
+    "load_adapter": "quantplug.io",
+    "AdapterFileError": "quantplug.io",
+    "register": "quantplug.registry",
+    "unregister": "quantplug.registry",
+    "backends": "quantplug.registry",
+    "load_plugins": "quantplug.registry",
+    "PluginConflictError": "quantplug.registry",
+    "use_reference_kernels": "quantplug.kernels",
+}
+
+__all__ = [
+    "BackendInfo",
+    "BackendStatus",
+    "LoraConfig",
+    "Requirement",
+    "Status",
+    "__version__",
+    "hookimpl",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quantplug' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from quantplug.io import AdapterFileError, load_adapter, save_adapter
+    from quantplug.kernels import use_reference_kernels
+    from quantplug.lora import LoraLayer
+    from quantplug.merge import MergeError, MergeReport, merge, unload, unmerge
+    from quantplug.model import (
+        adapter_batch,
+        attach,
+        detect,
+        disable_adapters,
+        lora_layers,
+        prepare_for_training,
+        quantize,
+        set_adapter,
+        trainable_parameters,
+    )
+    from quantplug.registry import PluginConflictError, backends, load_plugins, register, unregister

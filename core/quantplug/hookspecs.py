@@ -1,0 +1,271 @@
+"""The hooks a quantplug backend plugin implements: the plugin author's contract.
+
+Every hook is prefixed ``quantplug_`` and implemented with
+``@quantplug.hookimpl`` in the module named by the plugin's entry point in
+the group ``quantplug.backends``.  A hookimpl may accept fewer arguments than
+its spec; new arguments are only ever added, so old plugins keep working.
+
+Dispatch hooks are ``firstresult``: the core asks every plugin and takes the
+first answer that is not ``None``, so an implementation must return ``None``
+for anything that is not its own (check ``backend == "<your name>"``).
+
+Lifecycle (which hook fires when)::
+
+    load_plugins()          quantplug_backend_info, quantplug_check_backend,
+                            quantplug_register_kernels
+    qp.attach(model, cfg)   quantplug_detect_layer (every targeted module),
+                            quantplug_compute_dtype, quantplug_wrap_layer
+    layer(x)                the kernels registered above
+    qp.merge(model)         quantplug_dequantize, quantplug_requantize
+                            (mode "requantize"), quantplug_dequantize again
+                            to measure the error
+    qp.unmerge / qp.unload  no hook: the core restores the original module
+    quantplug demo / bench  quantplug_quantize to build quantized layers
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from quantplug.config import LoraConfig
+    from quantplug.info import BackendInfo, BackendStatus
+    from quantplug.kernels import KernelRegister
+    from quantplug.lora import LoraLayer
+
+hookspec = pluggy.HookspecMarker("quantplug")
+
+
+# --------------------------------------------------------------------------
+# Describing a backend
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def quantplug_backend_info() -> BackendInfo:
+    """Describe the backend this plugin provides.
+
+    :returns: a :class:`quantplug.BackendInfo`: the backend's name, the
+        distributions and version ranges it needs, the devices it runs on,
+        its merge modes, the formats it can build, and its capabilities
+        (DoRA, mixed batches, ``torch.compile``, FSDP2 sharding) as data,
+        with a reason in ``limits`` for each capability it lacks.
+
+    Must be cheap and must not import the backend's library: the core calls
+    it for ``quantplug doctor`` even when the library is missing or broken.
+    The core turns ``requires`` into a status with
+    :func:`quantplug.versions.probe`, so most plugins need no
+    ``quantplug_check_backend``.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required. Called once when plugins
+    load, before any other hook of this plugin.
+    """
+
+
+@hookspec
+def quantplug_check_backend(info: BackendInfo) -> BackendStatus | None:
+    """Refine the availability status the core derived from ``info.requires``.
+
+    :param info: this plugin's own :class:`quantplug.BackendInfo`.
+    :returns: a :class:`quantplug.BackendStatus` for ``info.name``, or
+        ``None`` to keep the status the core computed.
+
+    Never raise: catch everything and report ``Status.BROKEN`` with the
+    reason and the fix. Read metadata before importing anything; import the
+    library only to check something metadata cannot tell (a compiled
+    extension that fails to load, a missing GPU).
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: optional. Called when plugins load,
+    after ``quantplug_backend_info``, with the backend's own info; the core
+    ignores a status whose ``name`` is not ``info.name``.
+    """
+
+
+# --------------------------------------------------------------------------
+# Finding and wrapping layers
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def quantplug_detect_layer(module: nn.Module, model: nn.Module | None) -> str | None:
+    """Claim ``module`` if it is a quantized layer of this backend.
+
+    Stops at the first non-None result.
+
+    :param module: a candidate layer of the user's model.
+    :param model: the whole model, when known, for model-level hints such as
+        ``model.quantization_method`` or ``model.config.quantization_config``.
+    :returns: this backend's name, or ``None`` if the layer is not its own.
+
+    Must be cheap and import nothing that is absent: compare class names
+    from ``type(module).__mro__``, or check ``sys.modules`` before importing.
+    Never claim a plain ``torch.nn.Linear``: the core wraps those itself.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required. Called by ``qp.attach`` and
+    ``qp.detect`` for every module a ``LoraConfig`` targets.
+    """
+
+
+@hookspec(firstresult=True)
+def quantplug_compute_dtype(module: nn.Module, backend: str) -> torch.dtype | None:
+    """The dtype the layer computes in, which adapters will be kept in.
+
+    Stops at the first non-None result.
+
+    :param module: a layer this plugin claimed.
+    :param backend: the name that claimed it; return ``None`` if not yours.
+    :returns: a floating dtype (``torch.bfloat16`` for a bnb layer built with
+        ``compute_dtype=torch.bfloat16``), or ``None`` to let the core use
+        the dtype of the layer's first floating parameter or buffer.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: optional. Called by ``qp.attach``
+    once per wrapped layer when ``LoraConfig.dtype`` is not set.
+    """
+
+
+@hookspec(firstresult=True)
+def quantplug_wrap_layer(module: nn.Module, config: LoraConfig, backend: str) -> LoraLayer | None:
+    """Build the adapter layer around a quantized layer.
+
+    Stops at the first non-None result.
+
+    :param module: a layer this plugin claimed.
+    :param config: the :class:`quantplug.LoraConfig` being attached.
+    :param backend: the name that claimed it; return ``None`` if not yours.
+    :returns: a :class:`quantplug.LoraLayer` (or a subclass) whose ``base``
+        is ``module``, with no adapter yet: the core adds them.
+
+    The core's built-in implementation (``trylast``) returns
+    ``LoraLayer(module, backend)``, which fits any layer with
+    ``in_features``/``out_features``. Implement this only to return a
+    subclass, for example one whose ``base_forward`` picks a kernel with a
+    backward pass while training.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: optional. Called by ``qp.attach``
+    once per claimed layer that is not wrapped yet.
+    """
+
+
+# --------------------------------------------------------------------------
+# Primitives the core's merge is built from
+# --------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def quantplug_dequantize(module: nn.Module, backend: str) -> torch.Tensor | None:
+    """The dense weight of a quantized layer, exactly as the library computes it.
+
+    Stops at the first non-None result.
+
+    :param module: a layer this plugin claimed (the ``base`` of a wrapped layer).
+    :param backend: the name that claimed it; return ``None`` if not yours.
+    :returns: a new ``(out_features, in_features)`` tensor in the layer's
+        compute dtype on the layer's device, such that the layer's forward is
+        ``x @ W.T + bias`` up to the library's own rounding. The layer itself
+        must be left unchanged.
+
+    Use the library's own dequantization. Where it has none, run the layer's
+    own forward on an identity matrix (without bias), which is exact by
+    construction. Test it against the library on a layer that already ran a
+    forward: several libraries repack weights in place on the first call.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required. Called by ``qp.merge`` (both
+    modes), to measure merge errors, by DoRA's weight norm, and by the
+    conformance suite as the reference for the adapter layer's forward.
+    """
+
+
+@hookspec(firstresult=True)
+def quantplug_requantize(module: nn.Module, weight: torch.Tensor, backend: str) -> nn.Module | None:
+    """A new quantized layer in the same format as ``module``, holding ``weight``.
+
+    Stops at the first non-None result.
+
+    :param module: the layer whose format to keep (bits, group size,
+        symmetry, grid, codebooks, layout, ``g_idx``, compute dtype, bias).
+    :param weight: the merged dense weight, ``(out_features, in_features)``,
+        finite, in the compute dtype.
+    :param backend: the name that claimed ``module``; return ``None`` if not yours.
+    :returns: a new module, on ``module``'s device, whose dequantized weight
+        approximates ``weight`` and whose bias is ``module``'s bias.
+        ``module`` must be left unchanged: ``qp.unmerge`` puts it back.
+
+    The core does everything else: dequantize, add the adapter, check the
+    result is finite, call this hook, dequantize the result again to measure
+    the error, and report. A backend that cannot requantize leaves
+    ``"requantize"`` out of ``BackendInfo.merge_modes`` with a reason in
+    ``limits``; its users still get the lossless ``"dense"`` merge.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required when ``merge_modes``
+    includes ``"requantize"``. Called by ``qp.merge(..., mode="requantize")``.
+    """
+
+
+@hookspec(firstresult=True)
+def quantplug_quantize(linear: nn.Module, backend: str, variant: str | None) -> nn.Module | None:
+    """Quantize a dense ``nn.Linear`` into a layer of this backend.
+
+    Stops at the first non-None result.
+
+    :param linear: a plain ``torch.nn.Linear`` (weight and optional bias).
+    :param backend: the backend asked for; return ``None`` if not yours.
+    :param variant: one of ``BackendInfo.variants`` (``"nf4"``), or ``None``
+        for the first (the default).
+    :returns: a new quantized layer built by the library itself, without
+        calibration data (round-to-nearest where the method allows), on the
+        linear's device.
+
+    Raise ``ValueError`` naming the valid variants for an unknown variant.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required. Called by ``quantplug demo``
+    and ``quantplug bench`` to build quantized models, and by the
+    conformance suite to build the layers it tests.
+    """
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@hookspec
+def quantplug_register_kernels(register: KernelRegister) -> None:
+    """Register faster implementations of the core's kernel ops.
+
+    :param register: call ``register.kernel(op, fn, backend=..., device=...,
+        dtypes=..., priority=..., name=...)`` for each kernel; it validates
+        the op and the callable and raises ``KernelRegistrationError`` on a
+        duplicate name.
+
+    Every op has a plain-PyTorch reference registered by the core itself,
+    so a kernel only needs to be fast, not complete: register it for the
+    devices and dtypes it handles, with a priority above 0. Import GPU-only
+    libraries (Triton) inside the function or guard them, so registration
+    never fails on a CPU-only machine. ``QUANTPLUG_KERNELS=reference``
+    forces the references; the conformance suite compares kernels to them.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: optional. Called once when plugins load.
+    """

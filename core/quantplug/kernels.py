@@ -1,0 +1,167 @@
+"""Kernel registry: (op, backend, device type, dtype) -> the fastest registered callable.
+
+Every op has a plain-PyTorch reference, registered by the core's built-in
+plugin through the same ``quantplug_register_kernels`` hook as any third
+party's kernels, at priority 0. ``QUANTPLUG_KERNELS=reference`` (or
+:func:`use_reference_kernels`) forces the references, which is how every
+fast kernel is tested.
+
+The ops and their signatures (``y`` is the base layer's output, ``x`` its
+input, both ``(..., features)``; the result is ``y`` plus the adapters'
+contribution, which a kernel may write into ``y`` in place when ``y`` does
+not require grad):
+
+``lora_add(y, x, A, B, scale) -> Tensor``
+    ``y + scale * (x @ A.T) @ B.T`` with ``A`` ``(r, in)`` and ``B`` ``(out, r)``.
+``lora_mixed_add(y, x, As, Bs, scales, rows) -> Tensor``
+    one adapter per row of the leading (batch) dimension: row ``i`` gets
+    adapter ``rows[i]`` (an index into the lists ``As``, ``Bs``, ``scales``),
+    or nothing where ``rows[i] == -1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+OPS = ("lora_add", "lora_mixed_add")
+ANY = "*"
+
+
+class KernelRegistrationError(ValueError):
+    """A kernel registration is malformed or duplicates an existing name."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    op: str
+    fn: Callable
+    name: str
+    backend: str = ANY
+    device: str = ANY
+    dtypes: frozenset = field(default_factory=frozenset)
+    priority: int = 0
+
+    def serves(self, backend: str, device: str, dtype) -> bool:
+        return (
+            self.backend in (ANY, backend)
+            and self.device in (ANY, device)
+            and (not self.dtypes or dtype in self.dtypes)
+        )
+
+
+_forced_reference = os.environ.get("QUANTPLUG_KERNELS", "") == "reference"
+
+
+def use_reference_kernels(enabled: bool = True) -> None:
+    """Force (or stop forcing) the plain-PyTorch reference kernels, process-wide."""
+    global _forced_reference
+    _forced_reference = enabled
+    from quantplug.registry import load_plugins
+
+    load_plugins().kernels.clear_cache()
+
+
+def reference_kernels_forced() -> bool:
+    return _forced_reference
+
+
+class KernelRegistry:
+    """All registered kernels; :meth:`resolve` picks one per call site."""
+
+    def __init__(self) -> None:
+        self.kernels: list[Kernel] = []
+        self._cache: dict[tuple, Kernel] = {}
+
+    def add(self, kernel: Kernel) -> None:
+        if any(k.name == kernel.name and k.op == kernel.op for k in self.kernels):
+            raise KernelRegistrationError(f"a kernel named {kernel.name!r} is already registered for {kernel.op!r}")
+        self.kernels.append(kernel)
+        self._cache.clear()
+
+    def clear(self) -> None:
+        self.kernels.clear()
+        self._cache.clear()
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    def resolve(self, op: str, backend: str, device: str, dtype) -> Kernel:
+        key = (op, backend, device, dtype, _forced_reference)
+        kernel = self._cache.get(key)
+        if kernel is None:
+            candidates = [k for k in self.kernels if k.op == op and k.serves(backend, device, dtype)]
+            if _forced_reference:
+                candidates = [k for k in candidates if k.priority == 0]
+            if not candidates:
+                raise LookupError(f"no kernel registered for op {op!r} ({backend}, {device}, {dtype})")
+            kernel = max(candidates, key=lambda k: k.priority)
+            self._cache[key] = kernel
+        return kernel
+
+    def describe(self, backend: str) -> dict[str, str]:
+        """Which kernel serves each op on CPU and CUDA in bf16, for ``quantplug doctor``."""
+        import torch
+
+        out = {}
+        for device in ("cpu", "cuda"):
+            for op in OPS:
+                try:
+                    out[f"{op}@{device}"] = self.resolve(op, backend, device, torch.bfloat16).name
+                except LookupError:
+                    pass
+        return out
+
+
+class KernelRegister:
+    """What ``quantplug_register_kernels`` receives: validates and records kernels."""
+
+    def __init__(self, registry: KernelRegistry) -> None:
+        self._registry = registry
+
+    def kernel(
+        self,
+        op: str,
+        fn: Callable,
+        *,
+        name: str,
+        backend: str = ANY,
+        device: str = ANY,
+        dtypes: Iterable | None = None,
+        priority: int = 10,
+    ) -> None:
+        """Register ``fn`` for ``op``.
+
+        :param op: one of :data:`OPS`.
+        :param fn: the callable, with the op's signature.
+        :param name: unique per op, shown by ``quantplug doctor`` (``"triton-fused"``).
+        :param backend: the backend whose layers it serves, or ``"*"`` for all.
+        :param device: ``"cuda"``, ``"cpu"`` or ``"*"``.
+        :param dtypes: the input dtypes it handles; ``None`` for all.
+        :param priority: higher wins; 0 is reserved for the references.
+        """
+        if op not in OPS:
+            raise KernelRegistrationError(f"unknown kernel op {op!r}; known ops: {', '.join(OPS)}")
+        if not callable(fn):
+            raise KernelRegistrationError(f"kernel {name!r} for {op!r} is not callable: {fn!r}")
+        if not name:
+            raise KernelRegistrationError(f"kernel for {op!r} needs a name")
+        self._registry.add(Kernel(op, fn, name, backend, device, frozenset(dtypes or ()), priority))
+
+
+# --------------------------------------------------------------------------
+# References: always correct, registered by quantplug.builtin at priority 0
+# --------------------------------------------------------------------------
+
+
+def lora_add_reference(y, x, A, B, scale):
+    return y + ((x.to(A.dtype) @ A.T) @ B.T * scale).to(y.dtype)
+
+
+def lora_mixed_add_reference(y, x, As, Bs, scales, rows):
+    out = y
+    for index, (A, B, scale) in enumerate(zip(As, Bs, scales)):
+        mask = (rows == index).to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
+        out = out + ((x.to(A.dtype) @ A.T) @ B.T * scale).to(y.dtype) * mask
+    return out

@@ -1,0 +1,134 @@
+"""quantplug backend for Intel Neural Compressor (INC) weight-only layers.
+
+Claims ``neural_compressor``'s ``INCWeightOnlyLinear``, the layer INC's
+weight-only algorithms (RTN, GPTQ, AWQ, TEQ, AutoRound export) build for
+PyTorch. Importing this module is cheap: it imports neither torch nor
+neural_compressor; the hookimpls import :mod:`quantplug_inc.layers` (torch,
+and neural_compressor only where a layer must be built) when they run.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from quantplug import BackendInfo, Requirement, hookimpl
+
+NAME = "inc"
+# INCWeightOnlyLinear, unpack()/pack()/recover() and RTNConfig(use_sym=...) with
+# prepare/convert are unchanged from 3.0 (2024-08) to 3.10 (read at the v3.0..v3.9
+# tags, run on 3.10); 2.x had another torch API (adaptor.torch_utils).
+SPECIFIER = ">=3.0,<4"
+REQUIREMENT = Requirement(
+    "neural-compressor",
+    SPECIFIER,
+    module="neural_compressor",
+    pip=f"pip install 'neural-compressor[pt]{SPECIFIER}'",
+)
+LAYER_CLASSES = frozenset({"INCWeightOnlyLinear"})
+# name -> RTN settings (RTNConfig keywords); the first is the default
+VARIANTS = {
+    "int4-g32": {"dtype": "int", "bits": 4, "group_size": 32, "use_sym": True},
+    "int4-g32-asym": {"dtype": "int", "bits": 4, "group_size": 32, "use_sym": False},
+    "int8-g128": {"dtype": "int", "bits": 8, "group_size": 128, "use_sym": True},
+    "nf4-g32": {"dtype": "nf4", "bits": 4, "group_size": 32, "use_sym": True},
+}
+
+
+@hookimpl
+def quantplug_backend_info():
+    return BackendInfo(
+        name=NAME,
+        requires=(REQUIREMENT,),
+        devices=("cpu",),
+        merge_modes=("requantize", "dense"),
+        variants=tuple(VARIANTS),
+        dora=True,
+        mixed_batch=True,
+        # INCWeightOnlyLinear.forward unpacks with numpy on its first call, and
+        # logs through INC's logger on every call: both break a fullgraph trace.
+        compile_safe=False,
+        shardable=False,
+        limits={
+            "compile_safe": (
+                "INCWeightOnlyLinear.forward builds its dense weight cache with numpy and calls "
+                "INC's logger on every call; torch.compile(fullgraph=True) cannot trace either"
+            ),
+            "shardable": "INCWeightOnlyLinear keeps a plain-attribute fp32 weight cache that FSDP2 cannot shard",
+            "cuda": "tested on CPU only; INC's CUDA/XPU paths (ipex, fp16 compute) are not exercised",
+        },
+    )
+
+
+@hookimpl
+def quantplug_check_backend(info):
+    if info.name != NAME:
+        return None
+    from quantplug_inc.probe import check
+
+    return check(info)
+
+
+def is_inc_layer(module) -> bool:
+    """Whether ``module`` is an ``INCWeightOnlyLinear`` (or a subclass), without importing INC."""
+    if "neural_compressor" not in sys.modules:
+        return False  # no INC layer can exist before INC is imported
+    return any(
+        cls.__name__ in LAYER_CLASSES and cls.__module__.startswith("neural_compressor.")
+        for cls in type(module).__mro__
+    )
+
+
+@hookimpl
+def quantplug_detect_layer(module):
+    # INC's own saved configs say quant_method "rtn"/"gptq"/"awq"/"teq", names gptqmodel
+    # uses too, so the model-level hint cannot tell INC apart: the layer class does.
+    return NAME if is_inc_layer(module) else None
+
+
+@hookimpl
+def quantplug_compute_dtype(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_inc.layers import compute_dtype
+
+    return compute_dtype(module)
+
+
+@hookimpl
+def quantplug_wrap_layer(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_inc.layers import IncLoraLayer
+
+    return IncLoraLayer(module, backend)
+
+
+@hookimpl
+def quantplug_dequantize(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_inc.layers import dequantize
+
+    return dequantize(module)
+
+
+@hookimpl
+def quantplug_requantize(module, weight, backend):
+    if backend != NAME:
+        return None
+    from quantplug_inc.layers import requantize
+
+    return requantize(module, weight)
+
+
+@hookimpl
+def quantplug_quantize(linear, backend, variant):
+    if backend != NAME:
+        return None
+    if variant is None:
+        variant = next(iter(VARIANTS))
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown inc variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    from quantplug_inc.layers import quantize
+
+    return quantize(linear, **VARIANTS[variant])

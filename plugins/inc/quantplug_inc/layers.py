@@ -1,0 +1,225 @@
+"""INCWeightOnlyLinear primitives: format, dequantize, requantize, quantize, the adapter layer.
+
+Facts about neural-compressor 3.x these rely on (3.10, read back to the v3.0 tag):
+
+- ``forward`` builds ``self.weight``, a dense copy of the weight, on its first
+  call (``recover()``, upcast to fp32 on CPU when the scales are fp16) and
+  reuses it forever; on CPU it also turns the ``bias`` buffer into fp32 and
+  sets ``g_idx``. The cache is a plain attribute: ``pack()`` into the same
+  layer, ``.to()`` and ``state_dict`` loads do not touch it. So weights are
+  always read from the packed codes here, and requantize builds a new layer.
+- ``forward`` casts its input to the cache's dtype and returns that dtype:
+  fp32 out for bf16 in. :class:`IncLoraLayer` casts the output back.
+- ``recover()`` computes ``(code - zero).to(torch.int8) * scale``: for 8-bit
+  asymmetric layers (codes and zeros in 0..255) the int8 cast wraps around,
+  and the layer's own forward uses that wrong weight. :func:`dequantize`
+  reproduces it, because the contract is "as the layer computes".
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from quantplug.lora import LoraLayer
+
+
+@dataclass(frozen=True)
+class Format:
+    """The parameters an ``INCWeightOnlyLinear`` was quantized with, read back from the layer."""
+
+    dtype: str  # "int", "nf4", "fp4", ...
+    bits: int
+    group_size: int
+    sym: bool
+    full_range: bool
+    use_optimum_format: bool
+    compression_dtype: torch.dtype
+    compression_dim: int
+    scale_dtype: torch.dtype
+    has_g_idx: bool
+
+    @property
+    def scheme(self) -> str:
+        return "sym" if self.sym else "asym"
+
+
+def _device(module: nn.Module) -> torch.device:
+    return module.qweight.device  # module.device is the string given at construction, never updated
+
+
+def _group_index(module: nn.Module) -> torch.Tensor:
+    """The quantization group of each input channel, as ``recover()`` indexes the scales."""
+    g_idx = module.g_idx  # a buffer (act-order layers), a cache recover() left, or None
+    if g_idx is None:
+        return torch.arange(module.in_features, device=_device(module)) // module.group_size
+    return g_idx.long()
+
+
+def layer_format(module: nn.Module) -> Format:
+    """Bits, group size, symmetry and storage settings of ``module``.
+
+    Symmetry is not stored: optimum-format layers always carry zero points
+    (``2**(bits-1)`` for every group when quantized symmetrically), others
+    have ``qzeros`` only when asymmetric. ``full_range`` (codes down to
+    ``-2**(bits-1)``, signed scales) shows in the codes and scales.
+    """
+    unpacked = module.unpack()
+    codes, scales, zp = unpacked["int_weight"], unpacked["scales"], unpacked["zp"]
+    bits = int(module.bits)
+    is_int = "int" in module.dtype
+    sym = True
+    if is_int and zp is not None:
+        sym = bool(module.use_optimum_format and (zp == 2 ** (bits - 1)).all())
+    full_range = False
+    if is_int and sym:
+        low = -(2 ** (bits - 1))
+        signed = codes - 2 ** (bits - 1) if module.use_optimum_format else codes
+        full_range = bool((scales < 0).any() or (signed == low).any())
+    return Format(
+        dtype=module.dtype,
+        bits=bits,
+        group_size=int(module.group_size),
+        sym=sym,
+        full_range=full_range,
+        use_optimum_format=bool(module.use_optimum_format),
+        compression_dtype=module.compression_dtype,
+        compression_dim=int(module.compression_dim),
+        # 3.0 to 3.5 keep no scale_dtype attribute; it only matters outside the optimum format
+        scale_dtype=getattr(module, "scale_dtype", module.float_type),
+        has_g_idx="g_idx" in module._buffers,
+    )
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype ``forward`` computes in: its cache's, else what ``recover()`` gives (fp16 -> fp32 on CPU)."""
+    cached = module.__dict__.get("weight")
+    if isinstance(cached, torch.Tensor):
+        return cached.dtype
+    dtype = module.float_type
+    if dtype == torch.float16 and _device(module).type == "cpu":
+        return torch.float32
+    return dtype
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """The dense weight from the packed codes, as ``recover()`` and ``forward`` compute it.
+
+    ``recover()`` itself loops over input channels in Python (seconds for a
+    4096-wide layer, and DoRA calls this every step) and stores ``g_idx`` on
+    the layer, so this runs the same arithmetic vectorised on INC's own
+    ``unpack()``; the tests check it bit for bit against ``recover()``.
+    """
+    with torch.no_grad():
+        unpacked = module.unpack()
+        codes, scales, zp = unpacked["int_weight"], unpacked["scales"], unpacked["zp"]
+        group = _group_index(module)
+        if zp is not None:
+            # the int8 cast is INC's: it wraps 8-bit asymmetric codes, and forward uses it
+            weight = torch.subtract(codes, zp[:, group]).to(torch.int8) * scales[:, group]
+        else:
+            weight = codes * scales[:, group]
+        weight = weight.to(module.float_type)
+        return weight.to(compute_dtype(module)).contiguous()
+
+
+def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new layer of ``module``'s class and format holding ``weight``, built as INC's RTN builds one.
+
+    ``quant_tensor`` and ``pack`` are what ``RTNQuantizer.convert`` calls;
+    ``module`` is not touched (its cache, if any, stays valid).
+    """
+    from neural_compressor.torch.algorithms.weight_only.utility import quant_tensor
+
+    fmt = layer_format(module)
+    device = _device(module)
+    with torch.no_grad():
+        dense = weight.detach().to(device=device, dtype=torch.float32).clone()  # quant_tensor works in place
+        perm = None
+        if fmt.has_g_idx:
+            # act-order layers: quantize each group's channels together, keep the channel -> group map
+            perm = torch.argsort(module.g_idx.long(), stable=True)
+            dense = dense[:, perm].contiguous()
+        codes, scales, zp = quant_tensor(
+            dense,
+            dtype=fmt.dtype,
+            bits=fmt.bits,
+            group_size=fmt.group_size,
+            scheme=fmt.scheme,
+            return_int=True,
+            full_range=fmt.full_range,
+        )
+        if perm is not None:
+            codes = codes[:, torch.argsort(perm)]
+        bias = module.bias
+        new = type(module)(
+            module.in_features,
+            module.out_features,
+            dtype=fmt.dtype,
+            bits=fmt.bits,
+            group_size=fmt.group_size,
+            zp=zp is not None,
+            bias=bias is not None,
+            scale_dtype=fmt.scale_dtype,
+            compression_dtype=fmt.compression_dtype,
+            compression_dim=fmt.compression_dim,
+            g_idx=perm is not None,
+            device=str(device),
+            use_optimum_format=fmt.use_optimum_format,
+            **getattr(module, "kwargs", {}),
+        )
+        # g_idx as the permutation: that is what INC's GPTQ hands to pack()
+        new.pack(codes, scales, zp, None if bias is None else bias.detach().clone(), g_idx=perm)
+    new.train(module.training)
+    new.requires_grad_(False)
+    return new
+
+
+@contextmanager
+def _quiet_inc():
+    """INC logs a table at INFO for every conversion; keep it to warnings while we build layers."""
+    inc_logger = logging.getLogger("neural_compressor")
+    level = inc_logger.level
+    inc_logger.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        inc_logger.setLevel(level)
+
+
+def quantize(linear: nn.Module, *, dtype: str, bits: int, group_size: int, use_sym: bool) -> nn.Module:
+    """An ``INCWeightOnlyLinear`` from a plain linear, through INC's RTN ``prepare``/``convert``.
+
+    RTN's convert overwrites the source linear's weight with the integer
+    codes (``quant_tensor`` is in place on ``m.weight.detach()``), so it gets
+    a copy; ``linear`` is left as it was.
+    """
+    from neural_compressor.torch.quantization import RTNConfig, convert, prepare
+
+    copy = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    copy.weight = nn.Parameter(linear.weight.detach().float().clone(), requires_grad=False)
+    if linear.bias is not None:
+        copy.bias = nn.Parameter(linear.bias.detach().float().clone(), requires_grad=False)
+    config = RTNConfig(dtype=dtype, bits=bits, group_size=group_size, use_sym=use_sym)
+    with _quiet_inc():
+        model = convert(prepare(nn.Sequential(copy), config))
+    layer = model[0]
+    layer.requires_grad_(False)
+    return layer
+
+
+class IncLoraLayer(LoraLayer):
+    """The core's adapter layer, with the base's output cast back to the input's dtype.
+
+    ``INCWeightOnlyLinear.forward`` casts its input to its fp32 cache and
+    returns fp32 even for bf16 or fp16 input; without the cast a bf16 model
+    would turn fp32 at the first adapter layer.
+    """
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y if y.dtype == x.dtype else y.to(x.dtype)

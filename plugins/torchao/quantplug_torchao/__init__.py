@@ -1,0 +1,127 @@
+"""quantplug backend for torchao.
+
+torchao quantizes in place: ``quantize_(model, config)`` leaves every
+``nn.Linear`` a plain ``nn.Linear`` and swaps its ``weight`` for a tensor
+subclass (``Int8Tensor``, ``IntxUnpackedToInt8Tensor``, ``Float8Tensor``,
+``NF4Tensor``, the CUDA int4 layouts...). So this backend claims a linear by
+its weight's class, never by the module's class, and builds new layers by
+running torchao's own ``quantize_`` with the config recovered from the
+weight. Importing this module imports neither torch nor torchao: the work is
+in :mod:`quantplug_torchao.formats`, imported inside the hooks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from quantplug import BackendInfo, Requirement, hookimpl
+
+NAME = "torchao"
+
+# variant name -> what it builds; the first is the default. The torchao
+# config each one runs is in formats.VARIANTS.
+VARIANTS = (
+    "int8wo",  # Int8WeightOnlyConfig(): Int8Tensor, per-row int8 (what TorchAoConfig users load)
+    "int4-g32",  # IntxWeightOnlyConfig(torch.int4, PerGroup(32)): the int4 that runs on CPU
+    "int4-g64",  # IntxWeightOnlyConfig(torch.int4, PerGroup(64))
+    "int8dq",  # Int8DynamicActivationInt8WeightConfig(): int8 weight, int8 per-token activations
+    "int8dq-int4-g32",  # Int8DynamicActivationIntxWeightConfig(torch.int4, PerGroup(32))
+    "float8wo",  # Float8WeightOnlyConfig(): float8_e4m3fn weight, per row
+    "nf4",  # to_nf4(weight): torchtune's QLoRA format, shards under FSDP2
+)
+
+
+@hookimpl
+def quantplug_backend_info():
+    return BackendInfo(
+        name=NAME,
+        # 0.18 deleted AffineQuantizedTensor and made Int8WeightOnlyConfig build
+        # Int8Tensor (version 2); before it, the same config built an AQT whose
+        # format this plugin does not rebuild. Upper bound: torchao reshapes its
+        # tensor classes nearly every release.
+        requires=(Requirement("torchao", ">=0.18,<0.19", module="torchao"),),
+        devices=("cpu", "cuda"),
+        merge_modes=("requantize", "dense"),
+        variants=VARIANTS,
+        dora=True,
+        mixed_batch=True,
+        compile_safe=True,
+        shardable=False,
+        limits={
+            "shardable": (
+                "only NF4Tensor implements FSDP2's all-gather extension; Int8Tensor, "
+                "IntxUnpackedToInt8Tensor and Float8Tensor fail inside fully_shard (torchao 0.18)"
+            ),
+        },
+    )
+
+
+def torchao_weight(module):
+    """The torchao tensor subclass held as ``module.weight``, or ``None``.
+
+    Cheap and import-free: a torchao tensor can only exist once ``torchao``
+    is in ``sys.modules``, and the class check reads ``__module__`` along the
+    MRO (torchao sets ``Int8Tensor.__module__ = "torchao.quantization"``).
+    """
+    if "torchao" not in sys.modules:
+        return None
+    from torch import nn
+
+    if not isinstance(module, nn.Linear):
+        return None
+    weight = module._parameters.get("weight")
+    if weight is None:
+        return None
+    for cls in type(weight).__mro__:
+        if cls.__module__.split(".", 1)[0] == "torchao" and cls.__name__ in _QUANTIZED_BASES:
+            return weight
+    return None
+
+
+# torchao's quantized-weight classes all derive from TorchAOBaseTensor, except
+# NF4Tensor (a plain torch.Tensor subclass). Float8Linear's training wrappers
+# (WeightWithDynamicFloat8CastTensor) derive from neither and hold a dense
+# weight: those linears are not quantized storage and stay unclaimed.
+_QUANTIZED_BASES = frozenset({"TorchAOBaseTensor", "NF4Tensor"})
+
+
+@hookimpl
+def quantplug_detect_layer(module):
+    return NAME if torchao_weight(module) is not None else None
+
+
+@hookimpl
+def quantplug_compute_dtype(module, backend):
+    if backend != NAME:
+        return None
+    weight = torchao_weight(module)
+    # every torchao weight reports the dtype it was quantized from (bf16 usually),
+    # which is what its linear returns; scales may be float32 (Int8Tensor)
+    return weight.dtype if weight is not None and weight.dtype.is_floating_point else None
+
+
+@hookimpl
+def quantplug_dequantize(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_torchao import formats
+
+    return formats.dequantize(module)
+
+
+@hookimpl
+def quantplug_requantize(module, weight, backend):
+    if backend != NAME:
+        return None
+    from quantplug_torchao import formats
+
+    return formats.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_quantize(linear, backend, variant):
+    if backend != NAME:
+        return None
+    from quantplug_torchao import formats
+
+    return formats.quantize(linear, variant or VARIANTS[0])
