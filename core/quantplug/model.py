@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from quantplug.config import LoraConfig
-from quantplug.lora import LoraLayer
+from quantplug.lora import BASE, LoraLayer
 from quantplug.registry import hook, load_plugins
 
 
@@ -126,9 +127,21 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     ``adapter_names=`` to each adapter layer.
     """
     names = list(adapter_names)
+    layers = lora_layers(model).values()
+    known = {name for layer in layers for name in layer.adapters}
+    unknown = sorted(set(names) - known - {BASE})
+    if unknown:
+        raise KeyError(f"adapter_names has unknown adapter(s) {unknown}; the model has {sorted(known)}")
+
+    def pre_hook(layer, args, kwargs, rows):
+        return args, {**kwargs, "adapter_names": rows}
+
     handles = [
-        layer.register_forward_pre_hook(lambda _m, args, kwargs: (args, {**kwargs, "adapter_names": names}), with_kwargs=True)
-        for layer in lora_layers(model).values()
+        # a layer without one of the adapters runs those rows through its base alone
+        layer.register_forward_pre_hook(
+            functools.partial(pre_hook, rows=[n if n in layer.lora_A else BASE for n in names]), with_kwargs=True
+        )
+        for layer in layers
     ]
     try:
         yield model

@@ -44,15 +44,11 @@ def quantplug_backend_info():
         variants=tuple(VARIANTS),
         dora=True,
         mixed_batch=True,
-        # INCWeightOnlyLinear.forward unpacks with numpy on its first call, and
-        # logs through INC's logger on every call: both break a fullgraph trace.
-        compile_safe=False,
+        # with IncLoraLayer: the base's cache is built at wrap time and its logging call is
+        # skipped (see quantplug_inc.layers.IncLoraLayer); the bare layer is not traceable
+        compile_safe=True,
         shardable=False,
         limits={
-            "compile_safe": (
-                "INCWeightOnlyLinear.forward builds its dense weight cache with numpy and calls "
-                "INC's logger on every call; torch.compile(fullgraph=True) cannot trace either"
-            ),
             "shardable": "INCWeightOnlyLinear keeps a plain-attribute fp32 weight cache that FSDP2 cannot shard",
             "cuda": "tested on CPU only; INC's CUDA/XPU paths (ipex, fp16 compute) are not exercised",
         },

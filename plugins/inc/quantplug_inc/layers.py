@@ -5,9 +5,12 @@ Facts about neural-compressor 3.x these rely on (3.10, read back to the v3.0 tag
 - ``forward`` builds ``self.weight``, a dense copy of the weight, on its first
   call (``recover()``, upcast to fp32 on CPU when the scales are fp16) and
   reuses it forever; on CPU it also turns the ``bias`` buffer into fp32 and
-  sets ``g_idx``. The cache is a plain attribute: ``pack()`` into the same
-  layer, ``.to()`` and ``state_dict`` loads do not touch it. So weights are
-  always read from the packed codes here, and requantize builds a new layer.
+  sets ``g_idx``. The cache is a plain attribute that ``pack()``, ``.to()``
+  and ``load_state_dict`` leave alone: after ``pack()`` into a used layer its
+  forward keeps the old weight (or fails, bias back in fp16 against an fp32
+  cache); after ``.double()`` or ``.to(bf16)`` it fails on mismatched dtypes.
+  So weights are always read from the packed codes here, requantize builds a
+  new layer, and :class:`IncLoraLayer` rebuilds the cache when moved.
 - ``forward`` casts its input to the cache's dtype and returns that dtype:
   fp32 out for bf16 in. :class:`IncLoraLayer` casts the output back.
 - ``recover()`` computes ``(code - zero).to(torch.int8) * scale``: for 8-bit
@@ -23,9 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from torch import nn
-
 from quantplug.lora import LoraLayer
+from torch import nn
+from torch.nn import functional as F
+
+from quantplug_inc import is_inc_layer
 
 
 @dataclass(frozen=True)
@@ -176,6 +181,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         new.pack(codes, scales, zp, None if bias is None else bias.detach().clone(), g_idx=perm)
     new.train(module.training)
     new.requires_grad_(False)
+    warm(new)  # as IncLoraLayer does at wrap time: a traced forward cannot build the cache
     return new
 
 
@@ -212,14 +218,67 @@ def quantize(linear: nn.Module, *, dtype: str, bits: int, group_size: int, use_s
     return layer
 
 
+def warm(module: nn.Module) -> None:
+    """Build the layer's dense weight cache now, through its own forward, as its first call would."""
+    if "weight" not in module.__dict__:
+        with torch.no_grad():
+            module(torch.zeros(1, module.in_features, dtype=compute_dtype(module), device=_device(module)))
+
+
+def _codes_key(module: nn.Module) -> tuple:
+    """Identity and in-place version of the tensors the cache was built from."""
+    names = ("qweight", "scales", "qzeros", "bias", "g_idx")
+    tensors = [getattr(module, name, None) for name in names] if is_inc_layer(module) else []
+    return tuple((id(t), t._version) for t in tensors if isinstance(t, torch.Tensor))
+
+
+def _reload_cache(layer: IncLoraLayer, incompatible_keys=None) -> None:
+    # load_state_dict copies into the base's buffers in place, .to() replaces them; both
+    # leave INC's cache on the old weight (its forward then mixes the old weight with the
+    # new bias, or fails on mismatched dtypes)
+    if is_inc_layer(layer.base) and _codes_key(layer.base) != layer._cached_codes:
+        layer.rebuild_cache()
+
+
 class IncLoraLayer(LoraLayer):
-    """The core's adapter layer, with the base's output cast back to the input's dtype.
+    """The core's adapter layer, calling the INC base in a way ``torch.compile`` can trace.
 
     ``INCWeightOnlyLinear.forward`` casts its input to its fp32 cache and
-    returns fp32 even for bf16 or fp16 input; without the cast a bf16 model
-    would turn fp32 at the first adapter layer.
+    returns fp32 even for bf16 or fp16 input (a bf16 model would turn fp32 at
+    the first adapter layer), so the output is cast back to the input's
+    dtype. Once the cache exists, its forward is ``F.linear(x.to(W.dtype), W,
+    bias)`` plus a ``logger.debug`` call that dynamo refuses; the same
+    product is computed here without the log, and the cache is built when
+    the layer is wrapped rather than inside a traced call (its numpy
+    unpacking cannot be traced either). The cache is rebuilt when the layer
+    is moved (``.to()``) or its base's codes are loaded (``load_state_dict``).
     """
 
+    def __init__(self, base: nn.Module, backend: str, **kwargs) -> None:
+        super().__init__(base, backend, **kwargs)
+        warm(base)
+        self._cached_codes = _codes_key(base)
+        self.register_load_state_dict_post_hook(_reload_cache)
+
+    def rebuild_cache(self) -> None:
+        """Drop the INC base's dense cache and build it again from its packed codes."""
+        base = self.base
+        if is_inc_layer(base):
+            base.__dict__.pop("weight", None)
+            if _device(base).type != "meta":
+                warm(base)
+            self._cached_codes = _codes_key(base)
+
+    def _apply(self, fn, recurse=True):
+        # .to()/.double()/.cuda() convert the base's buffers but not its cache (a plain
+        # attribute), after which INC's own forward fails on mismatched dtypes or devices
+        result = super()._apply(fn, recurse)
+        _reload_cache(self)
+        return result
+
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        base = self.base
+        cached = base.__dict__.get("weight")
+        # no cache: a base swapped in after wrapping (a dense merge); its own forward runs
+        y = base(x) if cached is None else F.linear(x.to(cached.dtype), cached, base.bias)
         return y if y.dtype == x.dtype else y.to(x.dtype)

@@ -15,7 +15,6 @@ import importlib_metadata as metadata
 from packaging.markers import UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement
 from packaging.requirements import Requirement as Req
-
 from quantplug.info import BackendStatus, Requirement, Status
 from quantplug.versions import installed_version, probe, probe_backend
 
@@ -51,11 +50,20 @@ def check(info) -> BackendStatus | None:
     try:
         requirement = info.requires[0]
         if installed_version(requirement.dist) is None and installed_version(TORCH_ONLY_DIST) is not None:
-            torch_only = Requirement(TORCH_ONLY_DIST, requirement.specifier, module=requirement.module,
-                                     pip=requirement.pip)
+            torch_only = Requirement(
+                TORCH_ONLY_DIST, requirement.specifier, module=requirement.module, pip=requirement.pip
+            )
             row = probe(torch_only)
-            status = BackendStatus(name=info.name, status=row.status, library=row.library, found=row.found,
-                                   required=row.required, reason=row.reason, fix=row.fix, info=info)
+            status = BackendStatus(
+                name=info.name,
+                status=row.status,
+                library=row.library,
+                found=row.found,
+                required=row.required,
+                reason=row.reason,
+                fix=row.fix,
+                info=info,
+            )
             dist, extra = TORCH_ONLY_DIST, None
         else:
             status = probe_backend(info)

@@ -1,0 +1,116 @@
+"""quantplug backend for bitsandbytes: 4-bit ``Linear4bit`` (NF4, FP4) and 8-bit ``Linear8bitLt``.
+
+Importing this module imports neither torch nor bitsandbytes; the hooks do,
+when the core calls them on a layer this plugin claimed.
+"""
+
+from __future__ import annotations
+
+from quantplug import BackendInfo, Requirement, hookimpl
+
+NAME = "bnb"
+
+# 0.46.0 is the first release with CPU kernels for quantize_4bit/dequantize_4bit and the
+# int8_vectorwise_quant API used to requantize 8-bit layers; the CPU repack this plugin
+# reads (packing_format_for_cpu) is private and has the same layout from 0.49.0 to 0.50.2.
+REQUIREMENT = Requirement("bitsandbytes", ">=0.46,<0.51", module="bitsandbytes")
+
+
+@hookimpl
+def quantplug_backend_info():
+    return BackendInfo(
+        name=NAME,
+        requires=(REQUIREMENT,),
+        devices=("cpu", "cuda"),
+        merge_modes=("requantize", "dense"),
+        variants=("nf4", "fp4", "int8"),
+        dora=True,
+        mixed_batch=True,
+        compile_safe=False,
+        shardable=False,
+        limits={
+            "compile_safe": (
+                "torch.compile(fullgraph=True) fails on a bitsandbytes base: Linear4bit's forward calls "
+                "bitsandbytes.functional.get_ptr/ctypes on CPU and repacks its weight in place on the first "
+                "CPU inference call; Linear8bitLt's forward mutates layer.state and weight.data "
+                "(measured with bitsandbytes 0.50.2, torch 2.13 CPU). Without fullgraph it runs, with graph breaks."
+            ),
+            "shardable": "FSDP2 over Linear4bit (quant_storage=bfloat16) is not tested by this plugin yet",
+        },
+    )
+
+
+def _kind(module):
+    from quantplug_bnb._layers import bnb_kind
+
+    return bnb_kind(module)
+
+
+@hookimpl
+def quantplug_detect_layer(module):
+    # Linear4bit and Linear8bitLt subclass nn.Linear: match by class, never by isinstance(nn.Linear)
+    return NAME if _kind(module) is not None else None
+
+
+@hookimpl
+def quantplug_compute_dtype(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_bnb import _layers
+
+    kind = _layers.bnb_kind(module)
+    if kind == _layers.LINEAR_4BIT:
+        return _layers.compute_dtype_4bit(module)
+    if kind == _layers.LINEAR_8BIT:
+        return _layers.compute_dtype_8bit(module)
+    return None
+
+
+@hookimpl
+def quantplug_wrap_layer(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_bnb import _layers
+
+    if _layers.bnb_kind(module) != _layers.LINEAR_4BIT:
+        return None  # the core's LoraLayer: Linear8bitLt has a backward on every path
+    from quantplug_bnb.lora import Bnb4bitLoraLayer
+
+    return Bnb4bitLoraLayer(module, NAME)
+
+
+@hookimpl
+def quantplug_dequantize(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_bnb import _layers
+
+    kind = _layers.bnb_kind(module)
+    if kind == _layers.LINEAR_4BIT:
+        return _layers.dequantize_4bit(module)
+    if kind == _layers.LINEAR_8BIT:
+        return _layers.dequantize_8bit(module)
+    raise TypeError(f"backend {NAME!r} cannot dequantize a {type(module).__qualname__}")
+
+
+@hookimpl
+def quantplug_requantize(module, weight, backend):
+    if backend != NAME:
+        return None
+    from quantplug_bnb import _layers
+
+    kind = _layers.bnb_kind(module)
+    if kind == _layers.LINEAR_4BIT:
+        return _layers.requantize_4bit(module, weight)
+    if kind == _layers.LINEAR_8BIT:
+        return _layers.requantize_8bit(module, weight)
+    raise TypeError(f"backend {NAME!r} cannot requantize a {type(module).__qualname__}")
+
+
+@hookimpl
+def quantplug_quantize(linear, backend, variant):
+    if backend != NAME:
+        return None
+    from quantplug_bnb import _layers
+
+    return _layers.quantize(linear, variant)

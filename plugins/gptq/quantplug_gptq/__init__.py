@@ -1,0 +1,101 @@
+"""quantplug backend for GPTQ layers built by gptqmodel (``TorchLinear``, ``TorchAtenLinear``, Marlin, ...).
+
+Importing this module imports neither torch nor gptqmodel (gptqmodel takes
+about 8 s to import); the hooks import them when the core calls them on a
+layer this plugin claimed. Layers are recognised by class names along their
+MRO, so detection never imports gptqmodel either.
+"""
+
+from __future__ import annotations
+
+from quantplug import BackendInfo, Requirement, hookimpl
+
+NAME = "gptq"
+
+# 7.0.0 renamed the kernels this plugin builds (TorchQuantLinear -> TorchLinear); the calls it makes
+# (PackableQuantLinear.dequantize_weight, pack_original, quantizer.Quantizer) read the same in the
+# v7.0.0 and v7.3.4 tags. 7.7.0 requires torch >= 2.14.1 and is untested here; tested: 7.6.0.
+REQUIREMENT = Requirement("gptqmodel", ">=7.0,<7.7", module="gptqmodel")
+
+
+@hookimpl
+def quantplug_backend_info():
+    from quantplug_gptq._detect import VARIANTS
+
+    return BackendInfo(
+        name=NAME,
+        requires=(REQUIREMENT,),
+        devices=("cpu", "cuda"),
+        merge_modes=("requantize", "dense"),
+        variants=VARIANTS,
+        dora=True,
+        mixed_batch=True,
+        compile_safe=True,
+        shardable=False,
+        limits={
+            "shardable": "GPTQ weights are packed int32 buffers (qweight/qzeros/scales), which FSDP2 does not shard",
+            "requantize": (
+                "requantize builds the torch kernels (TorchLinear, TorchFusedLinear, TorchAtenLinear, "
+                "TorchInt8Linear); a CUDA kernel without a CPU packer (Marlin, ExLlamaV2, Machete, BitBLAS) "
+                "raises NotImplementedError: merge it with mode='dense'"
+            ),
+            "cuda": "CUDA kernels are read through their own forward on an identity matrix; tested on CPU only",
+            "training": (
+                "the input's gradient goes through dequantize + F.linear (TorchFusedLinear/TorchAtenLinear drop it "
+                "after their first inference forward, TorchInt8Linear/ExLlama/Marlin have no training mode); "
+                "inference uses the layer's own kernel"
+            ),
+        },
+    )
+
+
+@hookimpl
+def quantplug_detect_layer(module):
+    from quantplug_gptq._detect import is_gptq_layer
+
+    return NAME if is_gptq_layer(module) else None
+
+
+@hookimpl
+def quantplug_compute_dtype(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_gptq import _layers
+
+    return _layers.compute_dtype(module)
+
+
+@hookimpl
+def quantplug_wrap_layer(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_gptq.lora import GptqLoraLayer
+
+    return GptqLoraLayer(module, NAME)
+
+
+@hookimpl
+def quantplug_dequantize(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_gptq import _layers
+
+    return _layers.dequantize(module)
+
+
+@hookimpl
+def quantplug_requantize(module, weight, backend):
+    if backend != NAME:
+        return None
+    from quantplug_gptq import _layers
+
+    return _layers.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_quantize(linear, backend, variant):
+    if backend != NAME:
+        return None
+    from quantplug_gptq import _layers
+
+    return _layers.quantize(linear, variant)

@@ -1,0 +1,309 @@
+"""gptqmodel's GPTQ layers: which classes they are, how to read them, how to build them.
+
+Everything here imports torch and gptqmodel; ``quantplug_gptq/__init__.py``
+imports this module only inside hooks, after it claimed a layer.
+
+How gptqmodel 7.6.0 stores a GPTQ layer (CPU, measured):
+
+- ``PackableQuantLinear`` subclasses (``TorchLinear``, ``TorchFusedLinear``,
+  ``TorchAtenLinear``, CUDA's ``TritonV2Linear``) keep ``qweight``
+  ``(in * bits / 32, out)`` int32, ``qzeros``, ``scales`` ``(groups, out)`` and
+  ``g_idx``; with ``REQUIRES_FORMAT_V2`` the stored zero points are the true
+  ones, and ``W = scales[g_idx] * (code - zero[g_idx])`` (the library's
+  ``PackableQuantLinear.dequantize_weight``).
+- ``TorchFusedLinear`` and ``TorchAtenLinear`` repack in place on their first
+  CPU inference forward (``linear_mode`` becomes ``"inference"``): ``qweight``
+  turns into an opaque ``_convert_weight_to_int4pack_for_cpu`` uint8 tensor and
+  ``dequantize_weight()`` raises ``"rshift_cpu" not implemented for
+  'BFloat16'``. ``TorchFusedLinear``'s CPU repack also replaces the zero points
+  by zeros (``transform_cpu``), so with ``sym=False`` its output is off by
+  ~0.14 relative (``TorchAtenLinear`` converts them correctly: 0.003).
+- ``TorchInt8Linear`` converts to per-channel int8 in ``post_init`` and drops
+  the GPTQ buffers; its own ``dequantize_weight()`` reads the int8 copy.
+- CUDA kernels (Marlin, ExLlamaV2, Machete, BitBLAS, ...) repack into their own
+  layouts; they are read through their own forward on an identity matrix.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+
+from quantplug_gptq._detect import mro_names, parse_variant
+
+IDENTITY_CHUNK = 1024  # rows of the identity matrix per forward when reading an opaque layout
+
+# layout kinds
+PACKED = "packed"  # gptqmodel GPTQ buffers, read with the library's own dequantize_weight
+INT8 = "int8"  # TorchInt8Linear: per-channel int8 copy, read with its own dequantize_weight
+REPACKED = "repacked"  # a CPU int4pack layout after the first inference forward
+OPAQUE = "opaque"  # any other kernel layout: read through the layer's forward
+
+
+# -- layouts ---------------------------------------------------------
+
+
+def _mode(module: nn.Module) -> str | None:
+    mode = getattr(module, "linear_mode", None)
+    return None if mode is None else str(getattr(mode, "value", mode)).lower()
+
+
+def is_repacked(module: nn.Module) -> bool:
+    """Whether a CPU-fused class already swapped its buffers for the int4pack layout."""
+    return _mode(module) == "inference" and hasattr(module, "_fused_op_forward")
+
+
+def layout(module: nn.Module) -> str:
+    names = mro_names(module)
+    if is_repacked(module):
+        return REPACKED
+    if "TorchInt8Linear" in names:
+        return INT8
+    qweight = getattr(module, "qweight", None)
+    if (
+        "PackableQuantLinear" in names
+        and getattr(type(module), "REQUIRES_FORMAT_V2", False)
+        and isinstance(qweight, torch.Tensor)
+        and qweight.dtype == getattr(module, "pack_dtype", torch.int32)
+        and qweight.dim() == 2
+        and qweight.shape[1] == module.out_features
+        and isinstance(getattr(module, "g_idx", None), torch.Tensor)
+    ):
+        return PACKED
+    return OPAQUE
+
+
+def lost_zero_points(module: nn.Module) -> bool:
+    """A ``TorchFusedLinear`` with ``sym=False`` whose CPU repack replaced its zero points by zeros."""
+    if "TorchFusedLinear" not in mro_names(module) or getattr(module, "sym", True) or not is_repacked(module):
+        return False
+    qzeros = getattr(module, "qzeros", None)
+    return isinstance(qzeros, torch.Tensor) and qzeros.is_floating_point() and not bool(qzeros.any())
+
+
+def zero_point_trap(module: nn.Module, x: torch.Tensor) -> bool:
+    """Calling ``module`` now would make its CPU repack drop the zero points (gptqmodel 7.6 ``TorchFusedLinear``)."""
+    return (
+        x.device.type == "cpu"
+        and "TorchFusedLinear" in mro_names(module)
+        and not getattr(module, "sym", True)
+        and not is_repacked(module)
+    )
+
+
+def device_of(module: nn.Module) -> torch.device:
+    for name in ("qweight", "scales", "int8_weight_nk", "bias"):
+        tensor = getattr(module, name, None)
+        if isinstance(tensor, torch.Tensor):
+            return tensor.device
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def compute_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of the layer's scales (fp16 as gptqmodel packs them), else its bias, else fp16."""
+    if layout(module) != INT8:  # TorchInt8Linear's scales are float32 internals, not the activation dtype
+        scales = getattr(module, "scales", None)
+        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
+            return scales.dtype
+    bias = getattr(module, "bias", None)
+    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
+        return bias.dtype
+    return torch.float16
+
+
+# -- reading the dense weight ---------------------------------------------------
+
+
+def dequantize(module: nn.Module) -> torch.Tensor:
+    """``(out, in)`` weight such that the layer's forward is ``x @ W.T + bias``; the layer is not changed."""
+    kind = layout(module)
+    with torch.no_grad():
+        if kind == PACKED:
+            from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+
+            # the base class's method: TorchLinear.post_init replaces the instance's
+            # dequantize_weight by a torch.compile'd copy and keeps per-instance caches
+            return PackableQuantLinear.dequantize_weight(module).T.contiguous()
+        if kind == INT8:
+            return module.dequantize_weight().T.to(compute_dtype(module)).contiguous()
+        if kind == REPACKED:
+            if lost_zero_points(module):
+                raise ValueError(
+                    f"this {type(module).__name__} (sym=False) already ran a CPU inference forward, which in "
+                    "gptqmodel 7.6 replaced its zero points by zeros (TorchFusedLinear.transform_cpu), so its "
+                    "output is wrong and its true weight cannot be read back. Reload the model with "
+                    "backend=BACKEND.GPTQ_TORCH (TorchLinear) or BACKEND.GPTQ_TORCH_ATEN, or attach quantplug "
+                    "before the first forward: wrapped layers never take that path."
+                )
+            return _through_forward(module, module._fused_op_forward, subtract_bias=False)
+        return _through_forward(module, module.forward, subtract_bias=True)
+
+
+def _through_forward(module: nn.Module, forward, subtract_bias: bool) -> torch.Tensor:
+    """Read ``W`` off the layer's own kernel: ``forward(I) = I @ W.T``, in chunks of the identity."""
+    dtype = compute_dtype(module)
+    device = device_of(module)
+    n = module.in_features
+    columns = []
+    for start in range(0, n, IDENTITY_CHUNK):
+        rows = min(IDENTITY_CHUNK, n - start)
+        eye = torch.zeros(rows, n, dtype=dtype, device=device)
+        eye[torch.arange(rows), torch.arange(start, start + rows)] = 1
+        out = forward(eye).float()
+        if subtract_bias and getattr(module, "bias", None) is not None:
+            out = out - module.bias.float()
+        columns.append(out)
+    return torch.cat(columns).T.to(dtype).contiguous()
+
+
+# -- building layers ------------------------------------------------------------
+
+
+def rtn_params(weight: torch.Tensor, bits: int, sym: bool, g_idx: torch.Tensor, scale_dtype: torch.dtype):
+    """Round-to-nearest scales and zero points per (row, group), with gptqmodel's own ``Quantizer``.
+
+    The group of input column ``i`` is ``g_idx[i]`` (act-order layers have a
+    permuted ``g_idx``). Scales are rounded to ``scale_dtype`` here, before the
+    codes are chosen, so the codes are the nearest ones for the scales stored.
+    :returns: ``scales``, ``zeros`` (float32, ``(out, groups)``) and the on-grid weight.
+    """
+    from gptqmodel.quantization.quantizer import Quantizer
+
+    weight = weight.float()
+    groups = int(g_idx.max().item()) + 1
+    maxq = 2**bits - 1
+    quantizer = Quantizer(SimpleNamespace(bits=bits, sym=sym, mse=0.0))
+    quantizer.configure(perchannel=True)
+    scales = torch.empty(weight.shape[0], groups, dtype=torch.float32, device=weight.device)
+    zeros = torch.empty_like(scales)
+    for group in range(groups):
+        columns = (g_idx == group).nonzero().flatten()
+        quantizer.find_params(weight[:, columns], weight=True)
+        scales[:, group] = quantizer.scale.flatten()
+        zeros[:, group] = quantizer.zero.flatten()
+    tiny = torch.finfo(scale_dtype).tiny  # a scale that underflows would divide by zero below
+    scales = scales.to(scale_dtype).float().clamp_min(tiny)
+    s, z = scales[:, g_idx], zeros[:, g_idx]
+    codes = torch.clamp(torch.round(weight / s) + z, 0, maxq)
+    return scales, zeros, s * (codes - z)
+
+
+def act_order_g_idx(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """A desc_act ``g_idx`` without calibration data: columns by decreasing squared norm.
+
+    GPTQ orders columns by the Hessian's diagonal (input energy); with no inputs
+    the weight's column energy stands in, which gives a realistic permuted
+    ``g_idx`` for the act-order code paths.
+    """
+    order = torch.argsort(weight.float().square().sum(dim=0), descending=True, stable=True)
+    g_idx = torch.empty(weight.shape[1], dtype=torch.int32)
+    g_idx[order] = torch.arange(weight.shape[1], dtype=torch.int32) // group_size
+    return g_idx
+
+
+def _pack(layer: nn.Module, weight: torch.Tensor, scales, zeros, g_idx, bias) -> None:
+    """Pack with gptqmodel's numpy packer (``pack_original``).
+
+    ``pack()``/``pack_block()`` first try to JIT-compile a C++ extension into
+    ~/.cache/gptqmodel (about a minute on first use); ``pack_original`` is the
+    same layout without it, and what ``hf_pack`` calls by default in 7.6.
+    """
+    out_features, in_features = weight.shape
+    carrier = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    carrier.weight = nn.Parameter(weight.detach().float().cpu(), requires_grad=False)
+    if bias is not None:
+        carrier.bias = nn.Parameter(bias.detach().float().cpu(), requires_grad=False)
+    layer.pack_original(carrier, scales.cpu(), zeros.cpu(), g_idx.to(torch.int32).cpu())
+
+
+def _new_torch_linear(cls, bits, group_size, sym, desc_act, in_features, out_features, bias, **extra):
+    return cls(
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        in_features=in_features,
+        out_features=out_features,
+        bias=bias,
+        **extra,
+    )
+
+
+def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
+    """A ``TorchLinear`` (pure torch, correct for sym=False, has a backward) holding RTN codes of ``linear``."""
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    spec = parse_variant(variant)
+    weight = linear.weight.detach().float().cpu()
+    out_features, in_features = weight.shape
+    group_size = spec["group_size"] if spec["group_size"] != -1 else in_features
+    if spec["desc_act"]:
+        g_idx = act_order_g_idx(weight, group_size)
+    else:
+        g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
+    layer = _new_torch_linear(
+        TorchLinear, spec["bits"], spec["group_size"], spec["sym"], spec["desc_act"],
+        in_features, out_features, linear.bias is not None,
+    )
+    scales, zeros, on_grid = rtn_params(weight, spec["bits"], spec["sym"], g_idx.long(), torch.float16)
+    _pack(layer, on_grid, scales, zeros, g_idx, linear.bias)
+    layer.post_init()
+    layer.eval()  # as gptqmodel hands out loaded models
+    return layer.to(linear.weight.device)
+
+
+def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A new layer of ``module``'s class with its bits, group size, symmetry, g_idx and bias, holding ``weight``."""
+    names = mro_names(module)
+    cls = type(module)
+    if "PackableQuantLinear" not in names and "TorchInt8Linear" not in names:
+        raise NotImplementedError(
+            f"quantplug-gptq cannot requantize into {cls.__name__}: it has no CPU packer and was only tested "
+            "on the torch kernels; merge with mode='dense', or load the model with backend=BACKEND.GPTQ_TORCH"
+        )
+    device = device_of(module)
+    g_idx = getattr(module, "g_idx", None)
+    if not isinstance(g_idx, torch.Tensor):  # TorchInt8Linear drops g_idx in post_init
+        g_idx = torch.arange(module.in_features, dtype=torch.int32) // module.group_size
+    g_idx = g_idx.detach().to(device="cpu", dtype=torch.int32).clone()
+    scales = getattr(module, "scales", None)
+    scale_dtype = scales.dtype if isinstance(scales, torch.Tensor) and scales.is_floating_point() else torch.float16
+    if "TorchInt8Linear" in names or is_repacked(module):
+        scale_dtype = torch.float16  # the dtype the packed (pre-conversion) scales have
+    bits, sym = module.bits, module.sym
+    group_size = getattr(module, "requested_group_size", module.group_size)
+    bias = getattr(module, "bias", None)
+    extra = {"pack_dtype": getattr(module, "pack_dtype", torch.int32)}
+    if getattr(module, "format", None) is not None:
+        extra["format"] = module.format
+    scales, zeros, on_grid = rtn_params(weight.detach().float().cpu(), bits, sym, g_idx.long(), scale_dtype)
+
+    if "TorchInt8Linear" in names:
+        # not packable (its pack() raises): pack a TorchLinear, hand its buffers over, convert as at load time
+        from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+        carrier = _new_torch_linear(TorchLinear, bits, group_size, sym, module.desc_act,
+                                    module.in_features, module.out_features, bias is not None, **extra)
+        _pack(carrier, on_grid, scales, zeros, g_idx, bias)
+        new = _new_torch_linear(cls, bits, group_size, sym, module.desc_act,
+                                module.in_features, module.out_features, bias is not None, **extra)
+        for name in ("qweight", "qzeros", "scales", "g_idx"):
+            setattr(new, name, getattr(carrier, name))
+    else:
+        new = _new_torch_linear(cls, bits, group_size, sym, module.desc_act,
+                                module.in_features, module.out_features, bias is not None, **extra)
+        _pack(new, on_grid, scales, zeros, g_idx, bias)
+        new.scales = new.scales.to(scale_dtype)
+        if hasattr(module, "qzero_format") and hasattr(new, "qzero_format"):
+            new.qzero_format(format=module.qzero_format())  # what a gptqmodel save does with the zeros
+    if bias is not None:
+        new.bias = bias.detach().clone().cpu()  # bit for bit, in its own dtype
+    new = new.to(device)
+    new.post_init()
+    if not module.training:
+        new.eval()
+    return new
