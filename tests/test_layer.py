@@ -185,3 +185,24 @@ def test_reference_kernels_can_be_forced():
             qp.use_reference_kernels(False)
     finally:
         qp.unregister(name)
+
+
+def test_compile_on_the_very_first_call():
+    """Kernel resolution is traced on a layer's first call: it must compile with fullgraph."""
+    qp.load_plugins().kernels.clear_cache()
+    model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        got = compiled(x)
+    assert relative_error(got, model(x)) < 1e-5
+
+
+def test_to_moves_the_bases_kept_for_unmerge():
+    model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))
+    original = model.q_proj.base
+    qp.merge(model, mode="dense")
+    model.to(torch.float64)
+    qp.unmerge(model)
+    assert model.q_proj.base is original and original.weight.dtype == torch.float64

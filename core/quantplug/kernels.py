@@ -91,14 +91,22 @@ class KernelRegistry:
         key = (op, backend, device, dtype, _forced_reference)
         kernel = self._cache.get(key)
         if kernel is None:
-            candidates = [k for k in self.kernels if k.op == op and k.serves(backend, device, dtype)]
-            if _forced_reference:
-                candidates = [k for k in candidates if k.priority == 0]
-            if not candidates:
-                raise LookupError(f"no kernel registered for op {op!r} ({backend}, {device}, {dtype})")
-            kernel = max(candidates, key=lambda k: k.priority)
-            self._cache[key] = kernel
+            kernel = self._cache[key] = self._best(op, backend, device, dtype)
         return kernel
+
+    def _best(self, op: str, backend: str, device: str, dtype) -> Kernel:
+        # a plain loop: torch.compile traces this on a layer's first call
+        best = None
+        for kernel in self.kernels:
+            if kernel.op != op or not kernel.serves(backend, device, dtype):
+                continue
+            if _forced_reference and kernel.priority != 0:
+                continue
+            if best is None or kernel.priority > best.priority:
+                best = kernel
+        if best is None:
+            raise LookupError(f"no kernel registered for op {op!r} ({backend}, {device}, {dtype})")
+        return best
 
     def describe(self, backend: str) -> dict[str, str]:
         """Which kernel serves each op on CPU and CUDA in bf16, for ``quantplug doctor``."""

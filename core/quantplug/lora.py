@@ -110,8 +110,15 @@ class LoraLayer(nn.Module):
 
     @property
     def weight(self):
-        """The base's weight, for code that reads ``layer.weight`` (its dtype, device)."""
-        return self.base.weight
+        """The base's weight, for code that reads ``layer.weight`` (its dtype, device); ``None`` if it has none."""
+        return getattr(self.base, "weight", None)
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() also move the bases kept for unmerge, which are not submodules
+        super()._apply(fn, recurse)
+        for _, base, _ in self.merges:
+            base._apply(fn, recurse)
+        return self
 
     @property
     def bias(self):

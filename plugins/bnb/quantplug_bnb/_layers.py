@@ -102,36 +102,35 @@ def compute_dtype_4bit(module: nn.Module) -> torch.dtype:
     return module.weight.dtype if module.weight.is_floating_point() else torch.float32
 
 
-def _unpack_cpu_codes(packed: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """The ``(N, K)`` 4-bit codes of a CPU-repacked weight, without touching it.
+def _dequantize_cpu_packed(module: nn.Module, state) -> torch.Tensor:
+    """The bf16 weight the AVX512-BF16 kernel multiplies with: ``bf16(code[q]) * absmax`` in bf16.
 
-    The index arithmetic of ``_convert_weight_packed_for_cpu_inverse`` up to
-    the point where it re-forms the original byte stream (bitsandbytes
-    0.49-0.50): ``(N, K/2)`` bytes hold, per 32-row block of N and per
-    pair of K columns, 32 low nibbles then 32 high nibbles.
+    Reads the layout of ``_convert_weight_packed_for_cpu`` (bitsandbytes
+    0.49-0.50) without changing it: for each block of 32 rows and each pair
+    of columns ``(2j, 2j+1)``, the 64 codes (row-major, the two columns
+    interleaved) sit in 32 bytes, the first 32 codes in the low nibbles and
+    the last 32 in the high ones. absmax is stored ``(K/blocksize, N)`` in
+    bf16. Each byte is decoded through a 256-entry table of value pairs (one
+    embedding lookup per byte instead of a gather per nibble: about 2x
+    faster on CPU).
     """
+    packed = module.weight.data
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)
-    n, k = shape
-    if packed.shape != (n, k // 2) or n % _CPU_BLOCK_N or k % 2:
+    n, k = state.shape
+    if tuple(packed.shape) != (n, k // 2) or n % _CPU_BLOCK_N or k % 2 or k % state.blocksize:
         raise ValueError(
             f"unexpected CPU-packed bitsandbytes weight of shape {tuple(packed.shape)} for a {n}x{k} layer; "
             "this bitsandbytes version packs differently from 0.49-0.50"
         )
-    rows = packed.reshape(-1, _CPU_BLOCK_N)
-    codes = torch.cat([rows & 0xF, rows >> 4], dim=-1)  # 32 low nibbles, then 32 high
-    codes = codes.reshape(n // _CPU_BLOCK_N, k // 2, _CPU_BLOCK_N, 2).transpose(1, 2)
-    return codes.reshape(n, k)
-
-
-def _dequantize_cpu_packed(module: nn.Module, state) -> torch.Tensor:
-    """The bf16 weight the AVX512-BF16 kernel multiplies with: ``bf16(code[q]) * absmax`` in bf16."""
-    n, k = state.shape
-    codes = _unpack_cpu_codes(module.weight.data, (n, k)).long()
-    table = state.code.to(torch.bfloat16)
-    absmax = state.absmax.to(torch.bfloat16).T  # stored (K/blocksize, N)
-    weight = table[codes].reshape(n, k // state.blocksize, state.blocksize) * absmax.unsqueeze(-1)
-    return weight.reshape(n, k)
+    table = state.code.to(device=packed.device, dtype=torch.bfloat16)
+    byte = torch.arange(256, device=packed.device)
+    pairs = torch.stack([table[byte & 0xF], table[byte >> 4]], dim=-1)  # byte -> (low, high) values
+    values = nn.functional.embedding(packed.reshape(-1, _CPU_BLOCK_N).int(), pairs)  # (rows, 32, [low, high])
+    # [low x32, high x32] per row of 32 bytes -> (N/32, K/2, 32, 2) -> (N, K), as the inverse does
+    values = values.transpose(1, 2).reshape(n // _CPU_BLOCK_N, k // 2, _CPU_BLOCK_N, 2).transpose(1, 2).reshape(n, k)
+    absmax = state.absmax.to(torch.bfloat16).T  # (N, K/blocksize)
+    return (values.reshape(n, k // state.blocksize, state.blocksize) * absmax.unsqueeze(-1)).reshape(n, k)
 
 
 def dequantize_4bit(module: nn.Module, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """quantplug backend for Intel Neural Compressor (INC) weight-only layers.
 
 Claims ``neural_compressor``'s ``INCWeightOnlyLinear``, the layer INC's
-weight-only algorithms (RTN, GPTQ, AWQ, TEQ, AutoRound export) build for
+weight-only algorithms (RTN, GPTQ, AWQ, TEQ) build for
 PyTorch. Importing this module is cheap: it imports neither torch nor
 neural_compressor; the hookimpls import :mod:`quantplug_inc.layers` (torch,
 and neural_compressor only where a layer must be built) when they run.
@@ -49,7 +49,10 @@ def quantplug_backend_info():
         compile_safe=True,
         shardable=False,
         limits={
-            "shardable": "INCWeightOnlyLinear keeps a plain-attribute fp32 weight cache that FSDP2 cannot shard",
+            "shardable": (
+                "INCWeightOnlyLinear holds int32 buffers and a plain-attribute fp32 weight cache, "
+                "no parameters: nothing FSDP2 shards (untested)"
+            ),
             "cuda": "tested on CPU only; INC's CUDA/XPU paths (ipex, fp16 compute) are not exercised",
         },
     )

@@ -4,16 +4,11 @@ Every hook of the contract (``quantplug/hookspecs.py``) is implemented here
 as a module-level function; quantplug finds this module through the entry
 point in ``pyproject.toml`` (group ``quantplug.backends``).
 
-What to fill is marked by blocks::
-
-    # >>> TODO(<what>): what to write, and why
-    <placeholder>
-    # <<< TODO(<what>)
-
-Replace each block, markers included, by your code. Until a block is
-filled the plugin is harmless: it claims no layer, and its hooks raise
-``NotImplementedError`` naming the block only for its own backend, so the
-conformance suite (``pytest tests``) lists what is left to do.
+Replace each marked block below, markers included, by your code
+(README.md has the steps). Until a block is filled the plugin is harmless:
+it claims no layer, and its hooks raise ``NotImplementedError`` naming the
+block only for its own backend, so the conformance suite (``pytest tests``)
+lists what is left to do.
 
 Keep this module cheap to import: quantplug imports it whenever it loads
 plugins, also for users who never touch your library. Import your library

@@ -1,0 +1,394 @@
+"""quantplug-gptq on layers built by gptqmodel itself, on CPU.
+
+Layers: ``TorchLinear`` from ``quantplug_quantize`` (RTN), one ``TorchLinear``
+quantized by gptqmodel's own GPTQ algorithm on random calibration batches
+(act order), and ``TorchFusedLinear`` / ``TorchAtenLinear`` / ``TorchInt8Linear``
+holding the same packed buffers, as gptqmodel's loader fills them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import quantplug as qp
+import quantplug_gptq
+from quantplug.registry import hook, load_plugins
+from quantplug.testing import BackendConformance, relative_error
+from quantplug_gptq import _layers
+
+from gptqmodel.nn_modules.qlinear import PackableQuantLinear  # noqa: E402  (the library under test)
+from gptqmodel.nn_modules.qlinear.torch import TorchLinear, TorchQuantEmbeddings
+from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
+from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
+from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
+
+IN, OUT = 128, 64
+
+
+# -- building layers -----------------------------------------------------------
+
+
+def dense(seed: int = 0, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(seed)
+    linear = nn.Linear(IN, OUT, bias=bias)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05)
+        if bias:
+            linear.bias.normal_(0, 0.1)
+    return linear
+
+
+def rtn(variant: str = "int4-g32-asym", seed: int = 0, bias: bool = True) -> nn.Module:
+    return qp.quantize(dense(seed, bias), "gptq", variant)
+
+
+def calibrated() -> nn.Module:
+    """A TorchLinear quantized by gptqmodel's GPTQ (Hessian, act order, asym, g32) on random batches."""
+    from gptqmodel.quantization.config import QuantizeConfig
+    from gptqmodel.quantization.gptq import GPTQ
+
+    linear = dense(3)
+    gptq = GPTQ(linear, QuantizeConfig(bits=4, group_size=32, desc_act=True, sym=False))
+    gptq.quantizer.configure(perchannel=True)  # what gptqmodel's GPTQProcessor does
+    torch.manual_seed(4)
+    for _ in range(4):  # inputs with very uneven channel energy, so act order permutes
+        gptq.add_batch(torch.randn(16, IN) * torch.linspace(0.1, 3.0, IN), None)
+    Q, scale, zero, g_idx, *_ = gptq.quantize()
+    layer = TorchLinear(bits=4, group_size=32, sym=False, desc_act=True, in_features=IN, out_features=OUT, bias=True)
+    carrier = nn.Linear(IN, OUT)
+    carrier.weight.data, carrier.bias.data = Q, linear.bias.data.clone()
+    layer.pack_original(carrier, scale, zero, g_idx)
+    layer.optimized = True  # skip the per-shape torch.compile of dequantize_weight (seconds on CPU)
+    layer.post_init()
+    return layer.eval()
+
+
+def as_kernel(source: nn.Module, cls) -> nn.Module:
+    """A ``cls`` layer holding ``source``'s packed buffers, the way gptqmodel's loader fills one."""
+    layer = cls(
+        bits=source.bits, group_size=source.requested_group_size, sym=source.sym, desc_act=source.desc_act,
+        in_features=IN, out_features=OUT, bias=source.bias is not None,
+    )
+    for name in ("qweight", "qzeros", "scales", "g_idx", "bias"):
+        if getattr(source, name, None) is not None:
+            setattr(layer, name, getattr(source, name).clone())
+    layer.post_init()
+    return layer.eval()
+
+
+def dequant(layer: nn.Module) -> torch.Tensor:
+    return hook().quantplug_dequantize(module=layer, backend="gptq")
+
+
+def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+def state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def same_state(before: dict[str, torch.Tensor], module: nn.Module) -> bool:
+    after = module.state_dict()
+    return before.keys() == after.keys() and all(
+        before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before
+    )
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.proj = layer
+
+    def forward(self, x, **kwargs):
+        return self.proj(x, **kwargs)
+
+
+def wrapped(layer: nn.Module, **config) -> Holder:
+    model = Holder(layer)
+    settings = {"r": 8, "alpha": 16, "target_modules": ["proj"], "init": "random"}
+    settings.update(config)
+    qp.attach(model, qp.LoraConfig(**settings))
+    return model
+
+
+def inputs(rows: int = 4, dtype=torch.float16, seed: int = 1) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.randn(rows, IN).to(dtype)
+
+
+KERNELS = {
+    "TorchLinear": lambda: rtn("int4-g32-asym"),
+    "TorchLinear-actorder-gptq": calibrated,
+    "TorchAtenLinear": lambda: as_kernel(rtn("int4-g32-asym"), TorchAtenLinear),
+    "TorchFusedLinear-sym": lambda: as_kernel(rtn("int4-g32-sym"), TorchFusedLinear),
+    "TorchFusedLinear-asym": lambda: as_kernel(rtn("int4-g32-asym"), TorchFusedLinear),
+    "TorchInt8Linear": lambda: as_kernel(rtn("int4-g32-asym"), TorchInt8Linear),
+}
+
+
+# -- plugin, version, detection ----------------------------------------------------
+
+
+def test_import_and_backend_info_are_light():
+    code = (
+        "import sys, quantplug_gptq; quantplug_gptq.quantplug_backend_info(); "
+        "print(sorted(m for m in ('torch', 'gptqmodel') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_version_probe():
+    from importlib.metadata import version
+
+    from packaging.specifiers import SpecifierSet
+
+    status = load_plugins().status("gptq")
+    assert status.ok, status.reason
+    assert status.found == version("gptqmodel")
+    assert status.found in SpecifierSet(quantplug_gptq.REQUIREMENT.specifier)
+    assert status.plugin_dist == "quantplug-gptq"
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_detect_claims_gptq_kernels(kernel):
+    assert qp.detect(KERNELS[kernel]()) == "gptq"
+
+
+def test_detect_ignores_other_layers():
+    awq = AwqTorchLinear(bits=4, group_size=32, sym=False, desc_act=False, in_features=IN, out_features=OUT)
+    embeddings = TorchQuantEmbeddings(bits=4, group_size=32, sym=True, desc_act=False, in_features=IN, out_features=OUT)
+    BaseQuantLinear = type("BaseQuantLinear", (nn.Module,), {"SUPPORTS_METHODS": ["gptq"]})  # not gptqmodel's
+    for module in (nn.Linear(IN, OUT), awq, embeddings, BaseQuantLinear(), nn.Embedding(4, 4)):
+        assert quantplug_gptq.quantplug_detect_layer(module) is None, type(module).__name__
+
+
+# -- dequantize --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", ["int4-g32-asym", "int4-gall-sym", "int4-g64-asym-actorder", "int8-g32-sym", "int3-g32-asym"])
+def test_dequantize_is_the_librarys(variant):
+    layer = rtn(variant)
+    before = state(layer)
+    weight = dequant(layer)
+    assert weight.dtype == torch.float16 and weight.shape == (OUT, IN)
+    assert torch.equal(weight, PackableQuantLinear.dequantize_weight(layer).T)
+    assert torch.equal(weight, layer.dequantize_weight().T)  # TorchLinear's own (cached) eval path
+    assert same_state(before, layer)
+    x = inputs()
+    with torch.no_grad():
+        assert relative_error(layer(x), reference(x, weight, layer.bias)) < 2e-3
+
+
+def test_bf16_layer_keeps_bf16():
+    layer = rtn("int4-g32-asym").to(torch.bfloat16)
+    assert hook().quantplug_compute_dtype(module=layer, backend="gptq") is torch.bfloat16
+    weight = dequant(layer)
+    assert weight.dtype == torch.bfloat16
+    x = inputs(dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert relative_error(layer(x), reference(x, weight, layer.bias)) < 1e-2
+    new = hook().quantplug_requantize(module=layer, weight=weight, backend="gptq")
+    assert new.scales.dtype == torch.bfloat16 and torch.equal(new.bias, layer.bias)
+
+
+@pytest.mark.parametrize("kernel", ["TorchAtenLinear", "TorchFusedLinear-sym", "TorchInt8Linear"])
+def test_dequantize_after_the_first_forward(kernel):
+    """TorchAten/TorchFused repack into int4pack on their first CPU inference forward; read it anyway."""
+    layer = KERNELS[kernel]()
+    before = dequant(layer)
+    x = inputs(dtype=torch.bfloat16)
+    with torch.no_grad():
+        first = layer(x)
+    after = dequant(layer)
+    assert relative_error(after, before) < 1e-2  # bf16 rounding of the int4pack kernel
+    assert relative_error(first, reference(x, after, layer.bias)) < 1e-2
+    assert torch.equal(dequant(layer), after)  # reading it changes nothing
+
+
+def test_torch_fused_sym_false_zero_point_trap():
+    """gptqmodel 7.6 TorchFusedLinear's CPU repack ignores zero points; wrapped layers never repack."""
+    layer = KERNELS["TorchFusedLinear-asym"]()
+    weight = dequant(layer)
+    x = inputs(dtype=torch.bfloat16)
+    model = wrapped(layer)
+    qp.set_adapter(model, [])
+    with torch.no_grad():
+        got = model(x)
+    assert relative_error(got, reference(x, weight, layer.bias)) < 1e-2
+    assert not _layers.is_repacked(layer)
+
+    with torch.no_grad():
+        bare = layer(x)  # the library's own path, repacking in place
+    bare_error = relative_error(bare, reference(x, weight, layer.bias))
+    if bare_error > 0.05:  # the trap bit (0.14 with 7.6.0): the zero points are gone for good
+        with pytest.raises(ValueError, match="zero points"):
+            dequant(layer)
+    else:  # a gptqmodel that keeps them: the repacked layer must read back right
+        assert relative_error(dequant(layer), weight) < 1e-2
+
+
+def test_calibrated_act_order_layer():
+    layer = calibrated()
+    g_idx = layer.g_idx.clone()
+    assert not torch.equal(g_idx, torch.sort(g_idx).values), "act order should permute g_idx"
+    weight = dequant(layer)
+    assert torch.equal(weight, PackableQuantLinear.dequantize_weight(layer).T)
+    x = inputs()
+    with torch.no_grad():
+        assert relative_error(layer(x), reference(x, weight, layer.bias)) < 2e-3
+    new = hook().quantplug_requantize(module=layer, weight=weight, backend="gptq")
+    assert torch.equal(new.g_idx, g_idx) and new.desc_act and not new.sym and new.group_size == 32
+    # the layer's own weight is on its grid: requantizing it comes back (nearly) unchanged
+    assert relative_error(dequant(new), weight) < 0.02
+
+
+# -- the adapter layer -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_wrapped_forward_dora_and_mixed_batch(kernel):
+    model = wrapped(KERNELS[kernel]())
+    layer = model.proj
+    qp.attach(model, qp.LoraConfig(r=4, alpha=8, target_modules=["proj"], init="random", use_dora=True), "dora")
+    with torch.no_grad():
+        layer.lora_magnitude["dora"].mul_(1.3)
+    x = inputs(dtype=torch.bfloat16)
+    W = dequant(layer.base).double()
+    with torch.no_grad():
+        qp.set_adapter(model, "default")
+        plain = model(x)
+        qp.set_adapter(model, "dora")
+        dora = model(x)
+        mixed = model(x, adapter_names=["default", "dora", "__base__", "dora"])
+        with qp.disable_adapters(model):
+            base = model(x)
+    assert relative_error(plain, reference(x, W + layer.delta_weight("default").double(), layer.bias)) < 2e-2
+    direction = W + layer.delta_weight("dora", magnitude=False).double()
+    dora_weight = layer.lora_magnitude["dora"].double().unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+    assert relative_error(dora, reference(x, dora_weight, layer.bias)) < 2e-2
+    for row, want in enumerate((plain, dora, base, dora)):
+        assert relative_error(mixed[row], want[row]) < 1e-2
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_training_reaches_the_input(kernel):
+    """A backward to the input on every kernel, also after an inference forward repacked it."""
+    layer = KERNELS[kernel]()
+    with torch.no_grad():
+        layer(inputs(dtype=torch.bfloat16))  # TorchAten/TorchFused switch to their no_grad int4pack path here
+    model = wrapped(layer)
+    qp.prepare_for_training(model)  # TorchInt8Linear.train() would raise NotImplementedError
+    assert model.proj.training and not model.proj.base.training
+    x = inputs(dtype=torch.float32).requires_grad_(True)
+    grad_out = torch.randn(x.shape[0], OUT)
+    model(x).backward(grad_out)
+    W = dequant(model.proj.base).float() + model.proj.delta_weight("default")
+    assert x.grad is not None and relative_error(x.grad, grad_out @ W) < 1e-2
+    assert model.proj.lora_A["default"].grad.abs().sum() > 0 and model.proj.lora_B["default"].grad.abs().sum() > 0
+    model.eval()
+    assert model.proj._dense_cache is None
+
+
+# -- merge -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kernel", sorted(KERNELS))
+def test_merge_requantize_dense_and_unmerge(kernel):
+    layer = KERNELS[kernel]()
+    model = wrapped(layer, alpha=4)  # an adapter about a third of W's size, as after some training
+    before = state(layer)
+    W = dequant(layer).float()
+    delta = model.proj.delta_weight("default")
+    ideal = W + delta
+    x = inputs(dtype=torch.bfloat16)
+
+    report = qp.merge(model, mode="dense")
+    merged = model.proj.base.weight.float()
+    assert report.layers[0].error == pytest.approx(relative_error(merged, ideal), rel=1e-3, abs=1e-6)
+    assert report.layers[0].adapter_error < 0.01  # dense keeps the whole adapter (fp16/bf16 rounding)
+    qp.unmerge(model)
+    assert model.proj.base is layer and same_state(before, layer)
+
+    report = qp.merge(model, mode="requantize")
+    new = model.proj.base
+    assert type(new) is type(layer)
+    for attr in ("bits", "group_size", "sym", "desc_act", "pack_dtype"):
+        assert getattr(new, attr) == getattr(layer, attr), attr
+    if isinstance(layer, PackableQuantLinear):
+        assert torch.equal(new.g_idx, layer.g_idx) and new.scales.dtype == layer.scales.dtype
+    assert torch.equal(new.bias, layer.bias)
+    got = dequant(new).float()
+    assert report.layers[0].error == pytest.approx(relative_error(got, ideal), rel=1e-3, abs=1e-6)
+    assert report.layers[0].adapter_error == pytest.approx(
+        (got - ideal).norm().item() / delta.norm().item(), rel=1e-3
+    )
+    # 4-bit rounding is ~7% of W; the merged layer must be no worse a quantization of W+dW than RTN
+    assert report.layers[0].error < 0.1
+    with torch.no_grad():
+        assert relative_error(model(x), reference(x, got, new.bias)) < 2e-2
+    qp.unmerge(model)
+    assert model.proj.base is layer and same_state(before, layer)
+
+
+def test_requantize_leaves_the_original_alone():
+    layer = rtn("int4-g32-asym")
+    before = state(layer)
+    weight = dequant(layer)
+    new = hook().quantplug_requantize(module=layer, weight=weight + 0.01, backend="gptq")
+    assert new is not layer and same_state(before, layer)
+    assert new.qzero_format() == layer.qzero_format()
+    assert not new.training and new.qweight.data_ptr() != layer.qweight.data_ptr()
+
+
+def test_requantize_unsupported_kernel_says_so():
+    # a CUDA-only kernel (Marlin repacks at post_init and has no CPU packer): named, not built
+    marlin = type("MarlinLinear", (nn.Module,), {"__module__": "gptqmodel.nn_modules.qlinear.marlin"})()
+    with pytest.raises(NotImplementedError, match="mode='dense'"):
+        _layers.requantize(marlin, torch.zeros(OUT, IN))
+
+
+# -- quantize --------------------------------------------------------------------------
+
+
+def test_quantize_variants():
+    info = load_plugins().status("gptq").info
+    assert info.variants[0] == "int4-g128-sym"
+    layer = qp.quantize(dense(), "gptq", "int8-g64-asym-actorder")
+    assert isinstance(layer, TorchLinear)
+    assert (layer.bits, layer.group_size, layer.sym, layer.desc_act) == (8, 64, False, True)
+    assert not layer.training
+    default = qp.quantize(dense(), "gptq", None)
+    assert (default.bits, default.group_size, default.sym, default.desc_act) == (4, IN, True, False)
+    with pytest.raises(ValueError, match="int4-g128-sym"):
+        qp.quantize(dense(), "gptq", "nf4")
+
+
+def test_rtn_matches_gptqmodels_rtn():
+    """quantplug_quantize's codes are gptqmodel's own RTN (quantization/rtn.py) for contiguous groups."""
+    from gptqmodel.quantization.config import RTNConfig
+    from gptqmodel.quantization.rtn import RTN
+
+    linear = dense()
+    for sym in (True, False):
+        Q, scale, zero, g_idx, *_ = RTN(linear, RTNConfig(bits=4, group_size=32, sym=sym)).quantize()
+        scales, zeros, on_grid = _layers.rtn_params(linear.weight.detach(), 4, sym, g_idx.long(), torch.float32)
+        assert torch.allclose(scales, scale.float()) and torch.equal(zeros, zero.float())
+        assert torch.allclose(on_grid, Q.float(), atol=1e-6)
+
+
+# -- the conformance suite -----------------------------------------------------------------
+
+
+class TestGptqConformance(BackendConformance):
+    backend = "gptq"
+    variants = ("int4-g32-asym",)
+    forward_tol = 1e-2
