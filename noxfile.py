@@ -42,3 +42,297 @@ def docs(session: nox.Session) -> None:
     session.install("torch==2.13.0")
     session.install(*CONSTRAINTS, "-e", ".")
     session.run("python", "tools/gen_hook_docs.py")
+
+
+# -- the backend version matrix (docs/compatibility.md; helpers in tools/matrix.py) -----------------
+#
+#   nox -s matrix           every session below, sequentially, then docs/compatibility.{md,json}
+#   nox -t matrix_run       the same sessions without the timing and the docs
+#   nox -s compatibility    only re-render the docs from the last run's records
+#   nox -s matrix_ci        the CI subset: one too-old + broken doctor check (a few minutes)
+#
+# Every session is a fresh venv that sees one shared base venv (torch 2.13.0 CPU, quantplug's
+# core, pytest, transformers, peft) through a .pth file, and installs only the release under
+# test on top, under a constraints file pinning torch: nothing reinstalls torch.
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "tools"))
+import matrix as M  # noqa: E402
+
+MATRIX_TAGS = ["matrix", "matrix_run"]
+
+
+class _Matrix:
+    """What one matrix session shares: its venv, the base, the constraints, the record it writes."""
+
+    def __init__(self, session: nox.Session, kind: str, **record) -> None:
+        self.session = session
+        self.started = time.perf_counter()
+        location = Path(session.virtualenv.location)
+        cfg = location / "pyvenv.cfg"
+        self.venv_s = max(0.0, time.time() - cfg.stat().st_mtime) if cfg.exists() else 0.0
+        self.envdir = Path(session.cache_dir).parent
+        self.results = M.results_dir(self.envdir)
+        self.python = location / "bin" / "python"
+        self.base = M.ensure_base(self.envdir, log=session.log)
+        M.link_base(self.python, self.base)
+        self.constraints = M.constraints_file(self.envdir)
+        self.tmp = Path(tempfile.mkdtemp(prefix="matrix-", dir=session.create_tmp()))
+        self.install_s = 0.0
+        self.tests_s = 0.0
+        self.record = {"session": session.name, "kind": kind, "date": M.now(), **record}
+
+    def pip(self, *args: str) -> tuple[int, str]:
+        rc, out, elapsed = M.pip(self.python, *args, constraints=self.constraints, log=self.session.log)
+        self.install_s += elapsed
+        return rc, out
+
+    def plugin(self, backend: str) -> None:
+        rc, out = self.pip("--no-deps", "--no-build-isolation", "-e", str(M.plugin_dir(backend)))
+        if rc:
+            self.finish("error", f"cannot install plugin {backend}: {out[-300:]}")
+            self.session.error(f"cannot install plugin {backend}")
+
+    def pytest(self, *targets: str) -> dict:
+        junit = self.tmp / "junit.xml"
+        started = time.perf_counter()
+        self.session.run(
+            str(self.python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *targets,
+            external=True, success_codes=[0, 1, 2, 3, 4, 5],
+        )
+        self.tests_s += time.perf_counter() - started
+        return M.junit_counts(junit)
+
+    def doctor(self) -> list[dict]:
+        out = subprocess.run(
+            [str(self.python), "-m", "quantplug.cli", "doctor", "--json"], capture_output=True, text=True
+        )
+        self.session.log(f"quantplug doctor --json: exit {out.returncode}")
+        if out.returncode:
+            raise RuntimeError(f"quantplug doctor raised: {out.stderr[-1500:]}")
+        start = out.stdout.find("[")
+        return json.loads(out.stdout[start:])
+
+    def finish(self, outcome: str, detail: str = "", **extra) -> None:
+        total = time.perf_counter() - self.started + self.venv_s
+        self.record.update(
+            outcome=outcome,
+            detail=detail,
+            env=M.python_info(self.python),
+            timing={
+                "venv_s": round(self.venv_s, 1),
+                "install_s": round(self.install_s, 1),
+                "tests_s": round(self.tests_s, 1),
+                "total_s": round(total, 1),
+                "overhead_s": round(total - self.tests_s, 1),
+            },
+            **extra,
+        )
+        path = M.write_record(self.results, self.record)
+        self.session.log(f"matrix record: {path} ({outcome}{': ' + detail if detail else ''})")
+
+
+def _backend_session(session: nox.Session, backend: str, version: str) -> None:
+    spec = M.BACKENDS[backend]
+    declared = M.declared_range(backend, spec.dist)
+    range_ = declared["requirement"] or declared["pyproject"]
+    inside = M.in_range(version, range_)
+    m = _Matrix(
+        session, "backend" if inside else "explore", backend=backend, library=spec.dist, version=version,
+        declared=declared, in_declared_range=inside,
+    )
+    if not M.plugin_available(backend):
+        m.finish("skipped", f"plugins/{backend} has no pyproject.toml yet")
+        session.skip(f"plugins/{backend} is not installable yet")
+    rc, out = m.pip(spec.spec(version))
+    if rc:
+        detail = M.classify_install_failure(out)
+        m.finish("cannot install", detail)
+        session.skip(detail)  # a row in the table, not a failure
+    if inside:
+        m.plugin(backend)
+        targets = [str(M.plugin_dir(backend))]
+    else:
+        copy, wide = M.make_explore_copy(backend, spec.dist, range_, version, m.tmp / f"plugin-{backend}")
+        m.record["tested_range"] = wide
+        rc, out = m.pip("--no-deps", "--no-build-isolation", str(copy))
+        if rc:
+            m.finish("error", f"cannot install the widened plugin copy: {out[-300:]}")
+            session.error("cannot install the widened plugin copy")
+        targets = [str(copy / "tests"), "--rootdir", str(copy), "-o", "addopts=-ra", "--import-mode=importlib"]
+    tests = m.pytest(*targets)
+    failed = tests["failed"] + tests["errors"]
+    if tests["passed"] == 0 and failed == 0:
+        outcome = "error"
+    else:
+        outcome = "pass" if failed == 0 else "fail"
+    m.record["installed"] = M.installed(m.python, [spec.dist, "torch", "transformers", "peft"])
+    m.finish(outcome, "" if outcome != "error" else "no test ran (collection error?)", tests=tests)
+    if outcome != "pass" and inside:
+        session.error(f"{backend} {version}: {failed} failed (inside the declared range {range_})")
+
+
+def _doctor_session(session: nox.Session, backend: str) -> None:
+    """A release below the range is reported "too old" with the fix; without metadata, "broken"; others work."""
+    spec = M.BACKENDS[backend]
+    witness = M.BACKENDS[spec.witness]
+    declared = M.declared_range(backend, spec.dist)
+    m = _Matrix(
+        session, "doctor", backend=backend, library=spec.dist, version=spec.too_old, declared=declared,
+        witness=witness.name,
+    )
+    checks = {"too_old": None, "broken": None, "witness": None}
+    problems: list[str] = []
+    for name in (backend, witness.name):
+        m.plugin(name)
+    rc, out = m.pip(witness.spec(witness.versions[-1]))
+    if rc:
+        m.finish("error", "cannot install the witness: " + M.classify_install_failure(out), checks=checks)
+        session.error("cannot install the witness backend")
+    rc, out = m.pip(spec.spec(spec.too_old))
+    version = spec.too_old
+    if rc:
+        # the old release does not install here: check "broken" on the oldest in-range release instead
+        problems_note = f"{spec.too_old}: {M.classify_install_failure(out)}"
+        version = next(v for v in spec.versions if M.in_range(v, declared["requirement"] or declared["pyproject"]))
+        rc, out = m.pip(spec.spec(version))
+        if rc:
+            m.finish("cannot install", problems_note, checks=checks)
+            session.skip(problems_note)
+        m.record["detail_install"] = problems_note
+    else:
+        p = M.check_doctor(m.doctor(), backend, "too old", version, spec.dist)
+        checks["too_old"] = not p
+        problems += p
+
+    def witness_works() -> bool:
+        rows = {r["name"]: r for r in m.doctor()}
+        if rows.get(witness.name, {}).get("status") != "ok":
+            problems.append(f"witness {witness.name}: {rows.get(witness.name)}")
+            return False
+        run = subprocess.run(
+            [str(m.python), str(M.REPO / "tools" / "matrix_witness.py"), witness.name], capture_output=True, text=True
+        )
+        session.log(run.stdout.strip()[-500:])
+        if run.returncode:
+            problems.append(f"witness {witness.name} failed: {(run.stdout + run.stderr)[-400:]}")
+        return run.returncode == 0
+
+    ok_before = witness_works()
+    removed = M.remove_metadata(m.python, spec.dist)
+    session.log(f"removed {removed}")
+    p = M.check_doctor(m.doctor(), backend, "broken", None, "--force-reinstall")
+    checks["broken"] = not p
+    problems += p
+    checks["witness"] = ok_before and witness_works()
+    detail = "; ".join(problems) or (m.record.pop("detail_install", "") and f"too-old release not installable ({m.record.get('detail_install', '')})")
+    note = m.record.pop("detail_install", None)
+    if note:
+        detail = (detail + "; " if problems else "") + f"too-old check skipped: {note}"
+    m.record["version"] = version if checks["too_old"] is None else spec.too_old
+    m.finish("pass" if not problems else "fail", detail, checks=checks)
+    if problems:
+        session.error("; ".join(problems))
+
+
+def _interop_session(session: nox.Session, library: str, version: str) -> None:
+    m = _Matrix(session, "interop", library=library, version=version)
+    tests = [t for t in M.INTEROP_TESTS if (M.REPO / t).is_file()]
+    if not tests:
+        m.finish("skipped", "no interop test files yet")
+        session.skip("no interop tests")
+    backend, bnb_version = M.INTEROP_BACKEND
+    m.plugin(backend)
+    rc, out = m.pip(M.BACKENDS[backend].spec(bnb_version), f"{library}=={version}")
+    if rc:
+        detail = M.classify_install_failure(out)
+        m.finish("cannot install", detail)
+        session.skip(detail)
+    counts = m.pytest(*[str(M.REPO / t) for t in tests])
+    failed = counts["failed"] + counts["errors"]
+    outcome = "error" if counts["passed"] == 0 and failed == 0 else ("pass" if failed == 0 else "fail")
+    m.record["installed"] = M.installed(m.python, ["transformers", "peft", "bitsandbytes", "torch"])
+    m.finish(outcome, "", tests=counts)
+    if outcome != "pass":
+        session.error(f"{library} {version}: {failed} failed")
+
+
+def _define_matrix_sessions() -> None:
+    for backend, spec in M.BACKENDS.items():
+
+        def run(session: nox.Session, version: str, backend: str = backend) -> None:
+            _backend_session(session, backend, version)
+
+        run.__doc__ = f"{spec.dist} releases x the {backend} plugin's tests (conformance suite included)."
+        versions = list(spec.versions)
+        nox.session(name=f"matrix_{backend}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
+            nox.parametrize("version", versions, ids=versions)(run)
+        )
+    for library, versions in M.INTEROP.items():
+
+        def run_interop(session: nox.Session, version: str, library: str = library) -> None:
+            _interop_session(session, library, version)
+
+        run_interop.__doc__ = f"{library} releases x {', '.join(M.INTEROP_TESTS)}."
+        nox.session(name=f"matrix_{library}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
+            nox.parametrize("version", list(versions), ids=list(versions))(run_interop)
+        )
+    doctor_backends = [b for b, s in M.BACKENDS.items() if s.too_old]
+
+    def run_doctor(session: nox.Session, backend: str) -> None:
+        """A too-old release, then a broken install (no metadata): doctor says so, the witness backend still works."""
+        _doctor_session(session, backend)
+
+    nox.session(name="matrix_doctor", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
+        nox.parametrize("backend", doctor_backends, ids=doctor_backends)(run_doctor)
+    )
+
+
+_define_matrix_sessions()
+
+
+@nox.session(python=PYTHON, reuse_venv=False, default=False, tags=["matrix_ci"])
+def matrix_ci(session: nox.Session) -> None:
+    """CI subset of the matrix: quanto 0.2.6 (too old), then the same without metadata (broken); hqq keeps working."""
+    _doctor_session(session, "quanto")
+
+
+@nox.session(venv_backend="none", default=False)
+def compatibility(session: nox.Session) -> None:
+    """Write docs/compatibility.md and docs/compatibility.json from the last matrix run's records."""
+    folder = Path(session.posargs[0]) if session.posargs else M.results_dir(Path(session.cache_dir).parent)
+    if not any(folder.glob("*.json")):
+        session.error(f"no matrix records in {folder}: run `nox -s matrix` first")
+    M.write_docs(folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json")
+    session.log(f"wrote docs/compatibility.md and docs/compatibility.json from {folder}")
+
+
+@nox.session(venv_backend="none", default=False)
+def matrix(session: nox.Session) -> None:
+    """The full backend version matrix, sequentially (``-- -k bnb`` style nox args are forwarded), then the docs."""
+    envdir = Path(session.cache_dir).parent
+    folder = M.results_dir(envdir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not session.posargs:  # a full run replaces the last one's records
+        for old in folder.glob("*.json"):
+            old.unlink()
+    started = time.time()
+    cmd = [sys.executable, "-m", "nox", "-f", str(M.REPO / "noxfile.py"), "--envdir", str(envdir)]
+    cmd += list(session.posargs) or ["-t", "matrix_run"]
+    session.log("$ " + " ".join(cmd))
+    env = {**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder)}
+    rc = subprocess.run(cmd, env=env).returncode
+    run = {"started": M.now(), "wall_s": round(time.time() - started, 1), "nox_exit": rc, "command": "nox -s matrix"}
+    if not session.posargs:
+        (folder / "run.json").write_text(json.dumps(run, indent=2))
+    M.write_docs(folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json")
+    session.log(f"matrix: {run['wall_s'] / 60:.1f} min, nox exit {rc}; wrote docs/compatibility.md")
+    if rc:
+        session.error("some matrix sessions failed (see docs/compatibility.md)")

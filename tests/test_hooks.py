@@ -58,6 +58,8 @@ def box_plugin(calls: list):
         lambda linear, backend, variant: record("quantize", Box(linear.weight.detach())) if backend == mine else None
     )
 
+    p.quantplug_prepare_for_training = qp.hookimpl(lambda model: calls.append("prepare_for_training"))
+
     def register_kernels(register):
         calls.append("register_kernels")
         register.kernel("lora_add", lambda y, x, A, B, s: y + (x.to(A.dtype) @ A.T) @ B.T * s, name="box-add", backend=mine)
@@ -118,6 +120,13 @@ def test_hook_quantize(box):
     assert "quantize" in box and type(layer) is Box
     model = qp.quantize(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), "box")
     assert [type(m) for m in model] == [Box, nn.ReLU, Box]
+
+
+def test_hook_prepare_for_training(box):
+    model = qp.attach(nn.Sequential(Box(torch.randn(4, 4))), qp.LoraConfig(r=2, target_modules=["0"]))
+    assert "prepare_for_training" not in box
+    qp.prepare_for_training(model)
+    assert box.count("prepare_for_training") == 1
 
 
 def test_hook_register_kernels(box):

@@ -89,3 +89,20 @@ def quantplug_register_kernels(register):
 
     register.kernel("lora_add", kernels.lora_add_reference, name="reference", priority=0)
     register.kernel("lora_mixed_add", kernels.lora_mixed_add_reference, name="reference", priority=0)
+    if _triton_usable():
+        try:
+            from quantplug import triton_kernels
+        except Exception:  # a Triton that cannot build for this torch: the references serve CUDA too
+            return
+        triton_kernels.register(register)
+
+
+def _triton_usable() -> bool:
+    """Whether the CUDA Triton kernels can serve here: a CUDA device and an importable Triton."""
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()

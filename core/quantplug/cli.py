@@ -117,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         "base in the same run where PEFT supports the backend. Ratios (wrapped/bare, quantplug/PEFT) are the "
         "numbers to read; absolute times on shared machines are noise.",
     )
-    bench.add_argument("--backends", default=None, help="comma-separated backends (default: all that are ok here)")
+    bench.add_argument(
+        "--backends", default=None, help="comma-separated backends (default: linear, bnb, hqq, torchao where ok here)"
+    )
     bench.add_argument("--shapes", default=None, help="comma-separated OUTxIN shapes (default: 4096x4096,11008x4096)")
-    bench.add_argument("--tokens", default="1,16,2048", help="comma-separated token counts (default: 1,16,2048)")
+    bench.add_argument("--tokens", default=None, help="comma-separated token counts (default: 1,16,2048)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default="bfloat16", help="compute dtype (default: bfloat16)")
     bench.add_argument("--rank", type=int, default=16)
@@ -127,6 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", action="store_true", help="also run the whole-model decode/training comparison")
     bench.add_argument("--out", default="bench.json", help="JSON output path (a PNG chart is written beside it)")
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
+    bench.add_argument("--no-layers", action="store_true", help="skip the per-layer timings (with --model)")
+    bench.add_argument(
+        "--render", metavar="JSON", default=None,
+        help="write the Markdown report beside JSON (docs/performance.json -> docs/performance.md) and exit",
+    )  # fmt: skip
     bench.set_defaults(func=_bench)
     return parser
 
@@ -134,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     return int(args.func(args) or 0)
 
 

@@ -24,7 +24,10 @@ class LoraConfig:
         output row over the direction ``W + scale * B @ A``.
     :param use_rslora: rank-stabilized scaling ``alpha / sqrt(r)``.
     :param dtype: dtype of the adapter weights; ``None`` keeps them in the
-        layer's compute dtype, so no cast happens on every call.
+        layer's compute dtype (bf16, fp32), so no cast happens on every call,
+        except for fp16 compute, where adapters are fp32 (fp16 adapters
+        overflow under AdamW without loss scaling); pass ``torch.float16``
+        to serve fp16 adapters anyway.
     :param init: ``"default"`` (A Kaiming-uniform, B zero: the adapter
         starts as a no-op, as in PEFT) or ``"random"`` (B random too, for
         tests and benchmarks that need a non-zero adapter).
@@ -55,6 +58,13 @@ class LoraConfig:
                 "LoraConfig.target_modules must be a list of names or a regex string, "
                 f"got {type(self.target_modules).__name__}"
             )
+        for field_name in ("target_modules", "exclude_modules"):
+            pattern = getattr(self, field_name)
+            if isinstance(pattern, str) and pattern != "all-linear":
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"LoraConfig.{field_name} {pattern!r} is not a valid regex: {exc}") from None
 
     @property
     def scale(self) -> float:

@@ -15,6 +15,7 @@ Lifecycle (which hook fires when)::
                             quantplug_register_kernels
     qp.attach(model, cfg)   quantplug_detect_layer (every targeted module),
                             quantplug_compute_dtype, quantplug_wrap_layer
+    qp.prepare_for_training quantplug_prepare_for_training
     layer(x)                the kernels registered above
     qp.merge(model)         quantplug_dequantize, quantplug_requantize
                             (mode "requantize"), quantplug_dequantize again
@@ -158,6 +159,25 @@ def quantplug_wrap_layer(module: nn.Module, config: LoraConfig, backend: str) ->
 
     Implementing in a backend plugin: optional. Called by ``qp.attach``
     once per claimed layer that is not wrapped yet.
+    """
+
+
+@hookspec
+def quantplug_prepare_for_training(model: nn.Module) -> None:
+    """Make this backend's layers in ``model`` able to pass gradients back.
+
+    :param model: the whole model, adapters attached, about to be trained.
+
+    Adjust every layer of this backend, wrapped or not: a layer that no
+    adapter targets still has to carry the gradient to the adapters before
+    it. Undo an inference-only repacking (bitsandbytes' CPU layout), or
+    switch an inference kernel without a backward pass to one with it.
+    Leave layers of other backends alone, and change no weight values.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: optional. Called by
+    ``qp.prepare_for_training(model)`` after the base is frozen.
     """
 
 

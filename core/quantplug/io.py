@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from quantplug.config import LoraConfig
+from quantplug.lora import check_adapter_name
 from quantplug.model import _plan, attach, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -122,10 +123,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         corrupt, non-JSON, mis-shaped or mis-targeted adapter. The model is
         unchanged when it raises.
     """
+    check_adapter_name(adapter)
     config, tensors = read_adapter(path)
     weights_file = Path(path) / WEIGHTS_NAME
     if any(adapter in layer.lora_A for layer in lora_layers(model).values()):
-        raise AdapterFileError(f"the model already has an adapter named {adapter!r}; load it under another name")
+        raise AdapterFileError(
+            f"the model already has an adapter named {adapter!r}; load {str(path)!r} under another name"
+        )
     try:
         plan = {p: m for p, m, _ in _plan(model, config)}
     except (ValueError, TypeError) as exc:
@@ -140,6 +144,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             )
         by_module.setdefault(module_path, {})[attr] = tensor
     needed = ("lora_A", "lora_B", "lora_magnitude") if config.use_dora else ("lora_A", "lora_B")
+    for module_path, found in by_module.items():
+        for attr in found:
+            if attr not in needed:
+                raise AdapterFileError(
+                    f"{str(weights_file)!r}: key {PREFIX + module_path + SUFFIXES[attr]!r} does not belong to an "
+                    f"adapter with use_dora={config.use_dora} (see {CONFIG_NAME})"
+                )
     for module_path, module in plan.items():
         found = by_module.get(module_path, {})
         for attr in needed:

@@ -20,6 +20,11 @@ from quantplug.config import LoraConfig
 BASE = "__base__"  # adapter_names entry for rows that get no adapter (PEFT's name too)
 
 
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name or name == BASE:
+        raise ValueError(f"adapter name {name!r} is not allowed: use a non-empty name without '.', not {BASE!r}")
+
+
 class LoraLayer(nn.Module):
     """A quantized layer with LoRA adapters.
 
@@ -47,14 +52,14 @@ class LoraLayer(nn.Module):
         # (adapter, module it replaced, that module's backend) per merge, newest last: unmerge pops these
         self.merges: list[tuple[str, nn.Module, str]] = []
         self._compute: tuple[str, ...] = ()
+        self._dense_merged = False
         self._kernels = load_plugins().kernels
 
     # -- adapters -------------------------------------------------------------
 
     def add_adapter(self, name: str, config: LoraConfig, dtype: torch.dtype) -> None:
         """Create adapter ``name`` (initialised as ``config.init`` says) and make it active."""
-        if not name or "." in name or name == BASE:
-            raise ValueError(f"adapter name {name!r} is not allowed: use a non-empty name without '.'")
+        check_adapter_name(name)
         if name in self.lora_A:
             raise ValueError(f"layer already has an adapter named {name!r}; pick another name or unload it")
         device = self.device
@@ -101,6 +106,7 @@ class LoraLayer(nn.Module):
         """Recompute what forward reads; called whenever adapters, activity or the base change."""
         merged = {name for name, *_ in self.merges}
         self._compute = tuple(n for n in self.active_adapters if n not in merged)
+        self._dense_merged = bool(self.merges) and type(self.base) is nn.Linear
 
     @property
     def device(self) -> torch.device:
@@ -130,8 +136,16 @@ class LoraLayer(nn.Module):
         """Call the quantized base; subclasses pick another kernel here (for training, say)."""
         return self.base(x)
 
+    def _call_base(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense_merged:
+            # a dense merge left a plain nn.Linear in the compute dtype; the model's activations
+            # may be in another (fp32 around a bf16-compute bnb layer), as the quantized base accepted
+            weight = self.base.weight
+            return self.base(x.to(weight.dtype)).to(x.dtype)
+        return self.base_forward(x)
+
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        y = self.base_forward(x)
+        y = self._call_base(x)
         if self.disabled:
             return y
         if adapter_names is not None:
@@ -205,7 +219,7 @@ class LoraLayer(nn.Module):
         dequantization on every call (which is what PEFT does).
         """
         A, B, scale = self.lora_A[name].float(), self.lora_B[name].float(), self.scaling[name]
-        projected = self.base_forward(self.lora_A[name].to(dtype)).float()  # (r, out) = A Wᵀ + bias
+        projected = self._call_base(self.lora_A[name].to(dtype)).float()  # (r, out) = A Wᵀ + bias
         bias = self.bias
         if bias is not None:
             projected = projected - bias.float()

@@ -120,6 +120,7 @@ def merge(
     *,
     progress: bool | None = None,
     unload: bool = False,
+    dense_dtype: torch.dtype | None = None,
 ) -> MergeReport:
     """Fold ``adapter`` into the base weights of every layer that has it.
 
@@ -130,6 +131,11 @@ def merge(
     :param progress: show a progress bar (default: when more than 8 layers).
     :param unload: also replace each adapter layer by its merged base,
         leaving no adapter layers (not reversible).
+    :param dense_dtype: dtype of the dense weight for ``mode="dense"``
+        (default: the compute dtype; with ``unload``, the dtype of the model's
+        other floating parameters, which its activations are in). Rounding ``W + ΔW`` to bf16 can itself
+        lose a small adapter; ``torch.float32`` keeps all of it (feed the
+        model float32 inputs then).
     :returns: a :class:`MergeReport` with per-layer errors; warns when a
         merge lost most of an adapter.
     :raises MergeError: naming the layer, when a backend cannot merge in
@@ -143,6 +149,8 @@ def merge(
         _check_mode(path, layer, mode)
         if any(name == adapter for name, *_ in layer.merges):
             raise MergeError(f"adapter {adapter!r} is already merged into {path!r}")
+    if mode == "dense" and unload and dense_dtype is None:
+        dense_dtype = _activation_dtype(model)
     pm = hook()
     report = MergeReport(adapter, mode)
     staged: list[tuple[LoraLayer, nn.Module, str]] = []
@@ -156,7 +164,7 @@ def merge(
                 raise MergeError(f"merging {adapter!r} into {path!r} gives non-finite weights; the adapter has NaN/inf")
             target = ideal.to(weight.dtype)
             if mode == "dense":
-                new, backend = dense_linear(target, layer.bias), DENSE_BACKEND
+                new, backend = dense_linear(ideal.to(dense_dtype or weight.dtype), layer.bias), DENSE_BACKEND
                 got = new.weight
             else:
                 new = pm.quantplug_requantize(module=layer.base, weight=target, backend=layer.backend)
@@ -186,6 +194,15 @@ def merge(
     if unload:
         _replace_layers(model, lambda layer: layer.base)
     return report
+
+
+def _activation_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating parameter outside adapter layers."""
+    inside = {id(p) for layer in lora_layers(model).values() for p in layer.parameters()}
+    for param in model.parameters():
+        if id(param) not in inside and param.is_floating_point():
+            return param.dtype
+    return None
 
 
 def unmerge(model: nn.Module, adapter: str | None = None) -> None:

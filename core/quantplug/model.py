@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from quantplug.config import LoraConfig
-from quantplug.lora import BASE, LoraLayer
+from quantplug.lora import BASE, LoraLayer, check_adapter_name
 from quantplug.registry import hook, load_plugins
 
 
@@ -90,6 +90,7 @@ def attach(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     already wrapped gets one more adapter. The new adapter becomes active
     beside the ones already active (use :func:`set_adapter` to choose).
     """
+    check_adapter_name(adapter)
     plan = _plan(model, config)
     existing = [path for path, module, _ in plan if isinstance(module, LoraLayer) and adapter in module.lora_A]
     if existing:
@@ -102,9 +103,17 @@ def attach(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
                 param.requires_grad_(False)
             layer = pm.quantplug_wrap_layer(module=module, config=config, backend=backend)
             model.set_submodule(path, layer)
-        dtype = config.dtype or pm.quantplug_compute_dtype(module=layer.base, backend=backend) or torch.float32
+        dtype = config.dtype or _adapter_dtype(pm.quantplug_compute_dtype(module=layer.base, backend=backend))
         layer.add_adapter(adapter, config, dtype)
     return model
+
+
+def _adapter_dtype(compute: torch.dtype | None) -> torch.dtype:
+    """Adapters live in the compute dtype, except fp16: fp16 weights with AdamW and no
+    loss scaling overflow (NaN within 5 steps on a GPTQ fp16 tiny LLaMA), so fp32 there."""
+    if compute is None or compute == torch.float16:
+        return torch.float32
+    return compute
 
 
 def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
@@ -184,6 +193,7 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
         raise ValueError("the model has no adapters: call qp.attach(model, config) first")
     for param in model.parameters():
         param.requires_grad_(id(param) in adapters)
+    hook().quantplug_prepare_for_training(model=model)
     if gradient_checkpointing:
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:

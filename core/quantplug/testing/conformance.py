@@ -66,6 +66,10 @@ class BackendConformance:
     - ``forward_tol``: largest relative error allowed between the layer's own
       forward and ``x @ dequantize(layer).T + bias`` (activation quantization,
       low-precision accumulation); the other tolerances scale from it.
+    - ``requantize_tol``: a requantize merge that loses more than half of the
+      suite's adapter (which is about as large as ``W``) must be within this
+      factor of quantizing ``W + ΔW`` from scratch through ``make_layer``;
+      a merge that drops the adapter fails.
     - ``bias``: build layers with a bias.
     """
 
@@ -76,6 +80,7 @@ class BackendConformance:
     batch: int = 4
     rank: int = 8
     forward_tol: float = 1e-2
+    requantize_tol: float = 2.0
     bias: bool = True
     seed: int = 0
 
@@ -335,6 +340,7 @@ class BackendConformance:
                 assert torch.equal(model.proj.base.bias.float(), bias.float()), _contract(
                     "quantplug_requantize", "the bias changed", "copy the original layer's bias"
                 )
+            self._check_requantize_keeps_adapter(variant, W, ideal, merged_weight.float(), report)
         _assert_same_state(before, original, f"quantplug_requantize must leave the original layer unchanged ({mode})")
         with torch.no_grad():
             got = model(x)
@@ -343,6 +349,34 @@ class BackendConformance:
         qp.unmerge(model)
         assert model.proj.base is original, "unmerge must restore the original module"
         _assert_same_state(before, original, "unmerge must restore the original storage bit for bit")
+
+    def _check_requantize_keeps_adapter(self, variant, W, ideal, merged, report) -> None:
+        """A requantize merge must keep most of the adapter, or as much as the format can hold.
+
+        The merge report stays honest when a plugin drops the adapter (it says
+        "lost most of the adapter" and warns), so honesty alone lets "merge
+        silently drops the adapter" pass. The suite's adapter is about as large
+        as ``W``: an honest requantize keeps most of it, except in formats so
+        coarse that quantizing ``W + ΔW`` from scratch loses as much.
+        """
+        if not report.dropped:  # kept more than half of it (the threshold merge warns at)
+            return
+        entry = report.layers[0]
+        fresh_linear = self.dense()
+        with torch.no_grad():
+            fresh_linear.weight.copy_(ideal)
+        fresh = self.dequantize(self.make_layer(fresh_linear, variant), self.backend).float()
+        fresh_error = ((fresh - ideal).norm() / (ideal - W).norm()).item()  # error / ‖ΔW‖ of quantizing W + ΔW
+        fix = "quantize `weight` (W + ΔW) into the new layer with the original layer's parameters"
+        assert not (torch.equal(merged, W) and not torch.equal(fresh, W)), _contract(
+            "quantplug_requantize", "the new layer holds the original weights: the adapter was dropped", fix
+        )
+        assert entry.adapter_error <= self.requantize_tol * fresh_error + 1e-3, _contract(
+            "quantplug_requantize",
+            f"the merge lost {entry.adapter_error:.2f} x ‖ΔW‖ of an adapter as large as W, where quantizing "
+            f"W + ΔW from scratch loses {fresh_error:.2f} x ‖ΔW‖ (requantize_tol {self.requantize_tol})",
+            fix + " (or raise requantize_tol if the format's fixed parameters make it coarser)",
+        )
 
     def test_unload(self, variant):
         model = self.wrapped(variant)

@@ -61,7 +61,15 @@ def _hinted(model) -> bool:
 
 def _aqlm_like(module) -> bool:
     """An AQLM layer by its tensors, for a vendored copy of the class in a model that says it is AQLM."""
-    names = ("codebooks", "codes", "scales", "in_group_size", "out_group_size", "num_codebooks", "nbits_per_codebook")
+    names = (
+        "codebooks",
+        "codes",
+        "scales",
+        "in_group_size",
+        "out_group_size",
+        "num_codebooks",
+        "nbits_per_codebook",
+    )
     return all(hasattr(module, name) for name in names)
 
 

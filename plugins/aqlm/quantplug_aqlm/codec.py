@@ -49,14 +49,18 @@ class Format:
 
     @classmethod
     def of(cls, module) -> Format:
-        return cls(module.num_codebooks, module.nbits_per_codebook, module.in_group_size, module.out_group_size)
+        return cls(
+            module.num_codebooks, module.nbits_per_codebook, module.in_group_size, module.out_group_size
+        )
 
 
 # variant name -> format; the first is the default. "CxB-gG": C codebooks of 2^B entries over G inputs.
 VARIANTS = {
     "2x8-g8": Format(2, 8, 8),  # 2 bits per weight; the 2x8 format of the published AQLM models
     "1x8-g8": Format(1, 8, 8),  # 1 bit per weight
-    "1x16-g8": Format(1, 16, 8),  # 2 bits per weight, AQLM's most accurate 2-bit format; 2^16 entries: slow to fit
+    "1x16-g8": Format(
+        1, 16, 8
+    ),  # 2 bits per weight, AQLM's most accurate 2-bit format; 2^16 entries: slow to fit
 }
 
 
@@ -64,7 +68,9 @@ def to_groups(weight: torch.Tensor, out_group_size: int, in_group_size: int) -> 
     """``(out, in)`` -> ``(out_groups, in_groups, out_group_size * in_group_size)``, aqlm's group order."""
     out_features, in_features = weight.shape
     return (
-        weight.reshape(out_features // out_group_size, out_group_size, in_features // in_group_size, in_group_size)
+        weight.reshape(
+            out_features // out_group_size, out_group_size, in_features // in_group_size, in_group_size
+        )
         .permute(0, 2, 1, 3)
         .reshape(out_features // out_group_size, in_features // in_group_size, out_group_size * in_group_size)
     )
@@ -91,29 +97,68 @@ def decode(book: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _nearest(points: torch.Tensor, book: torch.Tensor, book_sq: torch.Tensor, current: torch.Tensor | None, bar) -> torch.Tensor:
-    """Index of the nearest ``book`` row for each of ``points`` (``current`` kept unless strictly beaten)."""
-    size = book.shape[0]
-    step = max(1, CHUNK_ELEMENTS // size)
-    found = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+def _nearest(
+    points: torch.Tensor,
+    book: torch.Tensor,
+    book_sq: torch.Tensor,
+    bar,
+    current: torch.Tensor | None = None,
+    radius: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Index of the nearest ``book`` row for each of ``points``.
+
+    :param current: the index each point has now, kept unless another entry is strictly closer.
+    :param radius: per entry, a lower bound on half its distance to the nearest other entry
+        (:func:`_radii`). A point closer than that to its current entry has no strictly closer
+        one (triangle inequality) and is not searched: after a small update nearly every group
+        stays, so requantizing a big layer costs little more than a decode.
+    """
+    found = torch.empty(points.shape[0], dtype=torch.long, device=points.device) if current is None else current.clone()
+    todo = None
+    if current is not None and radius is not None:
+        distance = (points - book[current]).square().sum(1).sqrt()
+        todo = (distance >= radius[current]).nonzero().squeeze(1)
+        bar.update(points.shape[0] - todo.numel())
+        points = points[todo]
+    step = max(1, CHUNK_ELEMENTS // book.shape[0])
     for start in range(0, points.shape[0], step):
         chunk = points[start : start + step]
+        rows = slice(start, start + chunk.shape[0]) if todo is None else todo[start : start + step]
         candidate = torch.addmm(book_sq, chunk, book.T, alpha=-2).argmin(dim=1)  # ‖b‖² - 2<p, b>
         if current is not None:
             # the expansion above rounds; compare the two choices exactly before leaving the old one
-            old = current[start : start + step]
+            old = current[rows]
             better = (chunk - book[candidate]).square().sum(1) < (chunk - book[old]).square().sum(1)
             candidate = torch.where(better, candidate, old)
-        found[start : start + step] = candidate
+        found[rows] = candidate
         bar.update(chunk.shape[0])
     return found
+
+
+def _radii(book: torch.Tensor, book_sq: torch.Tensor) -> torch.Tensor:
+    """Half the distance from each ``book`` row to its nearest other row, rounded down to stay a lower bound."""
+    size = book.shape[0]
+    step = max(1, CHUNK_ELEMENTS // size)
+    radius = torch.empty(size, dtype=book.dtype, device=book.device)
+    largest = book_sq.max()
+    for start in range(0, size, step):
+        chunk = book[start : start + step]
+        count = chunk.shape[0]
+        squared = torch.addmm(book_sq, chunk, book.T, alpha=-2) + book_sq[start : start + count, None]
+        squared[torch.arange(count), torch.arange(start, start + count)] = float("inf")
+        # the expansion loses a few ulps of ‖a‖² + ‖b‖²; take that off before trusting it
+        low = squared.min(dim=1).values - 1e-5 * (book_sq[start : start + count] + largest)
+        radius[start : start + count] = low.clamp_min(0).sqrt() / 2
+    return radius
 
 
 def kmeans(points: torch.Tensor, size: int, iterations: int, generator: torch.Generator, bar) -> torch.Tensor:
     """``size`` centroids of ``points`` (``(N, d)``) by Lloyd's algorithm from a random sample."""
     count, dim = points.shape
     if count > MAX_FIT_PER_ENTRY * size:
-        points = points[torch.randperm(count, generator=generator)[: MAX_FIT_PER_ENTRY * size].to(points.device)]
+        points = points[
+            torch.randperm(count, generator=generator)[: MAX_FIT_PER_ENTRY * size].to(points.device)
+        ]
         count = points.shape[0]
     if count <= size:
         # no more groups than entries (a 2^16 codebook on a small layer): every group is an entry,
@@ -125,7 +170,7 @@ def kmeans(points: torch.Tensor, size: int, iterations: int, generator: torch.Ge
         return torch.cat([points, spare])
     centroids = points[torch.randperm(count, generator=generator)[:size].to(points.device)].clone()
     for _ in range(iterations):
-        assign = _nearest(points, centroids, centroids.square().sum(1), None, bar)
+        assign = _nearest(points, centroids, centroids.square().sum(1), bar)
         sums = torch.zeros_like(centroids).index_add_(0, assign, points)
         counts = torch.bincount(assign, minlength=size)
         filled = counts > 0
@@ -159,6 +204,9 @@ def encode(
     out_groups, in_groups, dim = target.shape
     book = codebooks.detach().float().reshape(num_codebooks, size, dim).to(target.device)
     book_sq = book.square().sum(-1)
+    # the bound costs one codebook-sized search; worth it once the layer has more groups than entries
+    use_radii = out_groups * in_groups >= size
+    radii = [_radii(book[c], book_sq[c]) if use_radii else None for c in range(num_codebooks)]
     codes = codes.to(device=target.device, dtype=torch.long).clone()
     scales = scales.detach().float().reshape(out_groups).to(target.device).clone()
     work = iterations * num_codebooks * out_groups * in_groups * size * dim
@@ -167,13 +215,15 @@ def encode(
     with tqdm(total=total, desc="aqlm requantize", unit="group", disable=not show) as bar:
         for _ in range(iterations):
             # with the scale fixed, each group's error is scale² ‖target/scale - decoded‖²
-            usable = torch.where(scales.abs() > torch.finfo(torch.float32).tiny, scales, torch.ones_like(scales))
+            usable = torch.where(
+                scales.abs() > torch.finfo(torch.float32).tiny, scales, torch.ones_like(scales)
+            )
             goal = target / usable.view(-1, 1, 1)
             changed = False
             for c in range(num_codebooks):
                 decoded = decode(book, codes)
                 residual = goal - decoded + book[c][codes[..., c]]
-                new = _nearest(residual.reshape(-1, dim), book[c], book_sq[c], codes[..., c].reshape(-1), bar)
+                new = _nearest(residual.reshape(-1, dim), book[c], book_sq[c], bar, codes[..., c].reshape(-1), radii[c])
                 new = new.view(out_groups, in_groups)
                 if not torch.equal(new, codes[..., c]):
                     codes[..., c] = new
@@ -253,17 +303,34 @@ def quantize(
     with tqdm(total=total, desc="aqlm codebooks", unit="group", disable=not show) as bar:
         for _ in range(fmt.num_codebooks):  # residual vector quantization
             book = kmeans(residual, fmt.codebook_size, lloyd_iterations, generator, bar)
-            assign = _nearest(residual, book, book.square().sum(1), None, bar)
+            assign = _nearest(residual, book, book.square().sum(1), bar)
             residual = residual - book[assign]
             books.append(book)
             codes.append(assign)
-    codebooks = torch.stack(books).reshape(fmt.num_codebooks, fmt.codebook_size, fmt.out_group_size, fmt.in_group_size)
+    codebooks = torch.stack(books).reshape(
+        fmt.num_codebooks, fmt.codebook_size, fmt.out_group_size, fmt.in_group_size
+    )
     codes = torch.stack(codes, dim=-1).reshape(out_groups, in_groups, fmt.num_codebooks)
     codes, scales = encode(weight, codebooks, codes, scales, iterations=iterations, progress=progress)
-    return build(in_features, out_features, fmt, codebooks.to(weight.dtype), codes, scales.to(weight.dtype), linear.bias)
+    return build(
+        in_features,
+        out_features,
+        fmt,
+        codebooks.to(weight.dtype),
+        codes,
+        scales.to(weight.dtype),
+        linear.bias,
+    )
 
 
-def requantize(module, weight: torch.Tensor, *, iterations: int = 3, refit_scales: bool = True, progress: bool | None = None):
+def requantize(
+    module,
+    weight: torch.Tensor,
+    *,
+    iterations: int = 3,
+    refit_scales: bool = True,
+    progress: bool | None = None,
+):
     """A new layer with ``module``'s codebooks, format, dtype and bias whose codes (and scales) encode ``weight``."""
     from quantplug_aqlm import layout
 

@@ -25,8 +25,8 @@ it calls the layer itself, with aqlm's CUDA/Triton kernels.
 from __future__ import annotations
 
 import torch
-
 from quantplug.lora import LoraLayer
+
 from quantplug_aqlm import layout
 
 

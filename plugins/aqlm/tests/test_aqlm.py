@@ -15,17 +15,16 @@ import sys
 
 import aqlm
 import pytest
+import quantplug as qp
 import torch
 from aqlm.inference_kernels.dequantization import dequantize_gemm
 from aqlm.utils import _dequantize_weight, pack_int_data, unpack_int_data
 from packaging.specifiers import SpecifierSet
-from torch import nn
-
-import quantplug as qp
 from quantplug.registry import hook, load_plugins
 from quantplug.testing import BackendConformance, relative_error
 from quantplug_aqlm import codec, layout
 from quantplug_aqlm.lora import AqlmLoraLayer
+from torch import nn
 
 # aqlm's CPU kernel for 2^8-entry codebooks needs its [cpu] extra (numba, scipy). Where they are
 # installed, pin numba to one thread: its kernel's prange loop races on the output (quantplug_aqlm.lora).
@@ -66,12 +65,23 @@ def quantized(variant: str, bias: bool = True):
     return qp.quantize(dense(*small(variant), bias=bias), "aqlm", variant)
 
 
-def library_layer(in_features=128, out_features=64, num_codebooks=1, nbits=8, in_group=8, out_group=1,
-                  bias=True, dtype=torch.float32, packed_by_aqlm=False, seed=0):
+def library_layer(
+    in_features=128,
+    out_features=64,
+    num_codebooks=1,
+    nbits=8,
+    in_group=8,
+    out_group=1,
+    bias=True,
+    dtype=torch.float32,
+    packed_by_aqlm=False,
+    seed=0,
+):
     """aqlm's own constructor, filled with random codes the way a checkpoint fills it."""
     torch.manual_seed(seed)
-    layer = aqlm.QuantizedLinear(in_features, out_features, in_group, out_group, num_codebooks, nbits,
-                                 bias=bias, dtype=dtype)
+    layer = aqlm.QuantizedLinear(
+        in_features, out_features, in_group, out_group, num_codebooks, nbits, bias=bias, dtype=dtype
+    )
     with torch.no_grad():
         layer.codebooks.normal_(0, 0.05)
         codes = torch.randint(0, 2**nbits, tuple(layer.codes.shape))
@@ -87,7 +97,9 @@ def library_layer(in_features=128, out_features=64, num_codebooks=1, nbits=8, in
 
 def library_dequant(layer) -> torch.Tensor:
     """aqlm's decoder on the codes as stored (valid before the first forward only)."""
-    return _dequantize_weight(unpack_int_data(layer.codes, layer.nbits_per_codebook), layer.codebooks, layer.scales)
+    return _dequantize_weight(
+        unpack_int_data(layer.codes, layer.nbits_per_codebook), layer.codebooks, layer.scales
+    )
 
 
 def wrapped(layer, **config) -> Holder:
@@ -110,7 +122,9 @@ def state(module):
 def same_state(before, module) -> bool:
     after = module.state_dict()
     return before.keys() == after.keys() and all(
-        before[k].dtype == after[k].dtype and before[k].shape == after[k].shape and torch.equal(before[k], after[k])
+        before[k].dtype == after[k].dtype
+        and before[k].shape == after[k].shape
+        and torch.equal(before[k], after[k])
         for k in before
     )
 
@@ -194,7 +208,11 @@ def test_quantize_builds_a_real_aqlm_layer(variant):
     fmt = codec.VARIANTS[variant]
     assert type(layer) is aqlm.QuantizedLinear
     assert (layer.num_codebooks, layer.nbits_per_codebook, layer.in_group_size, layer.out_group_size) == (
-        fmt.num_codebooks, fmt.nbits, fmt.in_group_size, fmt.out_group_size)
+        fmt.num_codebooks,
+        fmt.nbits,
+        fmt.in_group_size,
+        fmt.out_group_size,
+    )
     assert layer.codes.dtype == (torch.int16 if fmt.nbits == 16 else torch.int8)
     assert not any(t.is_inference() or t.requires_grad for t in layer.parameters())
     assert torch.equal(layer.bias, linear.bias)
@@ -323,7 +341,7 @@ def test_trap_out_group_2_library_forward_breaks_on_cpu_wrapped_layer_does_not()
 def test_trap_inference_mode_codes():
     layer = library_layer(num_codebooks=2, packed_by_aqlm=True)
     assert layer.codes.is_inference()
-    with pytest.raises(RuntimeError, match="[Ii]nference"):
+    with pytest.raises(RuntimeError, match=r"[Ii]nference"):
         layer.codes[0] = 1  # what an in-place update of such a layer's codes meets
     model = wrapped(layer)
     qp.prepare_for_training(model)
@@ -387,7 +405,11 @@ def test_dora_matches_definition():
         got = model(x)
         W = dequant(base).double()
         direction = W + layer.delta_weight("default", magnitude=False).double()
-        merged = layer.lora_magnitude["default"].double().unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+        merged = (
+            layer.lora_magnitude["default"].double().unsqueeze(1)
+            * direction
+            / direction.norm(dim=1, keepdim=True)
+        )
     assert relative_error(got, reference(x, merged, base.bias)) < 1e-5
 
 
@@ -408,11 +430,14 @@ def test_mixed_batch():
         assert relative_error(got[row], alone[name][row]) < 1e-6, (row, name)
 
 
-def test_compile_fullgraph():
-    model = wrapped(quantized("2x8-g8"))
-    x = torch.randn(3, 128)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_compile_fullgraph_traces_without_breaks(variant):
+    # dynamo's tracing (where graph breaks come from) for every variant; inductor's code for one
+    # variant is the conformance suite's test_compile, the same code path
+    model = wrapped(quantized(variant))
+    x = torch.randn(3, model.proj.in_features)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert relative_error(compiled(x), model(x)) < 1e-6
 
@@ -456,8 +481,9 @@ def test_merge_requantize(variant):
     merged = dequant(new)
     entry = report.layers[0]
     assert entry.error == pytest.approx(relative_error(merged, W + delta), rel=1e-3)
-    assert entry.adapter_error == pytest.approx(relative_error(merged, W + delta) * (W + delta).norm().item()
-                                                / delta.norm().item(), rel=1e-3)
+    assert entry.adapter_error == pytest.approx(
+        relative_error(merged, W + delta) * (W + delta).norm().item() / delta.norm().item(), rel=1e-3
+    )
     # the search starts from the layer's codes and only takes improvements: never worse than no merge
     assert entry.adapter_error <= 1.0 + 1e-6
     with torch.no_grad():
@@ -469,6 +495,22 @@ def test_merge_requantize(variant):
     assert model.proj.base is base and same_state(before, base)
     with torch.no_grad():
         assert torch.equal(model(x), unmerged)
+
+
+def test_bfloat16_layer():
+    # aqlm's CPU kernel asserts float32; the adapter layer's path and merge keep bf16
+    base = qp.quantize(dense().to(torch.bfloat16), "aqlm", "2x8-g8")
+    assert base.codebooks.dtype == base.scales.dtype == base.bias.dtype == torch.bfloat16
+    model = wrapped(base)
+    assert model.proj.lora_A["default"].dtype == torch.bfloat16
+    x = torch.randn(4, 128, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got = model(x)
+        want = reference(x, dequant(base).double() + model.proj.delta_weight("default").double(), base.bias)
+        assert got.dtype == torch.bfloat16 and relative_error(got, want) < 2e-2
+        report = qp.merge(model, mode="requantize")
+    assert model.proj.base.codebooks.dtype == torch.bfloat16 and torch.equal(model.proj.base.codebooks, base.codebooks)
+    assert report.layers[0].adapter_error < 1.0
 
 
 def test_requantize_of_a_small_adapter_loses_most_of_it_and_the_core_warns():
@@ -492,6 +534,49 @@ def test_requantize_progress_bar(capfd):
     assert "aqlm requantize" not in capfd.readouterr().err  # tiny layer: no bar
     codec.requantize(base, dequant(base) + 0.01, progress=True)
     assert "aqlm requantize" in capfd.readouterr().err
+
+
+@pytest.mark.slow  # importing transformers' LLaMA takes seconds
+def test_transformers_aqlm_checkpoint_end_to_end(tmp_path):
+    """A tiny LLaMA saved with an AqlmConfig and loaded back by transformers, as users get AQLM models."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    model = qp.quantize(transformers.LlamaForCausalLM(config).eval(), "aqlm", "2x8-g8")
+    model.config.quantization_config = transformers.AqlmConfig(
+        in_group_size=8,
+        out_group_size=1,
+        num_codebooks=2,
+        nbits_per_codebook=8,
+        linear_weights_not_to_quantize=["lm_head"],
+    )
+    model.save_pretrained(tmp_path)
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.float32)
+    layers = {path: m for path, m in loaded.named_modules() if layout.is_aqlm_layer(m)}
+    assert len(layers) == 7 and all(qp.detect(m, loaded) == "aqlm" for m in layers.values())
+    for path, layer in layers.items():
+        assert torch.equal(dequant(layer), dequant(model.get_submodule(path)))
+    qp.attach(loaded, qp.LoraConfig(r=4, alpha=8, target_modules="all-linear", init="random"))
+    ids = torch.randint(0, 96, (2, 8))
+    with torch.no_grad():
+        want = loaded(ids).logits  # through the adapter layers: no numba needed
+        qp.merge(loaded, mode="dense")
+        assert relative_error(loaded(ids).logits, want) < 1e-5
+        qp.unmerge(loaded)
+        with pytest.warns(UserWarning, match="lost most"):
+            report = qp.merge(loaded, mode="requantize")
+    assert len(report.layers) == 7 and all(entry.adapter_error <= 1.0 + 1e-6 for entry in report.layers)
+    qp.unmerge(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, want)
 
 
 # -- the conformance suite ---------------------------------------------------------------

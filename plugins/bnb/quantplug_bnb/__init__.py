@@ -26,16 +26,16 @@ def quantplug_backend_info():
         variants=("nf4", "fp4", "int8"),
         dora=True,
         mixed_batch=True,
-        compile_safe=False,
-        shardable=False,
+        # through the plugin's Bnb4bitLoraLayer (quantplug_bnb.lora), which keeps bitsandbytes' in-place
+        # CPU repack out of traced and FSDP-managed calls; tested on CPU, train and eval
+        compile_safe=True,
+        shardable=True,
         limits={
-            "compile_safe": (
-                "torch.compile(fullgraph=True) fails on a bitsandbytes base: Linear4bit's forward calls "
-                "bitsandbytes.functional.get_ptr/ctypes on CPU and repacks its weight in place on the first "
-                "CPU inference call; Linear8bitLt's forward mutates layer.state and weight.data "
-                "(measured with bitsandbytes 0.50.2, torch 2.13 CPU). Without fullgraph it runs, with graph breaks."
+            "shardable:int8": (
+                "Linear8bitLt does not shard under FSDP2: its forward reads weight.CB, which the all-gathered "
+                "plain parameter lacks (AttributeError, bitsandbytes 0.50.2); Linear4bit shards (uint8 or bf16 storage)"
             ),
-            "shardable": "FSDP2 over Linear4bit (quant_storage=bfloat16) is not tested by this plugin yet",
+            "devices:cuda": "declared from bitsandbytes' device-generic API; this plugin's tests ran on CPU only",
         },
     )
 
@@ -114,3 +114,14 @@ def quantplug_quantize(linear, backend, variant):
     from quantplug_bnb import _layers
 
     return _layers.quantize(linear, variant)
+
+
+@hookimpl
+def quantplug_prepare_for_training(model):
+    # Every Linear4bit, wrapped or not, must carry gradients: bitsandbytes' CPU inference
+    # repack (first eval forward, AVX512-BF16 CPUs) leaves a kernel with no backward.
+    from quantplug_bnb import _layers
+
+    for module in model.modules():
+        if _kind(module) == "Linear4bit":
+            _layers.keep_trainable_on_cpu(module)

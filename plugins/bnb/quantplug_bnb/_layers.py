@@ -54,8 +54,13 @@ def bnb_kind(module: nn.Module) -> str | None:
 # --------------------------------------------------------------------------
 
 
+def _state_or_none(module: nn.Module):
+    state = getattr(module.weight, "quant_state", None)
+    return state if state is not None else getattr(module, "quant_state", None)  # FSDP2: only the module's
+
+
 def quant_state(module: nn.Module):
-    state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+    state = _state_or_none(module)
     if state is None:
         raise ValueError(
             f"{type(module).__name__}({module.in_features}, {module.out_features}) is not quantized yet: "
@@ -64,10 +69,46 @@ def quant_state(module: nn.Module):
     return state
 
 
+def owns_weight(module: nn.Module) -> bool:
+    """Whether the layer's weight is still bitsandbytes' own ``Params4bit`` carrying its quant_state.
+
+    Not so while FSDP2 runs the layer: it swaps in a plain all-gathered
+    parameter, and bitsandbytes re-wraps it from ``module.quant_state``
+    (``fix_4bit_weight_quant_state_from_module``).
+    """
+    return getattr(module.weight, "quant_state", None) is not None
+
+
+def _check_not_sharded(module: nn.Module) -> None:
+    if type(module.weight.data).__name__ == "DTensor":
+        raise ValueError(
+            f"the weight of this {type(module).__name__} is sharded (FSDP2 DTensor); dequantize and merge need "
+            "the whole weight: merge before fully_shard, or gather the full model first"
+        )
+
+
 def is_cpu_packed(module: nn.Module) -> bool:
     """Whether bitsandbytes repacked this Linear4bit for its AVX512-BF16 CPU kernel (see module doc)."""
     state = getattr(module.weight, "quant_state", None)
     return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def keep_trainable_on_cpu(module: nn.Module) -> None:
+    """Undo bitsandbytes' CPU inference repack and keep the layer off it from now on.
+
+    The repacked layout runs ``gemv_4bit``, which has no backward, so a layer
+    that no adapter wraps would silently stop gradients from reaching the
+    adapters below it. bitsandbytes' own inverse (what its ``.cuda()`` and
+    ``state_dict()`` call) restores the trainable layout; clearing
+    ``support_avx512bf16_for_cpu`` stops the next eval forward from repacking.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    if is_cpu_packed(module):
+        weight = module.weight
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        module.quant_state = weight.quant_state
+    module.support_avx512bf16_for_cpu = False
 
 
 def original_format(module: nn.Module) -> dict:
@@ -80,7 +121,8 @@ def original_format(module: nn.Module) -> dict:
         "blocksize": state.blocksize,
         "compress_statistics": bool(state.original_nested if packed else state.nested),
         # the repack views bf16 storage as uint8; the module keeps what it was built with
-        "quant_storage": getattr(module, "quant_storage", None) or getattr(weight, "quant_storage", torch.uint8),
+        "quant_storage": getattr(module, "quant_storage", None)
+        or getattr(weight, "quant_storage", torch.uint8),
         # the dtype the weight had when it was quantized (dequantize_4bit's output dtype)
         "dtype": state.original_dtype if packed else state.dtype,
     }
@@ -96,7 +138,7 @@ def compute_dtype_4bit(module: nn.Module) -> torch.dtype:
     dtype = getattr(module, "compute_dtype", None)
     if dtype is not None:
         return dtype
-    state = getattr(module.weight, "quant_state", None) or getattr(module, "quant_state", None)
+    state = _state_or_none(module)
     if state is not None:
         return state.original_dtype if getattr(state, "packing_format_for_cpu", False) else state.dtype
     return module.weight.dtype if module.weight.is_floating_point() else torch.float32
@@ -128,7 +170,12 @@ def _dequantize_cpu_packed(module: nn.Module, state) -> torch.Tensor:
     pairs = torch.stack([table[byte & 0xF], table[byte >> 4]], dim=-1)  # byte -> (low, high) values
     values = nn.functional.embedding(packed.reshape(-1, _CPU_BLOCK_N).int(), pairs)  # (rows, 32, [low, high])
     # [low x32, high x32] per row of 32 bytes -> (N/32, K/2, 32, 2) -> (N, K), as the inverse does
-    values = values.transpose(1, 2).reshape(n // _CPU_BLOCK_N, k // 2, _CPU_BLOCK_N, 2).transpose(1, 2).reshape(n, k)
+    values = (
+        values.transpose(1, 2)
+        .reshape(n // _CPU_BLOCK_N, k // 2, _CPU_BLOCK_N, 2)
+        .transpose(1, 2)
+        .reshape(n, k)
+    )
     absmax = state.absmax.to(torch.bfloat16).T  # (N, K/blocksize)
     return (values.reshape(n, k // state.blocksize, state.blocksize) * absmax.unsqueeze(-1)).reshape(n, k)
 
@@ -137,6 +184,7 @@ def dequantize_4bit(module: nn.Module, dtype: torch.dtype | None = None) -> torc
     """The ``(out, in)`` weight a Linear4bit computes with now, in ``dtype`` (default: its compute dtype)."""
     import bitsandbytes.functional as F
 
+    _check_not_sharded(module)
     state = quant_state(module)
     dtype = dtype or compute_dtype_4bit(module)
     if getattr(state, "packing_format_for_cpu", False):
@@ -149,23 +197,47 @@ def _copy_bias(module: nn.Module, bias: torch.Tensor | None, device) -> None:
         module.bias = nn.Parameter(bias.detach().clone().to(device), requires_grad=bias.requires_grad)
 
 
-def build_4bit(weight: torch.Tensor, bias: torch.Tensor | None, *, quant_type: str, blocksize: int,
-               compress_statistics: bool, quant_storage: torch.dtype, compute_dtype: torch.dtype | None,
-               dtype: torch.dtype | None = None) -> nn.Module:
+def build_4bit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    quant_type: str,
+    blocksize: int,
+    compress_statistics: bool,
+    quant_storage: torch.dtype,
+    compute_dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
     """A new ``bitsandbytes.nn.Linear4bit`` quantized by bitsandbytes itself from ``weight``."""
     import bitsandbytes as bnb
 
     out_features, in_features = weight.shape
     device = weight.device
     layer = bnb.nn.Linear4bit(
-        in_features, out_features, bias=bias is not None, compute_dtype=compute_dtype,
-        compress_statistics=compress_statistics, quant_type=quant_type, quant_storage=quant_storage,
+        in_features,
+        out_features,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
         device="meta",
     )
-    data = weight.detach().to(dtype or weight.dtype).to("cpu" if device.type == "meta" else device).contiguous().clone()
+    data = (
+        weight.detach()
+        .to(dtype or weight.dtype)
+        .to("cpu" if device.type == "meta" else device)
+        .contiguous()
+        .clone()
+    )
     param = bnb.nn.Params4bit(
-        data, requires_grad=False, blocksize=blocksize, compress_statistics=compress_statistics,
-        quant_type=quant_type, quant_storage=quant_storage, module=layer,
+        data,
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=compress_statistics,
+        quant_type=quant_type,
+        quant_storage=quant_storage,
+        module=layer,
     )
     layer.weight = param.to(data.device)  # Params4bit.to quantizes (bitsandbytes' own quantize_4bit)
     _copy_bias(layer, bias, data.device)
@@ -177,10 +249,14 @@ def requantize_4bit(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     fmt = original_format(module)
     device = module.weight.device
     layer = build_4bit(
-        weight.to(device), module.bias,
-        quant_type=fmt["quant_type"], blocksize=fmt["blocksize"],
-        compress_statistics=fmt["compress_statistics"], quant_storage=fmt["quant_storage"],
-        compute_dtype=module.compute_dtype, dtype=fmt["dtype"],
+        weight.to(device),
+        module.bias,
+        quant_type=fmt["quant_type"],
+        blocksize=fmt["blocksize"],
+        compress_statistics=fmt["compress_statistics"],
+        quant_storage=fmt["quant_storage"],
+        compute_dtype=module.compute_dtype,
+        dtype=fmt["dtype"],
     )
     layer.compute_type_is_set = module.compute_type_is_set
     if hasattr(module, "support_avx512bf16_for_cpu"):  # bitsandbytes >= 0.49
@@ -266,8 +342,14 @@ def dequantize_8bit(module: nn.Module, dtype: torch.dtype | None = None) -> torc
     return (cb.float() * scb.float().unsqueeze(1).mul(1.0 / 127.0)).to(dtype)
 
 
-def build_8bit(weight: torch.Tensor, bias: torch.Tensor | None, *, threshold: float = 0.0,
-               has_fp16_weights: bool = False, index=None) -> nn.Module:
+def build_8bit(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    threshold: float = 0.0,
+    has_fp16_weights: bool = False,
+    index=None,
+) -> nn.Module:
     """A new ``bitsandbytes.nn.Linear8bitLt`` holding ``weight``, quantized by bitsandbytes."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
@@ -275,8 +357,13 @@ def build_8bit(weight: torch.Tensor, bias: torch.Tensor | None, *, threshold: fl
     out_features, in_features = weight.shape
     device = weight.device
     layer = bnb.nn.Linear8bitLt(
-        in_features, out_features, bias=bias is not None, has_fp16_weights=has_fp16_weights,
-        threshold=threshold, index=index, device="meta",
+        in_features,
+        out_features,
+        bias=bias is not None,
+        has_fp16_weights=has_fp16_weights,
+        threshold=threshold,
+        index=index,
+        device="meta",
     )
     if has_fp16_weights:
         layer.weight = bnb.nn.Int8Params(weight.detach().clone(), requires_grad=True, has_fp16_weights=True)
@@ -294,8 +381,11 @@ def requantize_8bit(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     """A new Linear8bitLt like ``module`` (threshold, has_fp16_weights) holding ``weight``."""
     state = module.state
     layer = build_8bit(
-        weight.to(module.weight.device), module.bias, threshold=state.threshold,
-        has_fp16_weights=bool(state.has_fp16_weights), index=getattr(module, "index", None),
+        weight.to(module.weight.device),
+        module.bias,
+        threshold=state.threshold,
+        has_fp16_weights=bool(state.has_fp16_weights),
+        index=getattr(module, "index", None),
     )
     layer.train(module.training)
     return layer
@@ -325,6 +415,11 @@ def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
     if variant == "int8":
         return build_8bit(weight.to(dtype), linear.bias)
     return build_4bit(
-        weight.to(dtype), linear.bias, quant_type=variant, blocksize=64, compress_statistics=True,
-        quant_storage=torch.uint8, compute_dtype=dtype,
+        weight.to(dtype),
+        linear.bias,
+        quant_type=variant,
+        blocksize=64,
+        compress_statistics=True,
+        quant_storage=torch.uint8,
+        compute_dtype=dtype,
     )

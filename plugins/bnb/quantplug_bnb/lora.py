@@ -14,30 +14,38 @@ registered"), so every adapter below that layer stops learning.
 from __future__ import annotations
 
 import torch
-
 from quantplug.lora import LoraLayer
+
 from quantplug_bnb import _layers
 
 
 class Bnb4bitLoraLayer(LoraLayer):
-    """``LoraLayer`` whose base call has a backward and compiles, whatever bitsandbytes did to the layer.
+    """``LoraLayer`` whose base call has a backward, compiles and shards, whatever bitsandbytes did to the layer.
 
-    Two CPU paths of ``Linear4bit.forward`` are replaced by bitsandbytes' own
-    training arithmetic (dequantize, then ``linear`` in the compute dtype) on
-    the weight the layer holds: a grad-requiring input on a repacked layer
-    (no backward there, see above), and any call under ``torch.compile`` on
-    a layer not repacked yet, whose in-place repack would change the
-    weight's shape in the middle of the trace (bitsandbytes 0.50.2, torch
-    2.13: "AssertionError: expected size 4096==64" from the fake kernel).
+    Three CPU paths of ``Linear4bit.forward`` are replaced by bitsandbytes'
+    own training arithmetic (dequantize, then ``linear`` in the compute
+    dtype) on the weight the layer holds, without the in-place repack:
+
+    - a grad-requiring input on a repacked layer (no backward there, see above);
+    - any call under ``torch.compile`` on a layer not repacked yet: the repack
+      would change the weight's shape in the middle of the trace (torch 2.13:
+      "AssertionError: expected size 4096==64" from the fake kernel);
+    - a weight that is not bitsandbytes' own ``Params4bit`` (FSDP2 hands the
+      layer a plain all-gathered parameter for each call): the repack would
+      rewrite that temporary tensor and the shared ``quant_state``, and every
+      later call returns garbage (measured: off by 2.5 on the second eval call
+      under ``fully_shard`` on CPU, bitsandbytes 0.50.2).
+
     Every other call is the layer's own forward, fused kernel included.
     """
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base
-        if x.device.type == "cpu":
-            packed = _layers.is_cpu_packed(base)
-            if packed and x.requires_grad and torch.is_grad_enabled():
-                return _layers.forward_4bit_dequantized(base, x)
-            if not packed and torch.compiler.is_compiling():
+        # after a dense merge the base is a plain nn.Linear (backend "linear")
+        if x.device.type == "cpu" and self.backend == "bnb":
+            if _layers.is_cpu_packed(base):
+                if x.requires_grad and torch.is_grad_enabled():
+                    return _layers.forward_4bit_dequantized(base, x)
+            elif torch.compiler.is_compiling() or not _layers.owns_weight(base):
                 return _layers.forward_4bit_dequantized(base, x)
         return base(x)

@@ -18,8 +18,16 @@ VARIANTS = (
 )
 
 
-def mro_names(module) -> set[str]:
-    return {cls.__name__ for cls in type(module).__mro__}
+def mro_names(module) -> frozenset[str]:
+    """The class names along ``type(module).__mro__``, cached per class (the adapter layer asks on every call)."""
+    cls = type(module)
+    names = _CLASS_NAMES.get(cls)
+    if names is None:
+        names = _CLASS_NAMES[cls] = frozenset(klass.__name__ for klass in cls.__mro__)
+    return names
+
+
+_CLASS_NAMES: dict[type, frozenset[str]] = {}
 
 
 def is_gptqmodel_layer(module) -> bool:

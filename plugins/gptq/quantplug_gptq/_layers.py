@@ -42,7 +42,7 @@ REPACKED = "repacked"  # a CPU int4pack layout after the first inference forward
 OPAQUE = "opaque"  # any other kernel layout: read through the layer's forward
 
 
-# -- layouts ---------------------------------------------------------
+# -- layouts --------------------------------------------------------------------
 
 
 def _mode(module: nn.Module) -> str | None:
@@ -91,6 +91,11 @@ def zero_point_trap(module: nn.Module, x: torch.Tensor) -> bool:
         and not getattr(module, "sym", True)
         and not is_repacked(module)
     )
+
+
+def locks_input_dtype(module: nn.Module) -> bool:
+    """``TorchFusedLinear`` repacks for its first input's dtype, then rejects every other one."""
+    return "TorchFusedLinear" in mro_names(module)
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -163,19 +168,35 @@ def _through_forward(module: nn.Module, forward, subtract_bias: bool) -> torch.T
 # -- building layers ------------------------------------------------------------
 
 
-def rtn_params(weight: torch.Tensor, bits: int, sym: bool, g_idx: torch.Tensor, scale_dtype: torch.dtype):
-    """Round-to-nearest scales and zero points per (row, group), with gptqmodel's own ``Quantizer``.
+def rtn_params(
+    weight: torch.Tensor,
+    bits: int,
+    sym: bool,
+    g_idx: torch.Tensor,
+    scale_dtype: torch.dtype,
+    keep: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """Scales and zero points per (row, group) for ``weight``, and the weight on that grid.
 
-    The group of input column ``i`` is ``g_idx[i]`` (act-order layers have a
-    permuted ``g_idx``). Scales are rounded to ``scale_dtype`` here, before the
-    codes are chosen, so the codes are the nearest ones for the scales stored.
+    Round-to-nearest with gptqmodel's own ``Quantizer`` (what its RTN and GPTQ
+    use for a group's range). The group of input column ``i`` is ``g_idx[i]``
+    (act-order layers have a permuted ``g_idx``). Scales are rounded to
+    ``scale_dtype`` before the codes are chosen, so the codes are the nearest
+    ones for the scales actually stored.
+
+    :param keep: the layer's own ``(scales, zeros)``, ``(out, groups)``: each
+        (row, group) keeps them where they fit the new weight better than fresh
+        RTN ones. GPTQ's error feedback leaves codes that need not span a
+        group's range, so RTN alone would move every such group (2.8% relative
+        on a calibrated layer, measured); with ``keep``, requantizing a layer's
+        own weight gives back its own codes, and a small merge only moves the
+        groups the adapter changed.
     :returns: ``scales``, ``zeros`` (float32, ``(out, groups)``) and the on-grid weight.
     """
     from gptqmodel.quantization.quantizer import Quantizer
 
     weight = weight.float()
     groups = int(g_idx.max().item()) + 1
-    maxq = 2**bits - 1
     quantizer = Quantizer(SimpleNamespace(bits=bits, sym=sym, mse=0.0))
     quantizer.configure(perchannel=True)
     scales = torch.empty(weight.shape[0], groups, dtype=torch.float32, device=weight.device)
@@ -187,9 +208,40 @@ def rtn_params(weight: torch.Tensor, bits: int, sym: bool, g_idx: torch.Tensor, 
         zeros[:, group] = quantizer.zero.flatten()
     tiny = torch.finfo(scale_dtype).tiny  # a scale that underflows would divide by zero below
     scales = scales.to(scale_dtype).float().clamp_min(tiny)
+    on_grid = _on_grid(weight, scales, zeros, g_idx, bits)
+    if keep is not None:
+        own_scales = keep[0].float().to(scale_dtype).float().clamp_min(tiny)
+        own_zeros = keep[1].float()
+        own_grid = _on_grid(weight, own_scales, own_zeros, g_idx, bits)
+        better = _group_error(weight - own_grid, g_idx, groups) <= _group_error(
+            weight - on_grid, g_idx, groups
+        )
+        scales = torch.where(better, own_scales, scales)
+        zeros = torch.where(better, own_zeros, zeros)
+        on_grid = torch.where(better[:, g_idx], own_grid, on_grid)
+    return scales, zeros, on_grid
+
+
+def _on_grid(weight, scales, zeros, g_idx, bits):
     s, z = scales[:, g_idx], zeros[:, g_idx]
-    codes = torch.clamp(torch.round(weight / s) + z, 0, maxq)
-    return scales, zeros, s * (codes - z)
+    return s * (torch.clamp(torch.round(weight / s) + z, 0, 2**bits - 1) - z)
+
+
+def _group_error(diff: torch.Tensor, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
+    error = torch.zeros(diff.shape[0], groups, dtype=torch.float32, device=diff.device)
+    return error.index_add_(1, g_idx, diff.square())
+
+
+def own_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The layer's ``(scales, zeros)`` as ``(out, groups)`` float32, where its layout is readable (2/4/8 bits)."""
+    if layout(module) != PACKED or module.bits not in (2, 4, 8) or getattr(module, "planar", False):
+        return None
+    bits = module.bits
+    word = getattr(module, "pack_dtype_bits", 32)
+    shifts = torch.arange(0, word, bits, dtype=torch.int32, device=module.qzeros.device)
+    codes = (module.qzeros.to(torch.int32).unsqueeze(-1) >> shifts) & (2**bits - 1)
+    zeros = codes.reshape(module.qzeros.shape[0], -1)[:, : module.out_features]
+    return module.scales.detach().float().T.cpu(), zeros.float().T.cpu()
 
 
 def act_order_g_idx(weight: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -220,19 +272,6 @@ def _pack(layer: nn.Module, weight: torch.Tensor, scales, zeros, g_idx, bias) ->
     layer.pack_original(carrier, scales.cpu(), zeros.cpu(), g_idx.to(torch.int32).cpu())
 
 
-def _new_torch_linear(cls, bits, group_size, sym, desc_act, in_features, out_features, bias, **extra):
-    return cls(
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-        desc_act=desc_act,
-        in_features=in_features,
-        out_features=out_features,
-        bias=bias,
-        **extra,
-    )
-
-
 def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
     """A ``TorchLinear`` (pure torch, correct for sym=False, has a backward) holding RTN codes of ``linear``."""
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
@@ -245,9 +284,14 @@ def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
         g_idx = act_order_g_idx(weight, group_size)
     else:
         g_idx = torch.arange(in_features, dtype=torch.int32) // group_size
-    layer = _new_torch_linear(
-        TorchLinear, spec["bits"], spec["group_size"], spec["sym"], spec["desc_act"],
-        in_features, out_features, linear.bias is not None,
+    layer = TorchLinear(
+        bits=spec["bits"],
+        group_size=spec["group_size"],
+        sym=spec["sym"],
+        desc_act=spec["desc_act"],
+        in_features=in_features,
+        out_features=out_features,
+        bias=linear.bias is not None,
     )
     scales, zeros, on_grid = rtn_params(weight, spec["bits"], spec["sym"], g_idx.long(), torch.float16)
     _pack(layer, on_grid, scales, zeros, g_idx, linear.bias)
@@ -274,7 +318,9 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         g_idx = torch.arange(module.in_features, dtype=torch.int32) // module.group_size
     g_idx = g_idx.detach().to(device="cpu", dtype=torch.int32).clone()
     scales = getattr(module, "scales", None)
-    scale_dtype = scales.dtype if isinstance(scales, torch.Tensor) and scales.is_floating_point() else torch.float16
+    scale_dtype = (
+        scales.dtype if isinstance(scales, torch.Tensor) and scales.is_floating_point() else torch.float16
+    )
     if "TorchInt8Linear" in names or is_repacked(module):
         scale_dtype = torch.float16  # the dtype the packed (pre-conversion) scales have
     bits, sym = module.bits, module.sym
@@ -283,22 +329,33 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     extra = {"pack_dtype": getattr(module, "pack_dtype", torch.int32)}
     if getattr(module, "format", None) is not None:
         extra["format"] = module.format
-    scales, zeros, on_grid = rtn_params(weight.detach().float().cpu(), bits, sym, g_idx.long(), scale_dtype)
+    scales, zeros, on_grid = rtn_params(
+        weight.detach().float().cpu(), bits, sym, g_idx.long(), scale_dtype, keep=own_params(module)
+    )
+
+    def build(klass):
+        return klass(
+            bits=bits,
+            group_size=group_size,
+            sym=sym,
+            desc_act=module.desc_act,
+            in_features=module.in_features,
+            out_features=module.out_features,
+            bias=bias is not None,
+            **extra,
+        )
 
     if "TorchInt8Linear" in names:
         # not packable (its pack() raises): pack a TorchLinear, hand its buffers over, convert as at load time
         from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
-        carrier = _new_torch_linear(TorchLinear, bits, group_size, sym, module.desc_act,
-                                    module.in_features, module.out_features, bias is not None, **extra)
+        carrier = build(TorchLinear)
         _pack(carrier, on_grid, scales, zeros, g_idx, bias)
-        new = _new_torch_linear(cls, bits, group_size, sym, module.desc_act,
-                                module.in_features, module.out_features, bias is not None, **extra)
+        new = build(cls)
         for name in ("qweight", "qzeros", "scales", "g_idx"):
             setattr(new, name, getattr(carrier, name))
     else:
-        new = _new_torch_linear(cls, bits, group_size, sym, module.desc_act,
-                                module.in_features, module.out_features, bias is not None, **extra)
+        new = build(cls)
         _pack(new, on_grid, scales, zeros, g_idx, bias)
         new.scales = new.scales.to(scale_dtype)
         if hasattr(module, "qzero_format") and hasattr(new, "qzero_format"):

@@ -6,7 +6,9 @@ Which kernel serves what (gptqmodel 7.6.0):
   fast path it was loaded with (TorchLinear, TorchAtenLinear's int4pack, Marlin,
   ...), except a ``TorchFusedLinear`` with ``sym=False`` on CPU: its CPU repack
   drops the zero points (relative error 0.14 instead of 0.003), so that layer
-  runs dequantize + matmul.
+  runs dequantize + matmul. ``TorchFusedLinear`` repacks for the dtype of its
+  first input and then raises on any other ("expected scalar type Half but
+  found BFloat16"), so it is always called in its own compute dtype.
 - training (the input needs a gradient): dequantize + ``F.linear``. Several
   kernels have no backward: ``TorchFusedLinear``/``TorchAtenLinear`` after
   their first inference forward run ``_fused_op_forward`` under ``no_grad``
@@ -27,8 +29,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
 from quantplug.lora import LoraLayer
+
 from quantplug_gptq import _layers
 
 
@@ -51,6 +53,14 @@ class GptqLoraLayer(LoraLayer):
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() and x.requires_grad) or _layers.zero_point_trap(self.base, x):
             return self._dense_forward(x)
+        if torch.compiler.is_compiling() and _layers.layout(self.base) == _layers.PACKED:
+            # TorchLinear's eval dequantize keys a cache on qzeros.data_ptr(), which dynamo cannot
+            # trace (fullgraph: "Data pointer comparison"); the library's uncached dequantize can
+            return self._dense_forward(x)
+        if _layers.locks_input_dtype(self.base):
+            dtype = _layers.compute_dtype(self.base)
+            if x.dtype != dtype:
+                return self.base(x.to(dtype)).to(x.dtype)
         return self.base(x)
 
     def _dense_weight(self) -> torch.Tensor:

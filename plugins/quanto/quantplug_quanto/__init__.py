@@ -1,21 +1,20 @@
-"""A quantplug backend plugin, made from quantplug's plugin template.
+"""quantplug backend for optimum-quanto: LoRA on ``optimum.quanto.QLinear`` layers.
 
-Every hook of the contract (``quantplug/hookspecs.py``) is implemented here
-as a module-level function; quantplug finds this module through the entry
-point in ``pyproject.toml`` (group ``quantplug.backends``).
+Made from quantplug's plugin template, as a third party would: the
+required hooks filled, the optional ones (check, wrap, kernels) deleted.
 
-Replace each marked block below, markers included, by your code
-(README.md has the steps). Until a block is filled the plugin is harmless:
-it claims no layer, and its hooks raise ``NotImplementedError`` naming the
-block only for its own backend, so the conformance suite (``pytest tests``)
-lists what is left to do.
-
-Keep this module cheap to import: quantplug imports it whenever it loads
-plugins, also for users who never touch your library. Import your library
-inside the hook functions, never at the top of this file.
+``QLinear`` subclasses ``torch.nn.Linear``, so this backend claims a layer
+by quanto's class along its MRO, never by ``nn.Linear``. It handles frozen
+layers (``quantize(model, weights=...)`` then ``freeze(model)``: the weight
+is a ``QTensor``) and unfrozen ones (the weight is float and ``QLinear``
+quantizes it on every forward), with or without activation quantization.
+Importing this module imports neither torch nor optimum-quanto: the work is
+in :mod:`quantplug_quanto.layers`, imported inside the hooks.
 """
 
 from __future__ import annotations
+
+import sys
 
 from quantplug import BackendInfo, Requirement, hookimpl
 
@@ -23,10 +22,8 @@ from quantplug import BackendInfo, Requirement, hookimpl
 # pass to qp.quantize(..., backend), and the entry point's name in pyproject.toml.
 NAME = "quanto"
 
-# >>> TODO(variants): the formats quantplug_quantize can build, the default first
-#     (e.g. ("int8", "int4-g128")). The conformance suite tests each of them.
-VARIANTS = ("default",)
-# <<< TODO(variants)
+# variant -> the optimum.quanto weight qtype quantplug_quantize builds (layers.QTYPES)
+VARIANTS = ("qint8", "qint4", "qint2", "qfloat8")
 
 
 # --------------------------------------------------------------------------
@@ -36,39 +33,26 @@ VARIANTS = ("default",)
 
 @hookimpl
 def quantplug_backend_info():
-    # >>> TODO(info): describe the backend as data. `requires`: your library's distribution
-    #     and the versions you have tested (the core turns it into ok / missing / too old /
-    #     too new / broken, with the pip line). Every capability you set to False, and every
-    #     merge mode you leave out, needs a reason in `limits`. Do not import your library here.
     return BackendInfo(
         name=NAME,
-        requires=(Requirement("TODO-library", ">=1.0,<2", module="TODO_library"),),
+        # Only 0.2.7 is tested (the latest release). The plugin relies on
+        # QModuleMixin's weight_qtype / weight_group_size / optimizer attributes
+        # and QTensor.dequantize(); 0.3 may reshape them.
+        requires=(Requirement("optimum-quanto", ">=0.2.7,<0.3", module="optimum.quanto"),),
         devices=("cpu",),
         merge_modes=("requantize", "dense"),
         variants=VARIANTS,
         dora=True,
         mixed_batch=True,
-        compile_safe=False,
+        compile_safe=True,
         shardable=False,
         limits={
-            "compile_safe": "not tested under torch.compile yet",
-            "shardable": "not tested under FSDP2 yet",
+            "shardable": (
+                "quanto's QTensor weights implement no FSDP2 all-gather extension "
+                "(fsdp_pre_all_gather), optimum-quanto 0.2.7"
+            ),
         },
     )
-    # <<< TODO(info)
-
-
-@hookimpl
-def quantplug_check_backend(info):
-    """Optional: refine the status the core computed from ``requires``; never raise."""
-    if info.name != NAME:
-        return None
-    # >>> TODO(check): optional. Return a quantplug.BackendStatus (Status.BROKEN with a reason
-    #     and a fix) when something metadata cannot tell is wrong: a compiled extension that
-    #     fails to load, say. Catch every exception. Return None to keep the core's status,
-    #     or delete this hookimpl.
-    return None
-    # <<< TODO(check)
 
 
 # --------------------------------------------------------------------------
@@ -76,37 +60,28 @@ def quantplug_check_backend(info):
 # --------------------------------------------------------------------------
 
 
+def is_quanto_linear(module) -> bool:
+    """Whether ``module`` is an ``optimum.quanto`` ``QLinear`` (or a subclass), without importing quanto."""
+    if "optimum.quanto" not in sys.modules:
+        return False  # no quanto layer can exist before quanto is imported
+    return any(
+        cls.__name__ == "QLinear" and cls.__module__.startswith("optimum.quanto.")
+        for cls in type(module).__mro__
+    )
+
+
 @hookimpl
 def quantplug_detect_layer(module, model):
-    # >>> TODO(detect): return NAME when `module` is one of your library's quantized layers,
-    #     else None. Called for every module users target, with every backend installed:
-    #     keep it cheap, import nothing (`import sys`; if "yourlib" is not in sys.modules,
-    #     the module cannot be one of yours), compare class names along type(module).__mro__, and never claim a plain
-    #     torch.nn.Linear, nor a subclass of it that is not your library's quantized layer.
-    return None
-    # <<< TODO(detect)
+    return NAME if is_quanto_linear(module) else None
 
 
 @hookimpl
 def quantplug_compute_dtype(module, backend):
     if backend != NAME:
         return None
-    # >>> TODO(compute-dtype): the floating dtype your layer computes in (adapters are kept in
-    #     it), or None to let the core take the dtype of the layer's first floating tensor.
-    return None
-    # <<< TODO(compute-dtype)
-
-
-@hookimpl
-def quantplug_wrap_layer(module, config, backend):
-    """Optional: return a quantplug.LoraLayer subclass; None gives the core's LoraLayer."""
-    if backend != NAME:
-        return None
-    # >>> TODO(wrap): optional. Return e.g. MyLoraLayer(module, NAME), a subclass of
-    #     quantplug.LoraLayer overriding base_forward (a kernel with a backward pass while
-    #     training, say). Return None for the core's LoraLayer, or delete this hookimpl.
-    return None
-    # <<< TODO(wrap)
+    # a frozen QTensor reports the float dtype it was quantized from, which
+    # QLinear's forward returns; an unfrozen weight is that float tensor itself
+    return module.weight.dtype
 
 
 # --------------------------------------------------------------------------
@@ -118,27 +93,18 @@ def quantplug_wrap_layer(module, config, backend):
 def quantplug_dequantize(module, backend):
     if backend != NAME:
         return None
-    # >>> TODO(dequantize): return a NEW (out_features, in_features) tensor in the compute
-    #     dtype, on the layer's device, computed exactly as your library dequantizes, so that
-    #     module(x) == x @ W.T + module.bias up to your library's own rounding. Leave the
-    #     layer unchanged, and make it work after the layer ran a forward (libraries repack
-    #     their storage in place on the first call).
-    raise NotImplementedError(f"TODO(dequantize) in {__name__}")
-    # <<< TODO(dequantize)
+    from quantplug_quanto import layers
+
+    return layers.dequantize(module)
 
 
 @hookimpl
 def quantplug_requantize(module, weight, backend):
     if backend != NAME:
         return None
-    # >>> TODO(requantize): return a NEW layer of the same class and format as `module`
-    #     (its bits, group size, symmetry, grid...) holding `weight`, the merged dense weight,
-    #     with a copy of module's bias, on module's device. Quantize `weight`: returning a
-    #     copy of module's storage drops the adapter. Leave `module` unchanged: qp.unmerge
-    #     puts it back. If your format cannot be rebuilt, drop "requantize" from merge_modes
-    #     with a reason in limits and raise here.
-    raise NotImplementedError(f"TODO(requantize) in {__name__}")
-    # <<< TODO(requantize)
+    from quantplug_quanto import layers
+
+    return layers.requantize(module, weight)
 
 
 @hookimpl
@@ -148,30 +114,6 @@ def quantplug_quantize(linear, backend, variant):
     variant = variant or VARIANTS[0]
     if variant not in VARIANTS:
         raise ValueError(f"unknown {NAME} variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
-    # >>> TODO(quantize): build a NEW quantized layer of your library from the plain nn.Linear
-    #     `linear` (weight, optional bias) in format `variant`, without calibration data
-    #     (round-to-nearest), on linear's device, with your library's own API. Leave `linear`
-    #     unchanged. The conformance suite builds every layer it tests through this hook.
-    raise NotImplementedError(f"TODO(quantize) in {__name__}")
-    # <<< TODO(quantize)
+    from quantplug_quanto import layers
 
-
-# --------------------------------------------------------------------------
-# Kernels (called once when plugins load)
-# --------------------------------------------------------------------------
-
-
-@hookimpl
-def quantplug_register_kernels(register):
-    """Optional: faster kernels for the core's ops; every op already has a reference."""
-    # >>> TODO(kernels): optional. For each fast kernel call
-    #     register.kernel("lora_add", fn, name=f"{NAME}-fused", backend=NAME, device="cuda",
-    #                     dtypes=(torch.bfloat16,), priority=10)
-    #     importing GPU-only code (Triton) inside fn. Delete this hookimpl if you have none.
-    return None
-    # <<< TODO(kernels)
-
-
-# >>> TODO(helpers): optional. Helper functions or your layer code go here, or in modules of
-#     this package imported inside the hooks above (keep this module's import cheap).
-# <<< TODO(helpers)
+    return layers.quantize(linear, variant)

@@ -5,7 +5,6 @@ A failure names the broken contract ("contract quantplug_dequantize: ...") and t
 """
 
 from quantplug.testing import BackendConformance
-
 from quantplug_quanto import NAME
 
 
@@ -17,5 +16,4 @@ class TestConformance(BackendConformance):
     in_features = 256
 
 
-# Add tests/test_<name>.py for what the suite cannot know: your library's own traps (in-place
-# repacking on the first forward, caches, formats quantplug_quantize does not build).
+# quanto's own traps, which the suite cannot know, are in test_quanto.py.

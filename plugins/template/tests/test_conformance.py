@@ -5,7 +5,6 @@ A failure names the broken contract ("contract quantplug_dequantize: ...") and t
 """
 
 from quantplug.testing import BackendConformance
-
 from quantplug_template import NAME
 
 

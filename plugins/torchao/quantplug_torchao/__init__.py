@@ -49,8 +49,9 @@ def quantplug_backend_info():
         shardable=False,
         limits={
             "shardable": (
-                "only NF4Tensor implements FSDP2's all-gather extension; Int8Tensor, "
-                "IntxUnpackedToInt8Tensor and Float8Tensor fail inside fully_shard (torchao 0.18)"
+                "only the nf4 variant (NF4Tensor, FSDP2's all-gather extension) shards; fully_shard "
+                "fails on Int8Tensor and IntxUnpackedToInt8Tensor (no aten.split) and Float8Tensor "
+                "(no aten.new_zeros) in torchao 0.18"
             ),
         },
     )

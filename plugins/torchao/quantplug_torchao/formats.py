@@ -86,7 +86,7 @@ def dequantize_by_forward(module: nn.Module) -> torch.Tensor:
     their own ``dequantize()`` instead.
     """
     weight = _weight(module)
-    out_features, in_features = weight.shape
+    in_features = weight.shape[1]
     chunks = []
     with torch.no_grad():
         packed_bias = _packed_bias(weight)
@@ -121,7 +121,9 @@ def _granularity(block_size, shape):
     if block == shape:
         return PerTensor()
     if any(b != 1 for b in block[:-1]):
-        raise NotImplementedError(f"block size {block} for shape {shape} is not a per-row or per-group layout")
+        raise NotImplementedError(
+            f"block size {block} for shape {shape} is not a per-row or per-group layout"
+        )
     return PerRow() if block[-1] == shape[-1] else PerGroup(block[-1])
 
 
@@ -184,13 +186,18 @@ def recover_config(weight: torch.Tensor):
         )
     if kind == "IntxUnpackedToInt8Tensor":
         if weight.zero_point.dtype != torch.int8:
-            raise NotImplementedError("IntxUnpackedToInt8Tensor with float zero points comes from custom qparams")
+            raise NotImplementedError(
+                "IntxUnpackedToInt8Tensor with float zero points comes from custom qparams"
+            )
         granularity = _intx_granularity(weight.block_size, weight.shape)
         mapping = MappingType.ASYMMETRIC if _any_nonzero(weight.zero_point) else MappingType.SYMMETRIC
         scale_dtype = weight.scale.dtype if weight.scale.dtype != weight.dtype else None
         if weight.activation_quantization is None:
             return q.IntxWeightOnlyConfig(
-                weight_dtype=weight.target_dtype, granularity=granularity, mapping_type=mapping, scale_dtype=scale_dtype
+                weight_dtype=weight.target_dtype,
+                granularity=granularity,
+                mapping_type=mapping,
+                scale_dtype=scale_dtype,
             )
         return q.Int8DynamicActivationIntxWeightConfig(
             weight_dtype=weight.target_dtype,
@@ -202,7 +209,9 @@ def recover_config(weight: torch.Tensor):
         return q.Int8DynamicActivationIntxWeightConfig(
             weight_dtype=getattr(torch, f"int{weight.bit_width}"),
             weight_granularity=_intx_granularity(weight.block_size, weight.shape),
-            weight_mapping_type=MappingType.ASYMMETRIC if weight.packed_weights_has_zeros else MappingType.SYMMETRIC,
+            weight_mapping_type=MappingType.ASYMMETRIC
+            if weight.packed_weights_has_zeros
+            else MappingType.SYMMETRIC,
             intx_packing_format=weight.intx_packing_format,
         )
     if kind == "Float8Tensor":
@@ -232,7 +241,9 @@ def recover_config(weight: torch.Tensor):
         if kind == "Int4PreshuffledTensor" and weight.row_scale is not None:
             return q.Float8DynamicActivationInt4WeightConfig()
         if getattr(weight, "act_pre_scale", None) is not None:
-            raise NotImplementedError(f"{kind} with an activation pre-scale (AWQ) has no config to rebuild it")
+            raise NotImplementedError(
+                f"{kind} with an activation pre-scale (AWQ) has no config to rebuild it"
+            )
         from torchao.quantization.quantize_.workflows.int4.int4_packing_format import Int4PackingFormat
 
         return q.Int4WeightOnlyConfig(
@@ -287,7 +298,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     if config is not None:
         new = _new_linear(module, dense, bias)
         quantize_(new, config, filter_fn=lambda m, _fqn: m is new)
-        return new
+        return _closer(new, _on_old_grid(module, old, dense, bias), dense)
     if kind == "NF4Tensor":
         from torchao.quantization import to_nf4
 
@@ -299,30 +310,77 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     raise NotImplementedError(f"no way to rebuild {kind}")
 
 
-def _requantize_int8_directly(module, old, dense, bias):
-    """``Int8Tensor.from_hp`` for what no config expresses: an AWQ/SmoothQuant pre-scale, asymmetric weights.
+def _on_old_grid(module, old, dense, bias):
+    """The same format quantized with the layer's own scales and zero points, where torchao allows it.
 
-    The forward computes ``(x * pre_scale) @ Wq.T``, so the stored weight is
-    the effective weight divided by the pre-scale, column by column.
+    Symmetric intx/int8 quantization is not idempotent: the scale is
+    ``absmax / ((qmax - qmin) / 2)`` (7.5 for int4) while the codes reach -8,
+    so quantizing a dequantized weight again picks a new scale and re-rounds
+    every element. For int4 that adds a full rounding error (6.7% of ``W``)
+    even for a zero adapter; on the old grid a small adapter rounds back to
+    the old codes instead. :func:`requantize` keeps whichever is closer.
     """
+    kind = type(old).__name__
+    if kind == "IntxUnpackedToInt8Tensor":
+        from torchao.quantization import IntxUnpackedToInt8Tensor
+
+        weight = IntxUnpackedToInt8Tensor.from_hp(
+            dense,
+            old.block_size,
+            old.target_dtype,
+            activation_quantization=old.activation_quantization,
+            intx_choose_qparams_algorithm=None,
+            custom_scale=old.scale,
+            custom_zero_point=old.zero_point,
+        )
+    elif kind == "Int8Tensor":
+        weight = _int8_from_hp(old, dense, scale=old.scale, zero_point=old.zero_point)
+    else:
+        return None
+    new = _new_linear(module, dense, bias)
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    return new
+
+
+def _closer(fresh, kept, target):
+    """``fresh`` (the config's own qparams) unless ``kept`` (the old grid) is strictly closer to ``target``."""
+    if kept is None:
+        return fresh
+    target = target.float()
+    errors = [torch.linalg.vector_norm(dequantize(layer).float() - target).item() for layer in (fresh, kept)]
+    return kept if errors[1] < errors[0] else fresh
+
+
+def _int8_from_hp(old, dense, scale=None, zero_point=None):
+    """``Int8Tensor.from_hp`` with every setting of ``old``; the pre-scale is divided out of ``dense``."""
     from torchao.quantization import Int8Tensor
     from torchao.quantization.quant_primitives import MappingType
 
     pre_scale = old.act_pre_scale
     stored = dense if pre_scale is None else (dense.float() / pre_scale.float().reshape(1, -1)).to(old.dtype)
-    new_weight = Int8Tensor.from_hp(
+    return Int8Tensor.from_hp(
         stored,
         granularity=_granularity(old.block_size, old.shape),
         mapping_type=MappingType.ASYMMETRIC if _any_nonzero(old.zero_point) else MappingType.SYMMETRIC,
+        scale=scale,
+        zero_point=zero_point,
         act_quant_kwargs=old.act_quant_kwargs,
         act_quant_scale=old.act_quant_scale,
         act_quant_zero_point=old.act_quant_zero_point,
         act_pre_scale=pre_scale,
         reduce_range=old.reduce_range,
     )
+
+
+def _requantize_int8_directly(module, old, dense, bias):
+    """Int8 formats no config expresses: an AWQ/SmoothQuant pre-scale, asymmetric weights.
+
+    The forward computes ``(x * pre_scale) @ Wq.T``, so the stored weight is
+    the effective weight divided by the pre-scale, column by column.
+    """
     new = _new_linear(module, dense, bias)
-    new.weight = nn.Parameter(new_weight, requires_grad=False)
-    return new
+    new.weight = nn.Parameter(_int8_from_hp(old, dense), requires_grad=False)
+    return _closer(new, _on_old_grid(module, old, dense, bias), dense)
 
 
 def variant_config(variant: str):

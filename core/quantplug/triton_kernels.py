@@ -1,0 +1,339 @@
+"""Triton kernels for the LoRA ops on CUDA, in bf16 and fp16.
+
+Registered by :mod:`quantplug.builtin` for device ``"cuda"`` only when a
+CUDA device and Triton are both importable; nothing here is imported
+otherwise. Each function has exactly the signature of its op in
+:mod:`quantplug.kernels`, and falls back to the reference for any call it
+was not written for (autograd, mixed dtypes, CPU tensors), so registering
+it never changes a result beyond rounding.
+
+``lora_add``
+    Up to :data:`FUSED_MAX_TOKENS` tokens (decode, small batches): one
+    launch. Each program computes the rank-``r`` shrink ``x @ A.T`` for its
+    rows in float32 over the whole input dimension (A is ``r x in``: 128 KB
+    at r=16, in=4096, read from L2 by every program), rounds it to the
+    compute dtype as the reference does, expands it against its block of
+    ``B`` and adds it to its block of ``y`` in one store. The base output
+    makes one round trip; the reference path makes four launches and three
+    temporaries of ``y``'s size. Above that many tokens the work is two
+    real matrix products, which cuBLAS does best: ``x @ A.T`` then
+    ``addmm(y, ., B.T, alpha=scale)`` (two launches, one pass over ``y``).
+
+``lora_mixed_add``
+    BGMV-style (Punica's batched gather matrix-vector product): all rows,
+    all adapters, two launches (shrink into a float32 workspace of
+    ``tokens x r``, then expand-and-add), whatever the number of adapters.
+    The adapters are stacked into ``(n, r, in)`` / ``(n, out, r)`` tensors;
+    the stacks are cached per adapter set and rebuilt when any adapter
+    tensor is modified in place (its ``_version`` moves, as an optimizer
+    step does) or replaced.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
+
+DTYPES = (torch.bfloat16, torch.float16)
+# At and below this many tokens the fused kernel beats cuBLAS' two products
+# (decode and small batches); above it the shrink is a real matrix product.
+FUSED_MAX_TOKENS = 64
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _fast_ok(y, x, tensors) -> bool:
+    dtype = y.dtype
+    return (
+        y.is_cuda
+        and dtype in DTYPES
+        and x.dtype == dtype
+        and all(t.dtype == dtype and t.is_cuda for t in tensors)
+        and not _needs_grad(y, x, *tensors)
+    )
+
+
+# --------------------------------------------------------------------------
+# lora_add: fused shrink + expand + add
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _lora_fused_kernel(
+    y_ptr, x_ptr, a_ptr, b_ptr, out_ptr,
+    M, N, K, R, scale,
+    stride_ym, stride_xm, stride_ar, stride_bn, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, BLOCK_K)
+    m_mask = rm < M
+    r_mask = rr < R
+    # shrink: (BLOCK_M, K) @ (K, R) in float32
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        k_mask = kk < K
+        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        acc = tl.dot(xt, at, acc)
+    # the reference rounds x @ A.T to the compute dtype before the expand
+    t = acc.to(out_ptr.dtype.element_ty)
+    # expand and add into this program's block of outputs
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    delta = tl.dot(t, bt) * scale
+    mn_mask = m_mask[:, None] & n_mask[None, :]
+    yt = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mn_mask, other=0.0)
+    out = yt.to(tl.float32) + delta.to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mn_mask)
+
+
+def _pow2_at_least(n: int, floor: int) -> int:
+    return max(floor, triton.next_power_of_2(n))
+
+
+def fused_config(M: int, N: int, K: int) -> dict:
+    """Block sizes for the fused kernel (picked on an H100 by ``scripts/tune_triton.py``)."""
+    return dict(FUSED_CONFIG)
+
+
+# BLOCK_N outputs per program; BLOCK_K of the input dimension per step of the shrink
+FUSED_CONFIG = {"BLOCK_N": 64, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}
+
+
+def _launch_fused(kernel, y, x, A, B, scale, config=None):
+    K = x.shape[-1]
+    N = y.shape[-1]
+    R = A.shape[0]
+    x2 = x.reshape(-1, K).contiguous()
+    y2 = y.reshape(-1, N).contiguous()
+    A = A.contiguous()
+    B = B.contiguous()
+    M = x2.shape[0]
+    out = torch.empty((M, N), device=y.device, dtype=y.dtype)
+    config = config or fused_config(M, N, K)
+    grid = (triton.cdiv(M, 16), triton.cdiv(N, config["BLOCK_N"]))
+    kernel[grid](
+        y2, x2, A, B, out,
+        M, N, K, R, scale,
+        y2.stride(0), x2.stride(0), A.stride(0), B.stride(0), out.stride(0),
+        BLOCK_M=16, BLOCK_R=_pow2_at_least(R, 16), **config,
+    )  # fmt: skip
+    return out.view(y.shape)
+
+
+def lora_add_fused(y, x, A, B, scale, config=None):
+    """One launch: ``y + scale * (x @ A.T) @ B.T`` for few tokens (any count works)."""
+    return _launch_fused(_lora_fused_kernel, y, x, A, B, float(scale), config)
+
+
+def lora_add_cublas(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """Two cuBLAS products, the second accumulating into ``y`` (many tokens)."""
+    K = x.shape[-1]
+    N = y.shape[-1]
+    shrunk = x.reshape(-1, K) @ A.T
+    return torch.addmm(y.reshape(-1, N), shrunk, B.T, alpha=scale).view(y.shape)
+
+
+def lora_add(y, x, A, B, scale):
+    """The registered ``lora_add`` for CUDA: fused up to :data:`FUSED_MAX_TOKENS` tokens, cuBLAS above."""
+    if not _fast_ok(y, x, (A, B)):
+        return lora_add_reference(y, x, A, B, scale)
+    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if tokens <= FUSED_MAX_TOKENS:
+        if _compiling():  # the custom op, which inductor sees into; eagerly it would cost ~70 us of dispatch
+            return _lora_add_fused_op(y, x, A, B, float(scale))
+        return lora_add_fused(y, x, A, B, scale)
+    return lora_add_cublas(y, x, A, B, scale)
+
+
+# --------------------------------------------------------------------------
+# lora_mixed_add: BGMV shrink / expand over stacked adapters
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _bgmv_shrink_kernel(
+    x_ptr, a_ptr, idx_ptr, ws_ptr,
+    K, R, SEQ,
+    stride_xm, stride_an, stride_ar,
+    BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    adapter = tl.load(idx_ptr + t // SEQ)
+    rr = tl.arange(0, BLOCK_R)
+    r_mask = rr < R
+    acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
+    if adapter >= 0:
+        rk = tl.arange(0, BLOCK_K)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            k_mask = kk < K
+            xv = tl.load(x_ptr + t * stride_xm + kk, mask=k_mask, other=0.0).to(tl.float32)
+            at = tl.load(
+                a_ptr + adapter * stride_an + rr[:, None] * stride_ar + kk[None, :],
+                mask=r_mask[:, None] & k_mask[None, :],
+                other=0.0,
+            )
+            acc += at.to(tl.float32) * xv[None, :]
+    tl.store(ws_ptr + t * BLOCK_R + rr, tl.sum(acc, axis=1))
+
+
+@triton.jit
+def _bgmv_expand_kernel(
+    y_ptr, ws_ptr, b_ptr, idx_ptr, scale_ptr, out_ptr,
+    N, R, SEQ,
+    stride_ym, stride_bn_adapter, stride_bn, stride_om,
+    BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < N
+    adapter = tl.load(idx_ptr + t // SEQ)
+    yv = tl.load(y_ptr + t * stride_ym + rn, mask=n_mask, other=0.0)
+    if adapter >= 0:
+        rr = tl.arange(0, BLOCK_R)
+        r_mask = rr < R
+        # the reference rounds x @ A.T to the compute dtype before the expand
+        s = tl.load(ws_ptr + t * BLOCK_R + rr).to(y_ptr.dtype.element_ty).to(tl.float32)
+        bt = tl.load(
+            b_ptr + adapter * stride_bn_adapter + rn[:, None] * stride_bn + rr[None, :],
+            mask=n_mask[:, None] & r_mask[None, :],
+            other=0.0,
+        )
+        delta = tl.sum(bt.to(tl.float32) * s[None, :], axis=1) * tl.load(scale_ptr + adapter)
+        yv = (yv.to(tl.float32) + delta.to(y_ptr.dtype.element_ty).to(tl.float32)).to(y_ptr.dtype.element_ty)
+    tl.store(out_ptr + t * stride_om + rn, yv, mask=n_mask)
+
+
+class _StackCache:
+    """Stacked adapter tensors per adapter set, rebuilt when any adapter changes.
+
+    Keyed by the tensors' ids; an entry is valid while every tensor is
+    still alive (weak references), is the same object, has the same storage
+    and the same in-place version counter.
+    """
+
+    def __init__(self, size: int = 32) -> None:
+        self.size = size
+        self.entries: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def _stamp(tensors) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in tensors)
+
+    def get(self, As, Bs, scales, device):
+        tensors = (*As, *Bs)
+        key = (*(id(t) for t in tensors), *scales)
+        entry = self.entries.get(key)
+        if entry is not None:
+            refs, stamp, stacked = entry
+            if all(r() is t for r, t in zip(refs, tensors)) and stamp == self._stamp(tensors):
+                return stacked
+        stacked = (
+            torch.stack([a.detach() for a in As]).contiguous(),
+            torch.stack([b.detach() for b in Bs]).contiguous(),
+            torch.tensor(list(scales), dtype=torch.float32, device=device),
+        )
+        if len(self.entries) >= self.size:
+            self.entries.pop(next(iter(self.entries)))
+        self.entries[key] = ([weakref.ref(t) for t in tensors], self._stamp(tensors), stacked)
+        return stacked
+
+
+_stacks = _StackCache()
+
+
+BGMV_CONFIG = {"SHRINK_BLOCK_K": 256, "shrink_warps": 4, "EXPAND_BLOCK_N": 128, "expand_warps": 4}
+
+
+def lora_mixed_add_bgmv(y, x, A_stack, B_stack, scales, rows, config=None):
+    """Two launches for any number of adapters: ``A_stack`` ``(n, r, in)``, ``B_stack`` ``(n, out, r)``,
+    ``scales`` a float32 tensor ``(n,)``, ``rows`` one adapter index (or -1) per leading row."""
+    K = x.shape[-1]
+    N = y.shape[-1]
+    R = A_stack.shape[1]
+    x2 = x.reshape(-1, K).contiguous()
+    y2 = y.reshape(-1, N).contiguous()
+    T = x2.shape[0]
+    out = torch.empty((T, N), device=y.device, dtype=y.dtype)
+    if T == 0:
+        return out.view(y.shape)
+    seq = T // rows.shape[0]
+    BLOCK_R = _pow2_at_least(R, 16)
+    ws = torch.empty((T, BLOCK_R), device=y.device, dtype=torch.float32)
+    idx = rows.to(device=y.device, dtype=torch.int32)
+    config = {**BGMV_CONFIG, **(config or {})}
+    _bgmv_shrink_kernel[(T,)](
+        x2, A_stack, idx, ws, K, R, seq, x2.stride(0), A_stack.stride(0), A_stack.stride(1),
+        BLOCK_K=config["SHRINK_BLOCK_K"], BLOCK_R=BLOCK_R, num_warps=config["shrink_warps"],
+    )  # fmt: skip
+    BLOCK_N = config["EXPAND_BLOCK_N"]
+    _bgmv_expand_kernel[(T, triton.cdiv(N, BLOCK_N))](
+        y2, ws, B_stack, idx, scales, out, N, R, seq, y2.stride(0), B_stack.stride(0), B_stack.stride(1),
+        out.stride(0), BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=config["expand_warps"],
+    )  # fmt: skip
+    return out.view(y.shape)
+
+
+def lora_mixed_add(y, x, As, Bs, scales, rows):
+    """The registered ``lora_mixed_add`` for CUDA: BGMV over the cached adapter stacks."""
+    if (
+        not As
+        or not _fast_ok(y, x, (*As, *Bs))
+        or len({tuple(a.shape) for a in As}) != 1
+        or len({tuple(b.shape) for b in Bs}) != 1
+        or rows.dim() != 1
+        or rows.shape[0] == 0
+        or (x.numel() // max(x.shape[-1], 1)) % rows.shape[0]
+    ):
+        return lora_mixed_add_reference(y, x, As, Bs, scales, rows)
+    A_stack, B_stack, scale_t = _stacks.get(As, Bs, [float(s) for s in scales], y.device)
+    return lora_mixed_add_bgmv(y, x, A_stack, B_stack, scale_t, rows)
+
+
+# --------------------------------------------------------------------------
+# torch.compile: the fused kernel as a custom op inductor can see into
+# --------------------------------------------------------------------------
+
+
+def _make_fused_op():
+    triton_op = getattr(torch.library, "triton_op", None)
+    wrap_triton = getattr(torch.library, "wrap_triton", None)
+    if triton_op is None or wrap_triton is None:  # torch < 2.6: plain call, dynamo traces the launch itself
+        return lora_add_fused
+
+    @triton_op("quantplug::lora_add_fused", mutates_args=())
+    def op(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+        return _launch_fused(wrap_triton(_lora_fused_kernel), y, x, A, B, scale)
+
+    return op
+
+
+try:
+    _lora_add_fused_op = _make_fused_op()
+except Exception:  # a torch whose custom-op API differs: the plain launch still works eagerly
+    _lora_add_fused_op = lora_add_fused
+
+
+def register(register) -> None:
+    """Register the kernels above (``register`` is a :class:`quantplug.kernels.KernelRegister`)."""
+    register.kernel("lora_add", lora_add, name="triton-fused", device="cuda", dtypes=DTYPES, priority=10)
+    register.kernel("lora_mixed_add", lora_mixed_add, name="triton-bgmv", device="cuda", dtypes=DTYPES, priority=10)

@@ -1,0 +1,101 @@
+"""quantplug backend for AWQ layers: gptqmodel's (``AwqTorchLinear``, ``TorchAtenAwqLinear``, ...) and AutoAWQ's.
+
+Importing this module imports neither torch nor gptqmodel (gptqmodel takes
+about 8 s to import); the hooks import them when the core calls them on a
+layer this plugin claimed. Layers are recognised by class names along their
+MRO, so detection imports nothing.
+"""
+
+from __future__ import annotations
+
+from quantplug import BackendInfo, Requirement, hookimpl
+
+NAME = "awq"
+
+# 7.0.0 renamed the kernel this plugin builds (AwqTorchQuantLinear -> AwqTorchLinear); its pack() and
+# dequantize_gemm read the same from v7.0.0 (4-bit only) to 7.6.0 (2-8 bits). 7.7.0 requires
+# torch >= 2.14.1 and is untested here; tested: 7.6.0.
+REQUIREMENT = Requirement("gptqmodel", ">=7.0,<7.7", module="gptqmodel")
+
+
+@hookimpl
+def quantplug_backend_info():
+    from quantplug_awq._detect import VARIANTS
+
+    return BackendInfo(
+        name=NAME,
+        requires=(REQUIREMENT,),
+        devices=("cpu", "cuda"),
+        merge_modes=("requantize", "dense"),
+        variants=VARIANTS,
+        dora=True,
+        mixed_batch=True,
+        compile_safe=True,
+        shardable=False,
+        limits={
+            "shardable": "AWQ weights are packed int32 buffers (qweight/qzeros/scales), which FSDP2 does not shard",
+            "requantize": (
+                "requantize builds the GEMM-layout kernels (AwqTorchLinear, TorchFusedAwqLinear, TorchAtenAwqLinear, "
+                "AwqGEMMLinear, AutoAWQ's WQLinear_GEMM) and TorchInt8AwqLinear; GEMV/Marlin/ExLlama AWQ kernels "
+                "raise NotImplementedError: merge them with mode='dense'"
+            ),
+            "calibration": "quantplug_quantize is AWQ's quantizer without activation scales (no calibration data)",
+            "cuda": "CUDA kernels are read through their own forward on an identity matrix; tested on CPU only",
+            "training": (
+                "the input's gradient goes through dequantize + F.linear; inference uses the layer's own kernel in "
+                "its own dtype"
+            ),
+        },
+    )
+
+
+@hookimpl
+def quantplug_detect_layer(module):
+    from quantplug_awq._detect import is_awq_layer
+
+    return NAME if is_awq_layer(module) else None
+
+
+@hookimpl
+def quantplug_compute_dtype(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_awq import _layers
+
+    return _layers.compute_dtype(module)
+
+
+@hookimpl
+def quantplug_wrap_layer(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_awq.lora import AwqLoraLayer
+
+    return AwqLoraLayer(module, NAME)
+
+
+@hookimpl
+def quantplug_dequantize(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_awq import _layers
+
+    return _layers.dequantize(module)
+
+
+@hookimpl
+def quantplug_requantize(module, weight, backend):
+    if backend != NAME:
+        return None
+    from quantplug_awq import _layers
+
+    return _layers.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_quantize(linear, backend, variant):
+    if backend != NAME:
+        return None
+    from quantplug_awq import _layers
+
+    return _layers.quantize(linear, variant)

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Run quantplug's GPU tests and `quantplug bench` on a CUDA machine; results under $OUT.
+#
+#   OUT=/tmp/out scripts/gpu_run.sh [env] [tests] [bench] [model]    (default: all four)
+#
+# Wheels the machine lacks (bitsandbytes, hqq, peft, torchao, ...) may be
+# carried unpacked in .gpu/site (pip install --target .gpu/site ...): it is put
+# first on PYTHONPATH. quantplug and the plugins are installed editable,
+# without dependencies and without an index.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+STAGES=${*:-env tests bench model}
+BENCH_ARGS=${BENCH_ARGS:-}
+MODEL_ARGS=${MODEL_ARGS:-}
+
+if [ -d .gpu/site ]; then export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"; fi
+$PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    $(for p in bnb hqq torchao; do [ -f plugins/$p/pyproject.toml ] && echo -e plugins/$p; done) \
+    >"$OUT/install.log" 2>&1 || { echo "install failed:"; tail -20 "$OUT/install.log"; }
+
+qp() { $PY -c 'import sys; from quantplug.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+
+for stage in $STAGES; do
+  case $stage in
+    tune)
+      timeout ${TUNE_TIMEOUT:-300} $PY scripts/tune_triton.py "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^skip" | tail -30 ;;
+    env)
+      { nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+        $PY - <<'PY'
+import importlib, torch
+print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))
+src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+dst = torch.empty_like(src)
+for _ in range(3):
+    dst.copy_(src)
+start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+start.record()
+for _ in range(10):
+    dst.copy_(src)
+end.record()
+torch.cuda.synchronize()
+print(f"copy bandwidth (read+write) {2 * src.numel() * 10 / start.elapsed_time(end) / 1e6:.0f} GB/s")
+del src, dst
+for name in ("triton", "bitsandbytes", "peft", "hqq", "torchao", "transformers", "accelerate", "matplotlib"):
+    try:
+        print(name, importlib.import_module(name).__version__)
+    except Exception as exc:
+        print(name, "FAILED", type(exc).__name__, str(exc)[:200])
+PY
+        qp doctor; } 2>&1 | tee "$OUT/env.txt" ;;
+    tests)
+      timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests/gpu -q --no-header -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+    bench)
+      timeout ${BENCH_TIMEOUT:-420} $PY -c "import sys; from quantplug.cli import main; sys.exit(main(sys.argv[1:]))" bench --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+    model)
+      timeout ${MODEL_TIMEOUT:-400} $PY -c "import sys; from quantplug.cli import main; sys.exit(main(sys.argv[1:]))" bench --model --no-layers --out "$OUT/model.json" $MODEL_ARGS 2>&1 | tee "$OUT/model.log" | tail -30 ;;
+  esac
+done

@@ -1,0 +1,51 @@
+"""`quantplug bench` on CPU: a quick run writes valid JSON rows, a chart, and renders to Markdown."""
+
+import json
+
+import pytest
+
+from quantplug import bench
+from quantplug.cli import main
+
+
+@pytest.mark.slow
+def test_bench_quick_cpu_writes_rows_with_the_required_keys(tmp_path):
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--device", "cpu", "--backends", "linear", "--tokens", "1,16", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and rows
+    for row in rows:
+        missing = [key for key in bench.REQUIRED_KEYS if key not in row]
+        assert not missing, (missing, row)
+        assert row["library"] in ("quantplug", "peft")
+        assert row["env"]["device"] == "cpu"
+    timed = [r for r in rows if r["wrapped_us"] is not None]
+    assert all(r["bare_us"] > 0 and r["wrapped_us"] > 0 for r in timed)
+    assert {r["tokens"] for r in rows} == {1, 16}
+    assert any(r["library"] == "quantplug" and r.get("kernels") == "reference" for r in rows)
+    assert any("mixed_over_single" in r for r in rows)
+    assert all("merged_us" in r for r in rows if r["library"] == "quantplug" and "adapters" not in r)
+    pytest.importorskip("matplotlib")
+    assert out.with_suffix(".png").stat().st_size > 1000
+
+
+def test_render_keeps_hand_written_text_and_states_every_target(tmp_path):
+    env = {"date": "2026-11-25 00:00 UTC", "gpu": "Test GPU", "versions": {"torch": "2.x"}, "command": "quantplug bench"}
+    rows = [
+        {"backend": "bnb", "shape": "4096x4096", "tokens": 1, "library": "quantplug", "kernel": "triton-fused",
+         "kernels": "fast", "bare_us": 10.0, "wrapped_us": 10.5, "wrapped_over_bare": 1.05,
+         "graph_wrapped_over_bare": 1.2, "env": env},
+        {"backend": "bnb", "shape": "4096x4096", "tokens": 1, "library": "peft", "kernel": "peft:x", "bare_us": 10.0,
+         "wrapped_us": 30.0, "wrapped_over_bare": 3.0, "env": env},
+    ]  # fmt: skip
+    src = tmp_path / "performance.json"
+    src.write_text(json.dumps(rows))
+    md = tmp_path / "performance.md"
+    md.write_text(f"# Performance\n\nnotes before\n\n{bench.GENERATED_START}\nold\n{bench.GENERATED_END}\n\nnotes after\n")
+    assert main(["bench", "--render", str(src)]) == 0
+    text = md.read_text()
+    assert "notes before" in text and "notes after" in text and "\nold\n" not in text
+    assert "Test GPU" in text and "**met** (1.05 vs 1.1)" in text
+    assert "Whole-model decode: not measured" in text
+    assert "QLoRA training vs PEFT: not measured" in text
+    assert "Multi-adapter batch: not measured" in text

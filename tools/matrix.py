@@ -1,0 +1,590 @@
+"""The backend version matrix: which releases are tested, and the helpers noxfile.py's matrix sessions use.
+
+One torch for every session: a base virtualenv (``<envdir>/matrix-base``)
+holds torch 2.13.0 (the CPU wheel), quantplug's core (editable) and the test
+tools; each matrix session is a fresh, small venv that sees the base through
+a ``.pth`` file and installs only the backend release under test (and the
+plugin, editable, without dependencies) on top, under a constraints file
+that pins torch, so no release can swap torch for a CUDA build. A release
+the resolver cannot install beside torch 2.13.0 becomes a "cannot install"
+row, found by pip failing, not by guessing.
+
+Each session writes one JSON record into the results folder
+(``$QUANTPLUG_MATRIX_RESULTS``, default ``.nox/matrix-results``);
+:func:`render` turns the folder into docs/compatibility.md and .json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
+REPO = Path(__file__).resolve().parent.parent
+TORCH = "2.13.0"
+# Base environment: what every session shares (besides quantplug's core, editable).
+BASE_REQUIREMENTS = (f"torch=={TORCH}", "setuptools>=69", "wheel")
+CORE_EXTRAS = "test"
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """One backend plugin and the releases of its library the matrix installs.
+
+    :param versions: releases run with the plugin's tests; those outside the
+        plugin's declared range run against a copy of the plugin whose range
+        is widened to admit them ("explore": would the range be right wider?).
+    :param too_old: a release below the declared range for the doctor check
+        (reported as "too old" with the fix, then made "broken" by deleting
+        its metadata, while ``witness`` keeps working).
+    """
+
+    name: str
+    dist: str
+    versions: tuple[str, ...]
+    too_old: str | None = None
+    pip_name: str | None = None  # what to pip install, when it differs from dist (extras)
+    witness: str = "hqq"
+
+    def spec(self, version: str) -> str:
+        return f"{self.pip_name or self.dist}=={version}"
+
+
+# Oldest claimed -> newest release, plus one or two below the declared range (explore + doctor).
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("bnb", "bitsandbytes", ("0.45.5", "0.46.0", "0.47.0", "0.48.2", "0.49.2", "0.50.2"), too_old="0.45.5"),
+        Backend("hqq", "hqq", ("0.2.2", "0.2.3", "0.2.5", "0.2.7.post1", "0.2.8.post1"), too_old="0.2.2", witness="quanto"),
+        Backend("torchao", "torchao", ("0.17.0", "0.18.0"), too_old="0.17.0"),
+        Backend("quanto", "optimum-quanto", ("0.2.6", "0.2.7"), too_old="0.2.6"),
+        Backend("aqlm", "aqlm", ("1.1.0", "1.1.3", "1.1.7"), too_old="1.0.3"),
+        Backend("inc", "neural-compressor", ("3.0", "3.4.1", "3.7.1", "3.10"), too_old="2.6", pip_name="neural-compressor[pt]"),
+        Backend("gptq", "gptqmodel", ("7.0.0", "7.3.6", "7.6.0", "7.7.0"), too_old="6.0.3"),
+        Backend("awq", "gptqmodel", ("7.0.0", "7.6.0")),
+    )
+}
+
+# Interop: vary one library, keep the rest at the base's newest; these test files need bnb.
+INTEROP_TESTS = ("tests/test_peft_interop.py", "tests/test_transformers_models.py")
+INTEROP_BACKEND = ("bnb", "0.50.2")
+INTEROP = {
+    "transformers": ("4.56.2", "4.57.6", "5.0.0", "5.12.0", "5.24.0"),
+    "peft": ("0.17.1", "0.19.1", "0.21.2"),
+}
+
+
+# -- paths ---------------------------------------------------------------------------------------
+
+
+def results_dir(default_envdir: Path | None = None) -> Path:
+    env = os.environ.get("QUANTPLUG_MATRIX_RESULTS")
+    if env:
+        return Path(env)
+    return (default_envdir or REPO / ".nox") / "matrix-results"
+
+
+def plugin_dir(backend: str) -> Path:
+    return REPO / "plugins" / backend
+
+
+def plugin_available(backend: str) -> bool:
+    return (plugin_dir(backend) / "pyproject.toml").is_file()
+
+
+def site_packages(python: str | Path) -> Path:
+    out = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        check=True, capture_output=True, text=True,
+    )
+    return Path(out.stdout.strip())
+
+
+# -- declared ranges -----------------------------------------------------------------------------
+
+
+def declared_range(backend: str, dist: str) -> dict:
+    """The version range a plugin declares for ``dist``: in its pyproject and in its BackendInfo."""
+    root = plugin_dir(backend)
+    result = {"pyproject": None, "requirement": None}
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file():
+        data = tomllib.loads(pyproject.read_text())
+        for line in data.get("project", {}).get("dependencies", []):
+            req = Requirement(line)
+            if canon(req.name) == canon(dist):
+                result["pyproject"] = str(req.specifier)
+    text = "\n".join(p.read_text() for p in sorted((root / f"quantplug_{backend}").glob("*.py")) if p.is_file())
+    match = re.search(r'Requirement\(\s*"' + re.escape(dist) + r'"\s*,\s*("([^"]*)"|[A-Z_]+)', text)
+    if match:
+        spec = match.group(2)
+        if spec is None:  # a constant: SPECIFIER = ">=..."
+            const = re.search(rf'^{match.group(1)}\s*=\s*"([^"]*)"', text, re.M)
+            spec = const.group(1) if const else None
+        result["requirement"] = str(SpecifierSet(spec)) if spec is not None else None
+    return result
+
+
+def canon(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def in_range(version: str, spec: str | None) -> bool:
+    return spec is not None and SpecifierSet(spec).contains(Version(version), prereleases=True)
+
+
+def widened(spec: str, version: str) -> str:
+    """``spec`` with its lower bounds replaced by ``>=version`` (upper bounds kept)."""
+    kept = [str(s) for s in SpecifierSet(spec) if s.operator not in (">=", ">", "~=", "==")]
+    return ",".join([f">={version}", *sorted(kept)])
+
+
+# -- pip -----------------------------------------------------------------------------------------
+
+
+def constraints_file(envdir: Path) -> Path:
+    path = envdir / "matrix-constraints.txt"
+    text = f"# the matrix: one torch everywhere (the CPU wheel on disk)\ntorch=={TORCH}\n"
+    if not path.is_file() or path.read_text() != text:
+        envdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
+def pip(python: str | Path, *args: str, constraints: Path | None = None, log=print) -> tuple[int, str, float]:
+    cmd = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "--progress-bar", "off"]
+    if constraints is not None:
+        cmd += ["-c", str(constraints)]
+    cmd += list(args)
+    log("$ " + " ".join(cmd))
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    elapsed = time.perf_counter() - started
+    output = proc.stdout + proc.stderr
+    if proc.returncode:
+        log(output[-4000:])
+    return proc.returncode, output, elapsed
+
+
+def classify_install_failure(output: str) -> str:
+    """Why pip could not install: the resolver's conflict, a failed build, or no release for here."""
+    lines = [ln.strip() for ln in output.splitlines()]
+    depends = [ln for ln in lines if " depends on " in ln or ln.startswith("The user requested")]
+    if "ResolutionImpossible" in output or "conflicting dependencies" in output:
+        why = "; ".join(dict.fromkeys(ln for ln in depends if "depends on" in ln)) or "resolver conflict"
+        return f"cannot install beside torch {TORCH}: {why}"
+    if "No matching distribution found" in output or "Could not find a version" in output:
+        return "cannot install: no release for this Python/platform"
+    if "Failed to build" in output or "metadata-generation-failed" in output or "subprocess-exited-with-error" in output:
+        err = next((ln for ln in reversed(lines) if ln.startswith(("error:", "ERROR:", "RuntimeError", "Exception"))), "")
+        return f"cannot install: the sdist fails to build ({err[:200]})".replace(" ()", "")
+    tail = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), "pip failed")
+    return f"cannot install: {tail[:200]}"
+
+
+def _stamp(parts: list[str]) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def ensure_base(envdir: Path, log=print) -> Path:
+    """The shared base venv (torch + quantplug core + test tools); built once, rebuilt when its inputs change."""
+    base = envdir / "matrix-base"
+    python = base / "bin" / "python"
+    core = (REPO / "pyproject.toml").read_text()
+    stamp = _stamp([*BASE_REQUIREMENTS, core, str(REPO), sys.version])
+    stamp_file = base / ".matrix-stamp"
+    if python.exists() and stamp_file.is_file() and stamp_file.read_text() == stamp:
+        return base
+    started = time.perf_counter()
+    if base.exists():
+        shutil.rmtree(base)
+    interpreter = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([interpreter, "-m", "venv", str(base)], check=True)
+    constraints = constraints_file(envdir)
+    for args in ([*BASE_REQUIREMENTS], ["-e", f"{REPO}[{CORE_EXTRAS}]"]):
+        rc, out, _ = pip(python, *args, constraints=constraints, log=log)
+        if rc:
+            raise RuntimeError(f"cannot build the matrix base venv: {out[-2000:]}")
+    stamp_file.write_text(stamp)
+    log(f"matrix base venv built in {time.perf_counter() - started:.0f} s: {base}")
+    return base
+
+
+def link_base(session_python: str | Path, base: Path) -> None:
+    """Make the base venv's packages (torch, core, pytest...) visible in a session venv, after its own."""
+    base_site = site_packages(base / "bin" / "python")
+    own = site_packages(session_python)
+    (own / "_quantplug_matrix_base.pth").write_text(f"import site; site.addsitedir({str(base_site)!r})\n")
+
+
+def python_info(python: str | Path) -> dict:
+    code = (
+        "import json, platform, sys, torch;"
+        "print(json.dumps({'python': platform.python_version(), 'torch': torch.__version__,"
+        " 'platform': platform.platform()}))"
+    )
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception:
+        return {"python": None, "torch": None, "platform": None, "error": out.stderr[-500:]}
+
+
+def installed(python: str | Path, dists: list[str]) -> dict[str, str | None]:
+    code = (
+        "import json, sys, importlib.metadata as m\n"
+        "out = {}\n"
+        "for d in sys.argv[1:]:\n"
+        "    try: out[d] = m.version(d)\n"
+        "    except Exception: out[d] = None\n"
+        "print(json.dumps(out))"
+    )
+    out = subprocess.run([str(python), "-c", code, *dists], capture_output=True, text=True)
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception:
+        return dict.fromkeys(dists)
+
+
+def remove_metadata(python: str | Path, dist: str) -> str:
+    """Delete ``dist``'s .dist-info from the session venv, leaving its modules: a "broken" install."""
+    code = (
+        "import sys, importlib.metadata as m, shutil\n"
+        "d = m.distribution(sys.argv[1])\n"
+        "path = d._path\n"
+        "shutil.rmtree(path)\n"
+        "print(path)"
+    )
+    out = subprocess.run([str(python), "-c", code, dist], capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+# -- running tests -------------------------------------------------------------------------------
+
+
+def junit_counts(path: Path) -> dict:
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_tests": []}
+    if not path.is_file():
+        return counts
+    root = ET.parse(path).getroot()
+    for case in root.iter("testcase"):
+        name = f"{case.get('classname', '')}::{case.get('name', '')}"
+        tags = {child.tag for child in case}
+        if "failure" in tags:
+            counts["failed"] += 1
+            counts["failed_tests"].append(name)
+        elif "error" in tags:
+            counts["errors"] += 1
+            counts["failed_tests"].append(name)
+        elif "skipped" in tags:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def make_explore_copy(backend: str, dist: str, declared: str, version: str, dest: Path) -> tuple[Path, str]:
+    """A copy of the plugin whose declared range admits ``version`` (every literal of it replaced)."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(
+        plugin_dir(backend), dest,
+        ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__", ".pytest_cache"),
+    )
+    wide = widened(declared, version)
+    # every spelling of the declared specifier: as written in the sources, and normalized
+    spellings = {declared, str(SpecifierSet(declared))}
+    for path in dest.rglob("*"):
+        if path.suffix in (".py", ".toml") and path.is_file():
+            text = path.read_text()
+            new = text
+            for s in spellings:
+                new = new.replace(s, wide)
+            if new != text:
+                path.write_text(new)
+    return dest, wide
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def write_record(folder: Path, record: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / (re.sub(r"[^A-Za-z0-9_.-]+", "_", record["session"]) + ".json")
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return path
+
+
+# -- doctor checks ---------------------------------------------------------------------------------
+
+
+def check_doctor(rows: list[dict], backend: str, expected: str, found: str | None, fix_has: str) -> list[str]:
+    """Problems with ``quantplug doctor --json`` output for ``backend``; empty when it says what it should."""
+    by_name = {row["name"]: row for row in rows}
+    row = by_name.get(backend)
+    if row is None:
+        return [f"doctor does not list {backend!r} (listed: {sorted(by_name)})"]
+    problems = []
+    if row["status"] != expected:
+        problems.append(f"{backend}: status {row['status']!r}, expected {expected!r} ({row.get('reason')})")
+    if found is not None and row.get("found") != found:
+        problems.append(f"{backend}: found {row.get('found')!r}, expected {found!r}")
+    if not row.get("fix") or fix_has not in row["fix"]:
+        problems.append(f"{backend}: fix {row.get('fix')!r} does not contain {fix_has!r}")
+    if not row.get("reason"):
+        problems.append(f"{backend}: no reason given")
+    return problems
+
+
+# -- rendering -----------------------------------------------------------------------------------
+
+OUTCOME_ORDER = {"pass": 0, "pass (plugin failures)": 1, "fail": 2, "cannot install": 3, "skipped": 4, "error": 5}
+
+
+def load_records(folder: Path) -> list[dict]:
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "run.json":
+            continue
+        try:
+            records.append(json.loads(path.read_text()))
+        except Exception:
+            continue
+    return records
+
+
+def _vkey(v: str):
+    try:
+        return Version(v)
+    except Exception:
+        return Version("0")
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per backend: declared range, rows by version, and the range the matrix proves."""
+    out: dict[str, dict] = {}
+    for name, backend in BACKENDS.items():
+        rows = sorted(
+            (r for r in records if r.get("kind") in ("backend", "explore") and r.get("backend") == name),
+            key=lambda r: _vkey(r["version"]),
+        )
+        doctor = [r for r in records if r.get("kind") == "doctor" and r.get("backend") == name]
+        declared = declared_range(name, backend.dist) if plugin_available(name) else {"pyproject": None, "requirement": None}
+        spec = declared["requirement"] or declared["pyproject"]
+        # failures that also happen on the newest passing-or-failing in-range release are the plugin's own,
+        # not the version's: a version "passes (plugin failures)" when it fails nothing more than that one
+        in_rng = [r for r in rows if r.get("outcome") in ("pass", "fail") and in_range(r["version"], spec)]
+        reference = in_rng[-1] if in_rng else None
+        ref_failed = set(reference["tests"]["failed_tests"]) if reference and reference.get("tests") else set()
+        for r in rows:
+            r["version_specific_failures"] = []
+            if r.get("outcome") == "fail" and r.get("tests"):
+                extra = sorted(set(r["tests"]["failed_tests"]) - ref_failed)
+                r["version_specific_failures"] = extra
+                r["verdict"] = "works (same failures as newest)" if not extra and ref_failed else "fails"
+            elif r.get("outcome") == "pass":
+                r["verdict"] = "works"
+            else:
+                r["verdict"] = r.get("outcome", "?")
+        works = [r["version"] for r in rows if r["verdict"].startswith("works")]
+        broken = [r["version"] for r in rows if r["verdict"] == "fails"]
+        cannot = [r["version"] for r in rows if r["verdict"] == "cannot install"]
+        proved = None
+        if works:
+            lo = min(works, key=_vkey)
+            hi = max(works, key=_vkey)
+            # the proved range: lowest working release up to the first release above it that is not working
+            above = [v for v in broken + cannot if _vkey(v) > _vkey(hi)]
+            below_hi = [v for v in broken if _vkey(lo) < _vkey(v) < _vkey(hi)]
+            proved = {"lowest": lo, "highest": hi, "gaps": below_hi, "first_not_working_above": min(above, key=_vkey) if above else None}
+        out[name] = {
+            "library": backend.dist,
+            "declared": declared,
+            "rows": rows,
+            "doctor": doctor,
+            "works": works,
+            "fails": broken,
+            "cannot_install": cannot,
+            "proved": proved,
+            "verdict": range_verdict(spec, rows, proved),
+        }
+    return out
+
+
+def range_verdict(spec: str | None, rows: list[dict], proved: dict | None) -> str:
+    if spec is None:
+        return "plugin not present"
+    if not rows:
+        return "not run"
+    notes = []
+    inside = [r for r in rows if in_range(r["version"], spec)]
+    outside = [r for r in rows if not in_range(r["version"], spec)]
+    bad_inside = [r["version"] for r in inside if r["verdict"] == "fails"]
+    cannot_inside = [r["version"] for r in inside if r["verdict"] == "cannot install"]
+    good_outside = [r["version"] for r in outside if r["verdict"].startswith("works")]
+    if bad_inside:
+        notes.append("fails inside the declared range on " + ", ".join(bad_inside))
+    if cannot_inside:
+        notes.append("cannot install here (torch " + TORCH + "): " + ", ".join(cannot_inside))
+    if good_outside:
+        notes.append("also works outside it: " + ", ".join(good_outside))
+    if not notes:
+        return "confirmed: every tested release inside the range works, none outside was shown to work"
+    return "; ".join(notes)
+
+
+def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
+    records = load_records(folder)
+    run = run or (json.loads((folder / "run.json").read_text()) if (folder / "run.json").is_file() else {})
+    summary = summarize(records)
+    env = next((r["env"] for r in records if r.get("env", {}).get("torch")), {})
+    dates = sorted(r["date"] for r in records if r.get("date"))
+    interop = sorted(
+        (r for r in records if r.get("kind") == "interop"), key=lambda r: (r["library"], _vkey(r["version"]))
+    )
+    total_session_s = sum(r.get("timing", {}).get("total_s", 0) for r in records)
+    overheads = [r["timing"]["overhead_s"] for r in records if r.get("timing", {}).get("overhead_s") is not None]
+
+    lines = [
+        "# Backend compatibility",
+        "",
+        "Generated by `nox -s compatibility` (the full matrix and this page: `nox -s matrix`) from the last",
+        "matrix run; do not edit by hand. Each row is a real install of that release beside torch",
+        f"{env.get('torch', TORCH)} (CPU) and the plugin's own test suite (conformance suite included) run on it.",
+        "",
+        f"- date: {dates[0][:10] if dates else '?'}" + (f" to {dates[-1][:10]}" if dates and dates[-1][:10] != dates[0][:10] else ""),
+        f"- torch {env.get('torch', '?')}, Python {env.get('python', '?')}, {env.get('platform', '?')}",
+    ]
+    if run.get("wall_s"):
+        lines.append(f"- matrix wall time: {run['wall_s'] / 60:.1f} min for {len(records)} sessions (sequential)")
+    else:
+        lines.append(f"- sessions: {len(records)}, {total_session_s / 60:.1f} min in all")
+    if overheads:
+        overheads.sort()
+        lines.append(
+            f"- per-session overhead (fresh venv over the shared torch base + installs, outside the tests): "
+            f"median {overheads[len(overheads) // 2]:.0f} s, max {overheads[-1]:.0f} s"
+        )
+    lines += [
+        "",
+        "Outcomes: **pass** — every test passed; **works (same failures as newest)** — the only failures",
+        "are ones the newest in-range release has too (the plugin's, not the version's); **fails** —",
+        "failures this release alone has; **cannot install** — pip's resolver or build refused it beside",
+        f"torch {TORCH}. A release outside the declared range is tested against a copy of the plugin",
+        "whose range is widened to admit it (marked *outside*).",
+        "",
+        "## Declared vs proved ranges",
+        "",
+        "| backend | library | declared (pyproject / BackendInfo) | works on | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        d = s["declared"]
+        declared = d["pyproject"] or "-"
+        if d["requirement"] and d["requirement"] != d["pyproject"]:
+            declared += f" / {d['requirement']} (differ!)"
+        lines.append(f"| {name} | {s['library']} | `{declared}` | {', '.join(s['works']) or '-'} | {s['verdict']} |")
+    lines += ["", "## Results", "", "| backend | version | range | result | tests (pass/fail/skip) | detail |", "|---|---|---|---|---|---|"]
+    for name, s in summary.items():
+        spec = s["declared"]["requirement"] or s["declared"]["pyproject"]
+        for r in s["rows"]:
+            t = r.get("tests") or {}
+            counts = f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}" if t else "-"
+            where = "inside" if in_range(r["version"], spec) else "*outside*"
+            detail = r.get("detail") or ""
+            if r.get("version_specific_failures"):
+                detail = "only here: " + ", ".join(f"`{x.split('::')[-1]}`" for x in r["version_specific_failures"][:4])
+                if len(r["version_specific_failures"]) > 4:
+                    detail += f" (+{len(r['version_specific_failures']) - 4})"
+            lines.append(f"| {name} | {r['version']} | {where} | {r['verdict']} | {counts} | {_cell(detail)} |")
+    lines += [
+        "",
+        "## Too old and broken installs",
+        "",
+        "Each check installs a release below the plugin's range and asks `quantplug doctor --json`; then it",
+        "deletes that release's metadata (module present, no dist-info) and asks again. Both times the",
+        "status and the fix must be right, and another backend (the witness) must still attach, train and merge.",
+        "",
+        "| backend | release | too old reported | broken reported | witness still works | detail |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        for r in s["doctor"]:
+            c = r.get("checks", {})
+            lines.append(
+                f"| {name} | {r['version']} | {_yn(c.get('too_old'))} | {_yn(c.get('broken'))} | "
+                f"{_yn(c.get('witness'))} ({r.get('witness', '?')}) | {_cell(r.get('detail') or '')} |"
+            )
+    if interop:
+        lines += [
+            "",
+            "## transformers and PEFT",
+            "",
+            f"`{' '.join(INTEROP_TESTS)}` with one library at the release shown and the other at the base's newest",
+            f"(bitsandbytes {INTEROP_BACKEND[1]}).",
+            "",
+            "| library | version | result | tests (pass/fail/skip) | detail |",
+            "|---|---|---|---|---|",
+        ]
+        for r in interop:
+            t = r.get("tests") or {}
+            counts = f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}" if t else "-"
+            detail = r.get("detail") or ""
+            if t.get("failed_tests"):
+                detail = ", ".join(f"`{x.split('::')[-1]}`" for x in t["failed_tests"][:4]) + (
+                    f" (+{len(t['failed_tests']) - 4})" if len(t["failed_tests"]) > 4 else ""
+                )
+            lines.append(f"| {r['library']} | {r['version']} | {r['outcome']} | {counts} | {_cell(detail)} |")
+    lines += ["", "Regenerate: `nox -s matrix` (everything, ~1 h on 2 cores) or `nox -s compatibility` (this page only).", ""]
+    data = {
+        "generated": now(),
+        "env": env,
+        "run": run,
+        "torch_pin": TORCH,
+        "backends": {
+            name: {k: v for k, v in s.items() if k not in ("rows", "doctor")}
+            | {"rows": [_slim(r) for r in s["rows"]], "doctor": [_slim(r) for r in s["doctor"]]}
+            for name, s in summary.items()
+        },
+        "interop": [_slim(r) for r in interop],
+    }
+    return "\n".join(lines), data
+
+
+def _slim(r: dict) -> dict:
+    keep = ("session", "kind", "backend", "library", "version", "outcome", "verdict", "detail", "declared", "tested_range",
+            "in_declared_range", "tests", "timing", "date", "checks", "witness", "version_specific_failures", "installed")
+    out = {k: r[k] for k in keep if k in r}
+    if "tests" in out:
+        out["tests"] = dict(out["tests"])
+        out["tests"]["failed_tests"] = out["tests"].get("failed_tests", [])[:50]
+    return out
+
+
+def _yn(v) -> str:
+    return {True: "yes", False: "**no**", None: "-"}[v]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")[:300]
+
+
+def write_docs(folder: Path, md_path: Path, json_path: Path) -> None:
+    md, data = render(folder)
+    md_path.write_text(md)
+    json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
