@@ -104,8 +104,16 @@ class _Matrix:
         junit = self.tmp / "junit.xml"
         started = time.perf_counter()
         self.session.run(
-            str(self.python), "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}", *targets,
-            external=True, success_codes=[0, 1, 2, 3, 4, 5],
+            str(self.python),
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={junit}",
+            *targets,
+            external=True,
+            success_codes=[0, 1, 2, 3, 4, 5],
         )
         self.tests_s += time.perf_counter() - started
         return M.junit_counts(junit)
@@ -145,8 +153,13 @@ def _backend_session(session: nox.Session, backend: str, version: str) -> None:
     range_ = declared["requirement"] or declared["pyproject"]
     inside = M.in_range(version, range_)
     m = _Matrix(
-        session, "backend" if inside else "explore", backend=backend, library=spec.dist, version=version,
-        declared=declared, in_declared_range=inside,
+        session,
+        "backend" if inside else "explore",
+        backend=backend,
+        library=spec.dist,
+        version=version,
+        declared=declared,
+        in_declared_range=inside,
     )
     if not M.plugin_available(backend):
         m.finish("skipped", f"plugins/{backend} has no pyproject.toml yet")
@@ -166,13 +179,17 @@ def _backend_session(session: nox.Session, backend: str, version: str) -> None:
         if rc:
             m.finish("error", f"cannot install the widened plugin copy: {out[-300:]}")
             session.error("cannot install the widened plugin copy")
-        targets = [str(copy / "tests"), "--rootdir", str(copy), "-o", "addopts=-ra", "--import-mode=importlib"]
+        targets = [
+            str(copy / "tests"),
+            "--rootdir",
+            str(copy),
+            "-o",
+            "addopts=-ra",
+            "--import-mode=importlib",
+        ]
     tests = m.pytest(*targets)
     failed = tests["failed"] + tests["errors"]
-    if tests["passed"] == 0 and failed == 0:
-        outcome = "error"
-    else:
-        outcome = "pass" if failed == 0 else "fail"
+    outcome = "error" if tests["passed"] == 0 and failed == 0 else ("pass" if failed == 0 else "fail")
     m.record["installed"] = M.installed(m.python, [spec.dist, "torch", "transformers", "peft"])
     m.finish(outcome, "" if outcome != "error" else "no test ran (collection error?)", tests=tests)
     if outcome != "pass" and inside:
@@ -185,7 +202,12 @@ def _doctor_session(session: nox.Session, backend: str) -> None:
     witness = M.BACKENDS[spec.witness]
     declared = M.declared_range(backend, spec.dist)
     m = _Matrix(
-        session, "doctor", backend=backend, library=spec.dist, version=spec.too_old, declared=declared,
+        session,
+        "doctor",
+        backend=backend,
+        library=spec.dist,
+        version=spec.too_old,
+        declared=declared,
         witness=witness.name,
     )
     checks = {"too_old": None, "broken": None, "witness": None}
@@ -201,7 +223,9 @@ def _doctor_session(session: nox.Session, backend: str) -> None:
     if rc:
         # the old release does not install here: check "broken" on the oldest in-range release instead
         problems_note = f"{spec.too_old}: {M.classify_install_failure(out)}"
-        version = next(v for v in spec.versions if M.in_range(v, declared["requirement"] or declared["pyproject"]))
+        version = next(
+            v for v in spec.versions if M.in_range(v, declared["requirement"] or declared["pyproject"])
+        )
         rc, out = m.pip(spec.spec(version))
         if rc:
             m.finish("cannot install", problems_note, checks=checks)
@@ -218,7 +242,9 @@ def _doctor_session(session: nox.Session, backend: str) -> None:
             problems.append(f"witness {witness.name}: {rows.get(witness.name)}")
             return False
         run = subprocess.run(
-            [str(m.python), str(M.REPO / "tools" / "matrix_witness.py"), witness.name], capture_output=True, text=True
+            [str(m.python), str(M.REPO / "tools" / "matrix_witness.py"), witness.name],
+            capture_output=True,
+            text=True,
         )
         session.log(run.stdout.strip()[-500:])
         if run.returncode:
@@ -232,7 +258,10 @@ def _doctor_session(session: nox.Session, backend: str) -> None:
     checks["broken"] = not p
     problems += p
     checks["witness"] = ok_before and witness_works()
-    detail = "; ".join(problems) or (m.record.pop("detail_install", "") and f"too-old release not installable ({m.record.get('detail_install', '')})")
+    detail = "; ".join(problems) or (
+        m.record.pop("detail_install", "")
+        and f"too-old release not installable ({m.record.get('detail_install', '')})"
+    )
     note = m.record.pop("detail_install", None)
     if note:
         detail = (detail + "; " if problems else "") + f"too-old check skipped: {note}"
@@ -272,18 +301,9 @@ def _define_matrix_sessions() -> None:
 
         run.__doc__ = f"{spec.dist} releases x the {backend} plugin's tests (conformance suite included)."
         versions = list(spec.versions)
-        nox.session(name=f"matrix_{backend}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
-            nox.parametrize("version", versions, ids=versions)(run)
-        )
-    for library, versions in M.INTEROP.items():
-
-        def run_interop(session: nox.Session, version: str, library: str = library) -> None:
-            _interop_session(session, library, version)
-
-        run_interop.__doc__ = f"{library} releases x {', '.join(M.INTEROP_TESTS)}."
-        nox.session(name=f"matrix_{library}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
-            nox.parametrize("version", list(versions), ids=list(versions))(run_interop)
-        )
+        nox.session(
+            name=f"matrix_{backend}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False
+        )(nox.parametrize("version", versions, ids=versions)(run))
     doctor_backends = [b for b, s in M.BACKENDS.items() if s.too_old]
 
     def run_doctor(session: nox.Session, backend: str) -> None:
@@ -293,6 +313,15 @@ def _define_matrix_sessions() -> None:
     nox.session(name="matrix_doctor", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
         nox.parametrize("backend", doctor_backends, ids=doctor_backends)(run_doctor)
     )
+    for library, versions in M.INTEROP.items():
+
+        def run_interop(session: nox.Session, version: str, library: str = library) -> None:
+            _interop_session(session, library, version)
+
+        run_interop.__doc__ = f"{library} releases x {', '.join(M.INTEROP_TESTS)}."
+        nox.session(
+            name=f"matrix_{library}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False
+        )(nox.parametrize("version", list(versions), ids=list(versions))(run_interop))
 
 
 _define_matrix_sessions()
@@ -329,7 +358,12 @@ def matrix(session: nox.Session) -> None:
     session.log("$ " + " ".join(cmd))
     env = {**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder)}
     rc = subprocess.run(cmd, env=env).returncode
-    run = {"started": M.now(), "wall_s": round(time.time() - started, 1), "nox_exit": rc, "command": "nox -s matrix"}
+    run = {
+        "started": M.now(),
+        "wall_s": round(time.time() - started, 1),
+        "nox_exit": rc,
+        "command": "nox -s matrix",
+    }
     if not session.posargs:
         (folder / "run.json").write_text(json.dumps(run, indent=2))
     M.write_docs(folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json")

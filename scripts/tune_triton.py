@@ -1,4 +1,4 @@
-"""Sweep the Triton LoRA kernels' block sizes on this GPU; print the best per shape.
+"""Time the LoRA kernels' paths on this GPU (the block sizes in triton_kernels came from a sweep).
 
     python scripts/tune_triton.py [out.json]
 
@@ -42,20 +42,11 @@ for (N, K), M in itertools.product([(4096, 4096), (11008, 4096), (4096, 11008)],
         "cublas": bench(lambda: tk.lora_add_cublas(y, x, A, B, 2.0)),
         "y+1 (one elementwise launch)": bench(lambda: y + 1),
     }
-    best = None
-    for bn, bk, warps, stages in itertools.product([32, 64, 128], [256, 512, 1024], [4, 8], [2, 3]):
-        config = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
-        try:
-            out = tk.lora_add_fused(y, x, A, B, 2.0, config)
-            err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-            us = bench(lambda c=config: tk.lora_add_fused(y, x, A, B, 2.0, c))
-        except Exception as exc:  # out of shared memory / registers
-            print("skip", config, type(exc).__name__)
-            continue
-        results["fused"].append({"M": M, "N": N, "K": K, **config, "us": us, "err": err})
-        if best is None or us < best[0]:
-            best = (us, config, err)
-    paths["fused best"] = best[0]
+    paths["fused"] = bench(lambda: tk.lora_add_fused(y, x, A, B, 2.0))
+    paths["splitk"] = bench(lambda: tk.lora_add_splitk(y, x, A, B, 2.0))
+    out = tk.lora_add_splitk(y, x, A, B, 2.0)
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    best = (paths["splitk"], "splitk", err)
     results["paths"].append({"M": M, "N": N, "K": K, **paths, "best": best[1]})
     print(f"M={M:3d} N={N:5d} K={K:5d}  " + "  ".join(f"{k} {v:.2f}" for k, v in paths.items()) + f"  best {best[1]} err {best[2]:.1e}", flush=True)
 
@@ -69,19 +60,9 @@ for N, K in [(4096, 4096), (11008, 4096)]:
     rows = torch.arange(T, device="cuda") % n
     A_st, B_st, sc = torch.stack(As), torch.stack(Bs), torch.full((n,), 2.0, device="cuda")
     ref_us = bench(lambda: lora_mixed_add_reference(y, x, As, Bs, [2.0] * n, rows))
-    single = bench(lambda: tk.lora_add_fused(y, x, As[0], Bs[0], 2.0))
-    best = None
-    for sbk, sw, ebn, ew in itertools.product([128, 256, 512, 1024], [4, 8], [64, 128, 256], [4]):
-        config = {"SHRINK_BLOCK_K": sbk, "shrink_warps": sw, "EXPAND_BLOCK_N": ebn, "expand_warps": ew}
-        try:
-            us = bench(lambda c=config: tk.lora_mixed_add_bgmv(y, x, A_st, B_st, sc, rows, c))
-        except Exception as exc:
-            print("skip", config, type(exc).__name__)
-            continue
-        results["bgmv"].append({"N": N, "K": K, **config, "us": us})
-        if best is None or us < best[0]:
-            best = (us, config)
-    print(f"BGMV T=16 x8 N={N} K={K}: reference {ref_us:.2f}  one-adapter fused {single:.2f}  best {best[0]:.2f} {best[1]}", flush=True)
+    single = bench(lambda: tk.lora_add_splitk(y, x, As[0], Bs[0], 2.0))
+    best = (bench(lambda: tk.lora_mixed_add_bgmv(y, x, A_st, B_st, sc, rows)), tk.BGMV_CONFIG)
+    print(f"BGMV T=16 x8 N={N} K={K}: reference {ref_us:.2f}  one-adapter splitk {single:.2f}  best {best[0]:.2f} {best[1]}", flush=True)
 
 # eager per-call cost (host-bound at these sizes)
 x = torch.randn(1, 4096, device="cuda", dtype=dtype)
@@ -92,7 +73,9 @@ for name, fn in [
     ("reference", lambda: lora_add_reference(y, x, A, B, 2.0)),
     ("triton lora_add (dispatch)", lambda: tk.lora_add(y, x, A, B, 2.0)),
     ("triton fused launch", lambda: tk.lora_add_fused(y, x, A, B, 2.0)),
-    ("custom op (compile path)", lambda: tk._lora_add_fused_op(y, x, A, B, 2.0)),
+    ("triton splitk launch", lambda: tk.lora_add_splitk(y, x, A, B, 2.0)),
+    ("cublas path", lambda: tk.lora_add_cublas(y, x, A, B, 2.0)),
+    ("custom op (compile path)", lambda: tk._lora_add_splitk_op(y, x, A, B, 2.0)),
     ("y + 1", lambda: y + 1),
 ]:
     for _ in range(20):

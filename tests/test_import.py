@@ -27,3 +27,15 @@ def test_loading_plugins_imports_no_backend_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"plugin discovery imported: {out.stdout.strip()}"
+
+
+def test_submodule_imports_do_not_shadow_public_functions():
+    """``import quantplug.<module>`` sets an attribute on the package: no module may share a public name."""
+    code = (
+        "import importlib, pkgutil, quantplug\n"
+        "mods = [m.name for m in pkgutil.iter_modules(quantplug.__path__)]\n"
+        "clash = sorted(set(mods) & set(quantplug.__all__))\n"
+        "print(','.join(clash))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"modules named like public functions: {out.stdout.strip()}"

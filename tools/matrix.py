@@ -26,10 +26,10 @@ import shutil
 import subprocess
 import sys
 import time
-import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import tomllib
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -68,12 +68,29 @@ class Backend:
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
-        Backend("bnb", "bitsandbytes", ("0.45.5", "0.46.0", "0.47.0", "0.48.2", "0.49.2", "0.50.2"), too_old="0.45.5"),
-        Backend("hqq", "hqq", ("0.2.2", "0.2.3", "0.2.5", "0.2.7.post1", "0.2.8.post1"), too_old="0.2.2", witness="quanto"),
+        Backend(
+            "bnb",
+            "bitsandbytes",
+            ("0.45.5", "0.46.0", "0.47.0", "0.48.2", "0.49.2", "0.50.2"),
+            too_old="0.45.5",
+        ),
+        Backend(
+            "hqq",
+            "hqq",
+            ("0.2.2", "0.2.3", "0.2.5", "0.2.7.post1", "0.2.8.post1"),
+            too_old="0.2.2",
+            witness="quanto",
+        ),
         Backend("torchao", "torchao", ("0.17.0", "0.18.0"), too_old="0.17.0"),
         Backend("quanto", "optimum-quanto", ("0.2.6", "0.2.7"), too_old="0.2.6"),
         Backend("aqlm", "aqlm", ("1.1.0", "1.1.3", "1.1.7"), too_old="1.0.3"),
-        Backend("inc", "neural-compressor", ("3.0", "3.4.1", "3.7.1", "3.10"), too_old="2.6", pip_name="neural-compressor[pt]"),
+        Backend(
+            "inc",
+            "neural-compressor",
+            ("3.0", "3.4.1", "3.7.1", "3.10"),
+            too_old="2.6",
+            pip_name="neural-compressor[pt]",
+        ),
         Backend("gptq", "gptqmodel", ("7.0.0", "7.3.6", "7.6.0", "7.7.0"), too_old="6.0.3"),
         Backend("awq", "gptqmodel", ("7.0.0", "7.6.0")),
     )
@@ -109,7 +126,9 @@ def plugin_available(backend: str) -> bool:
 def site_packages(python: str | Path) -> Path:
     out = subprocess.run(
         [str(python), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return Path(out.stdout.strip())
 
@@ -128,7 +147,9 @@ def declared_range(backend: str, dist: str) -> dict:
             req = Requirement(line)
             if canon(req.name) == canon(dist):
                 result["pyproject"] = str(req.specifier)
-    text = "\n".join(p.read_text() for p in sorted((root / f"quantplug_{backend}").glob("*.py")) if p.is_file())
+    text = "\n".join(
+        p.read_text() for p in sorted((root / f"quantplug_{backend}").glob("*.py")) if p.is_file()
+    )
     match = re.search(r'Requirement\(\s*"' + re.escape(dist) + r'"\s*,\s*("([^"]*)"|[A-Z_]+)', text)
     if match:
         spec = match.group(2)
@@ -189,8 +210,19 @@ def classify_install_failure(output: str) -> str:
         return f"cannot install beside torch {TORCH}: {why}"
     if "No matching distribution found" in output or "Could not find a version" in output:
         return "cannot install: no release for this Python/platform"
-    if "Failed to build" in output or "metadata-generation-failed" in output or "subprocess-exited-with-error" in output:
-        err = next((ln for ln in reversed(lines) if ln.startswith(("error:", "ERROR:", "RuntimeError", "Exception"))), "")
+    if (
+        "Failed to build" in output
+        or "metadata-generation-failed" in output
+        or "subprocess-exited-with-error" in output
+    ):
+        err = next(
+            (
+                ln
+                for ln in reversed(lines)
+                if ln.startswith(("error:", "ERROR:", "RuntimeError", "Exception"))
+            ),
+            "",
+        )
         return f"cannot install: the sdist fails to build ({err[:200]})".replace(" ()", "")
     tail = next((ln for ln in reversed(lines) if ln.startswith("ERROR")), "pip failed")
     return f"cannot install: {tail[:200]}"
@@ -302,18 +334,25 @@ def make_explore_copy(backend: str, dist: str, declared: str, version: str, dest
     if dest.exists():
         shutil.rmtree(dest)
     shutil.copytree(
-        plugin_dir(backend), dest,
+        plugin_dir(backend),
+        dest,
         ignore=shutil.ignore_patterns("*.egg-info", "build", "__pycache__", ".pytest_cache"),
     )
     wide = widened(declared, version)
-    # every spelling of the declared specifier: as written in the sources, and normalized
-    spellings = {declared, str(SpecifierSet(declared))}
+    target = {str(s) for s in SpecifierSet(declared)}
+    literal = re.compile(r"""(?P<q>["'])(?P<pre>[A-Za-z0-9_.\-\[\]]*)(?P<spec>[<>=!~][^"'\n]*)(?P=q)""")
+
+    def swap(match: re.Match) -> str:
+        try:
+            same = {str(s) for s in SpecifierSet(match["spec"])} == target
+        except Exception:
+            same = False
+        return f"{match['q']}{match['pre']}{wide}{match['q']}" if same else match.group(0)
+
     for path in dest.rglob("*"):
         if path.suffix in (".py", ".toml") and path.is_file():
             text = path.read_text()
-            new = text
-            for s in spellings:
-                new = new.replace(s, wide)
+            new = literal.sub(swap, text)
             if new != text:
                 path.write_text(new)
     return dest, wide
@@ -353,7 +392,14 @@ def check_doctor(rows: list[dict], backend: str, expected: str, found: str | Non
 
 # -- rendering -----------------------------------------------------------------------------------
 
-OUTCOME_ORDER = {"pass": 0, "pass (plugin failures)": 1, "fail": 2, "cannot install": 3, "skipped": 4, "error": 5}
+OUTCOME_ORDER = {
+    "pass": 0,
+    "pass (plugin failures)": 1,
+    "fail": 2,
+    "cannot install": 3,
+    "skipped": 4,
+    "error": 5,
+}
 
 
 def load_records(folder: Path) -> list[dict]:
@@ -384,13 +430,19 @@ def summarize(records: list[dict]) -> dict:
             key=lambda r: _vkey(r["version"]),
         )
         doctor = [r for r in records if r.get("kind") == "doctor" and r.get("backend") == name]
-        declared = declared_range(name, backend.dist) if plugin_available(name) else {"pyproject": None, "requirement": None}
+        declared = (
+            declared_range(name, backend.dist)
+            if plugin_available(name)
+            else {"pyproject": None, "requirement": None}
+        )
         spec = declared["requirement"] or declared["pyproject"]
         # failures that also happen on the newest passing-or-failing in-range release are the plugin's own,
         # not the version's: a version "passes (plugin failures)" when it fails nothing more than that one
         in_rng = [r for r in rows if r.get("outcome") in ("pass", "fail") and in_range(r["version"], spec)]
         reference = in_rng[-1] if in_rng else None
-        ref_failed = set(reference["tests"]["failed_tests"]) if reference and reference.get("tests") else set()
+        ref_failed = (
+            set(reference["tests"]["failed_tests"]) if reference and reference.get("tests") else set()
+        )
         for r in rows:
             r["version_specific_failures"] = []
             if r.get("outcome") == "fail" and r.get("tests"):
@@ -411,7 +463,12 @@ def summarize(records: list[dict]) -> dict:
             # the proved range: lowest working release up to the first release above it that is not working
             above = [v for v in broken + cannot if _vkey(v) > _vkey(hi)]
             below_hi = [v for v in broken if _vkey(lo) < _vkey(v) < _vkey(hi)]
-            proved = {"lowest": lo, "highest": hi, "gaps": below_hi, "first_not_working_above": min(above, key=_vkey) if above else None}
+            proved = {
+                "lowest": lo,
+                "highest": hi,
+                "gaps": below_hi,
+                "first_not_working_above": min(above, key=_vkey) if above else None,
+            }
         out[name] = {
             "library": backend.dist,
             "declared": declared,
@@ -443,9 +500,22 @@ def range_verdict(spec: str | None, rows: list[dict], proved: dict | None) -> st
         notes.append("cannot install here (torch " + TORCH + "): " + ", ".join(cannot_inside))
     if good_outside:
         notes.append("also works outside it: " + ", ".join(good_outside))
+    good_inside = [r["version"] for r in inside if r["verdict"].startswith("works")]
+    if not good_inside:
+        notes.insert(0, "not proved: no release inside the range was shown to work")
     if not notes:
         return "confirmed: every tested release inside the range works, none outside was shown to work"
     return "; ".join(notes)
+
+
+def pretty(spec: str | None) -> str:
+    """A specifier with its lower bounds first (``>=0.46,<0.51``), as people write it."""
+    if not spec:
+        return "-"
+    order = {">=": 0, ">": 0, "~=": 0, "==": 1, "!=": 2, "<=": 3, "<": 3}
+    return ",".join(
+        str(s) for s in sorted(SpecifierSet(spec), key=lambda s: (order.get(s.operator, 2), str(s)))
+    )
 
 
 def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
@@ -458,7 +528,9 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
         (r for r in records if r.get("kind") == "interop"), key=lambda r: (r["library"], _vkey(r["version"]))
     )
     total_session_s = sum(r.get("timing", {}).get("total_s", 0) for r in records)
-    overheads = [r["timing"]["overhead_s"] for r in records if r.get("timing", {}).get("overhead_s") is not None]
+    overheads = [
+        r["timing"]["overhead_s"] for r in records if r.get("timing", {}).get("overhead_s") is not None
+    ]
 
     lines = [
         "# Backend compatibility",
@@ -467,11 +539,14 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
         "matrix run; do not edit by hand. Each row is a real install of that release beside torch",
         f"{env.get('torch', TORCH)} (CPU) and the plugin's own test suite (conformance suite included) run on it.",
         "",
-        f"- date: {dates[0][:10] if dates else '?'}" + (f" to {dates[-1][:10]}" if dates and dates[-1][:10] != dates[0][:10] else ""),
+        f"- date: {dates[0][:10] if dates else '?'}"
+        + (f" to {dates[-1][:10]}" if dates and dates[-1][:10] != dates[0][:10] else ""),
         f"- torch {env.get('torch', '?')}, Python {env.get('python', '?')}, {env.get('platform', '?')}",
     ]
     if run.get("wall_s"):
-        lines.append(f"- matrix wall time: {run['wall_s'] / 60:.1f} min for {len(records)} sessions (sequential)")
+        lines.append(
+            f"- matrix wall time: {run['wall_s'] / 60:.1f} min for {len(records)} sessions (sequential)"
+        )
     else:
         lines.append(f"- sessions: {len(records)}, {total_session_s / 60:.1f} min in all")
     if overheads:
@@ -495,23 +570,39 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
     ]
     for name, s in summary.items():
         d = s["declared"]
-        declared = d["pyproject"] or "-"
+        declared = pretty(d["pyproject"])
         if d["requirement"] and d["requirement"] != d["pyproject"]:
-            declared += f" / {d['requirement']} (differ!)"
-        lines.append(f"| {name} | {s['library']} | `{declared}` | {', '.join(s['works']) or '-'} | {s['verdict']} |")
-    lines += ["", "## Results", "", "| backend | version | range | result | tests (pass/fail/skip) | detail |", "|---|---|---|---|---|---|"]
+            declared += f" / {pretty(d['requirement'])} (differ!)"
+        lines.append(
+            f"| {name} | {s['library']} | `{declared}` | {', '.join(s['works']) or '-'} | {s['verdict']} |"
+        )
+    lines += [
+        "",
+        "## Results",
+        "",
+        "| backend | version | range | result | tests (pass/fail/skip) | detail |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in summary.items():
         spec = s["declared"]["requirement"] or s["declared"]["pyproject"]
         for r in s["rows"]:
             t = r.get("tests") or {}
-            counts = f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}" if t else "-"
+            counts = (
+                f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}"
+                if t
+                else "-"
+            )
             where = "inside" if in_range(r["version"], spec) else "*outside*"
             detail = r.get("detail") or ""
             if r.get("version_specific_failures"):
-                detail = "only here: " + ", ".join(f"`{x.split('::')[-1]}`" for x in r["version_specific_failures"][:4])
+                detail = "only here: " + ", ".join(
+                    f"`{x.split('::')[-1]}`" for x in r["version_specific_failures"][:4]
+                )
                 if len(r["version_specific_failures"]) > 4:
                     detail += f" (+{len(r['version_specific_failures']) - 4})"
-            lines.append(f"| {name} | {r['version']} | {where} | {r['verdict']} | {counts} | {_cell(detail)} |")
+            lines.append(
+                f"| {name} | {r['version']} | {where} | {r['verdict']} | {counts} | {_cell(detail)} |"
+            )
     lines += [
         "",
         "## Too old and broken installs",
@@ -543,14 +634,22 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
         ]
         for r in interop:
             t = r.get("tests") or {}
-            counts = f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}" if t else "-"
+            counts = (
+                f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}"
+                if t
+                else "-"
+            )
             detail = r.get("detail") or ""
             if t.get("failed_tests"):
                 detail = ", ".join(f"`{x.split('::')[-1]}`" for x in t["failed_tests"][:4]) + (
                     f" (+{len(t['failed_tests']) - 4})" if len(t["failed_tests"]) > 4 else ""
                 )
             lines.append(f"| {r['library']} | {r['version']} | {r['outcome']} | {counts} | {_cell(detail)} |")
-    lines += ["", "Regenerate: `nox -s matrix` (everything, ~1 h on 2 cores) or `nox -s compatibility` (this page only).", ""]
+    lines += [
+        "",
+        "Regenerate: `nox -s matrix` (everything, ~1 h on 2 cores) or `nox -s compatibility` (this page only).",
+        "",
+    ]
     data = {
         "generated": now(),
         "env": env,
@@ -567,10 +666,28 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
 
 
 def _slim(r: dict) -> dict:
-    keep = ("session", "kind", "backend", "library", "version", "outcome", "verdict", "detail", "declared", "tested_range",
-            "in_declared_range", "tests", "timing", "date", "checks", "witness", "version_specific_failures", "installed")
+    keep = (
+        "session",
+        "kind",
+        "backend",
+        "library",
+        "version",
+        "outcome",
+        "verdict",
+        "detail",
+        "declared",
+        "tested_range",
+        "in_declared_range",
+        "tests",
+        "timing",
+        "date",
+        "checks",
+        "witness",
+        "version_specific_failures",
+        "installed",
+    )
     out = {k: r[k] for k in keep if k in r}
-    if "tests" in out:
+    if out.get("tests"):
         out["tests"] = dict(out["tests"])
         out["tests"]["failed_tests"] = out["tests"].get("failed_tests", [])[:50]
     return out

@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import sys
 
-
 MODE = "dense"
 
 
 def main(backend: str) -> int:
+    import quantplug as qp
     import torch
     from torch import nn
-
-    import quantplug as qp
 
     statuses = {row.name: row for row in qp.backends()}  # must not raise, whatever else is installed
     status = statuses.get(backend)
@@ -47,7 +45,17 @@ def main(backend: str) -> int:
         after = model(x).float()
     rel = ((after - before).norm() / before.norm()).item()
     ok = bool(torch.isfinite(after).all()) and rel < 5e-2 and kinds == [backend]
-    print(json.dumps({"backend": backend, "ok": ok, "layers": kinds, "merge_rel_err": rel, "report": str(type(report).__name__)}))
+    print(
+        json.dumps(
+            {
+                "backend": backend,
+                "ok": ok,
+                "layers": kinds,
+                "merge_rel_err": rel,
+                "report": str(type(report).__name__),
+            }
+        )
+    )
     return 0 if ok else 1
 
 

@@ -30,11 +30,11 @@ _LAZY = {
     "trainable_parameters": "quantplug.model",
     "lora_layers": "quantplug.model",
     "quantize": "quantplug.model",
-    "merge": "quantplug.merge",
-    "unmerge": "quantplug.merge",
-    "unload": "quantplug.merge",
-    "MergeReport": "quantplug.merge",
-    "MergeError": "quantplug.merge",
+    "merge": "quantplug.merging",
+    "unmerge": "quantplug.merging",
+    "unload": "quantplug.merging",
+    "MergeReport": "quantplug.merging",
+    "MergeError": "quantplug.merging",
     "save_adapter": "quantplug.io",
     "load_adapter": "quantplug.io",
     "AdapterFileError": "quantplug.io",
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
     from quantplug.io import AdapterFileError, load_adapter, save_adapter
     from quantplug.kernels import use_reference_kernels
     from quantplug.lora import LoraLayer
-    from quantplug.merge import MergeError, MergeReport, merge, unload, unmerge
+    from quantplug.merging import MergeError, MergeReport, merge, unload, unmerge
     from quantplug.model import (
         adapter_batch,
         attach,

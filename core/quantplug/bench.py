@@ -363,8 +363,8 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                     finally:
                         qp.use_reference_kernels(False)
                     path = kernel
-                    if kernel == "triton-fused" and tokens > _fused_max():
-                        path = "cublas-addmm"
+                    if kernel == "triton-splitk":
+                        path = "cublas-addmm" if tokens > _fused_max() else "eager cublas-addmm, graph triton-splitk"
                     common = {"bare_us": bare_us, "bare_graph_us": bare_graph_us}
                     rows.append(
                         _finish(

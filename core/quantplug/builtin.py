@@ -20,7 +20,8 @@ def quantplug_backend_info():
     return BackendInfo(name=NAME, devices=("cpu", "cuda"), variants=("dense",), shardable=True)
 
 
-def _is_plain_linear(module) -> bool:
+def is_plain_linear(module) -> bool:
+    """A ``torch.nn.Linear`` of torch's own, holding a plain weight (torchao swaps in tensor subclasses)."""
     import torch
     from torch import nn
 
@@ -29,7 +30,7 @@ def _is_plain_linear(module) -> bool:
 
 @hookimpl(trylast=True)
 def quantplug_detect_layer(module):
-    return NAME if _is_plain_linear(module) else None
+    return NAME if is_plain_linear(module) else None
 
 
 @hookimpl(trylast=True)

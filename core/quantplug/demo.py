@@ -20,6 +20,7 @@ import quantplug as qp
 
 SEQ_LEN = 64
 BATCH = 8
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def corpus_bytes() -> torch.Tensor:
@@ -113,18 +114,21 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"quantplug demo: tiny LLaMA (2 layers, hidden 128, byte vocabulary), backend {args.backend} ({variant})")
 
     model = quantized_model(args.backend, variant, args.seed)
-    kinds = {qp.detect(m) for _, m in model.named_modules() if qp.detect(m) not in (None, "linear")}
-    config = qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules="all-linear", use_dora=args.dora)
+    # every quantized projection, plus the (unquantized) output head: the base is random, so the
+    # adapters have to learn the byte statistics from scratch and the head is where that is cheapest
+    config = qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=[*PROJECTIONS, "lm_head"], use_dora=args.dora)
     qp.attach(model, config)
     qp.prepare_for_training(model)
     params = qp.trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
-    print(f"  quantized layers: {len(qp.lora_layers(model))} ({', '.join(sorted(kinds))}); "
+    layers = qp.lora_layers(model).values()
+    kinds = {backend: sum(layer.backend == backend for layer in layers) for backend in {layer.backend for layer in layers}}
+    print(f"  adapter layers: {', '.join(f'{n} {b}' for b, n in sorted(kinds.items()))}; "
           f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
 
     data = corpus_bytes()
-    optimizer = torch.optim.AdamW(params, lr=3e-3)
+    optimizer = torch.optim.AdamW(params, lr=5e-3)
     losses: list[float] = []
     bar = tqdm(batches(data, args.steps, args.seed), total=args.steps, desc="training", unit="step")
     for tokens in bar:
@@ -135,9 +139,9 @@ def run_demo(args: argparse.Namespace) -> int:
         losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
-    loss_before, loss_after = sum(head) / len(head), sum(tail) / len(tail)
-    print(f"  loss {loss_before:.3f} -> {loss_after:.3f}  {sparkline(losses)}")
+    tail = losses[-max(1, len(losses) // 10) :]
+    loss_before, loss_after = losses[0], sum(tail) / len(tail)
+    print(f"  loss {loss_before:.3f} (first step) -> {loss_after:.3f} (mean of the last {len(tail)})  {sparkline(losses)}")
     plot = save_plot(losses, out / "loss.png", f"LoRA r={args.rank} on {args.backend} ({variant})")
 
     probe = next(batches(data, 1, args.seed + 1))
@@ -169,7 +173,10 @@ def run_demo(args: argparse.Namespace) -> int:
     fresh.eval()
     with torch.no_grad():
         reloaded = fresh(input_ids=probe).logits
-    reload_ok = bool(torch.equal(reloaded, unmerged))
+    # a fresh model's quantized kernels may run another path than the trained one (bitsandbytes
+    # repacks for bf16 CPU inference on first eval use), so agreement, not bit equality
+    reload = logits_agreement(unmerged, reloaded)
+    reload_ok = reload["relative_error"] < 2e-2 and reload["top1_agreement"] > 0.98
 
     summary = {
         "backend": args.backend,
@@ -180,7 +187,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "trainable_parameters": trainable,
         "merge": merges,
         "adapter": str(adapter_dir),
-        "reload_identical": reload_ok,
+        "reload": reload,
+        "reload_ok": reload_ok,
         "loss_plot": str(plot) if plot else None,
         "seconds": time.perf_counter() - started,
     }
@@ -197,8 +205,9 @@ def run_demo(args: argparse.Namespace) -> int:
             f"  {mode:<12}  {row['mean_error']:>13.2e}   {row['mean_adapter_error']:>12.3f}   "
             f"{row['relative_error']:>15.2e}   {100 * row['top1_agreement']:>10.1f}%   {'yes' if row['unmerge_exact'] else 'NO'}"
         )
-    print(f"\n  adapter saved (PEFT format): {adapter_dir}; reloaded into a fresh model: "
-          f"{'identical logits' if reload_ok else 'DIFFERENT logits'}")
+    print(f"\n  adapter saved (PEFT format): {adapter_dir}")
+    print(f"  reloaded into a fresh quantized model: logits rel. err {reload['relative_error']:.1e}, "
+          f"top-1 agree {100 * reload['top1_agreement']:.1f}% -> {'ok' if reload_ok else 'MISMATCH'}")
     if plot:
         print(f"  loss curve: {plot}")
     print(f"  done in {summary['seconds']:.0f} s")

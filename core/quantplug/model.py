@@ -9,6 +9,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
+from quantplug.builtin import is_plain_linear
 from quantplug.config import LoraConfig
 from quantplug.lora import BASE, LoraLayer, check_adapter_name
 from quantplug.registry import hook, load_plugins
@@ -216,7 +217,7 @@ def quantize(module: nn.Module, backend: str, variant: str | None = None, skip: 
     if not status.ok:
         raise RuntimeError(f"backend {backend!r} is {status.status}: {status.reason}. Fix: {status.fix}")
     pm = hook()
-    if type(module) is nn.Linear:
+    if is_plain_linear(module):
         layer = pm.quantplug_quantize(linear=module, backend=backend, variant=variant)
         if layer is None:
             raise NotImplementedError(f"backend {backend!r} does not implement quantplug_quantize")
@@ -224,7 +225,7 @@ def quantize(module: nn.Module, backend: str, variant: str | None = None, skip: 
     targets = [
         path
         for path, child in module.named_modules()
-        if type(child) is nn.Linear and path.rsplit(".", 1)[-1] not in skip
+        if is_plain_linear(child) and path.rsplit(".", 1)[-1] not in skip
     ]
     for path in targets:
         module.set_submodule(path, quantize(module.get_submodule(path), backend, variant))

@@ -57,7 +57,7 @@ def test_registered_for_cuda_half_types(triton_kernels):
 
     kernels = load_plugins().kernels
     for dtype in DTYPES:
-        assert kernels.resolve("lora_add", "linear", "cuda", dtype).name == "triton-fused"
+        assert kernels.resolve("lora_add", "linear", "cuda", dtype).name == "triton-splitk"
         assert kernels.resolve("lora_mixed_add", "bnb", "cuda", dtype).name == "triton-bgmv"
     assert kernels.resolve("lora_add", "linear", "cuda", torch.float32).name == "reference"
     assert kernels.resolve("lora_add", "linear", "cpu", torch.bfloat16).name == "reference"
@@ -72,18 +72,18 @@ def test_lora_add_matches_reference(triton_kernels, dtype, shape):
         scale = [2.0, 0.37][trial]
         truth = lora_add_reference(y.double(), x.double(), A.double(), B.double(), scale)
         ref = lora_add_reference(y, x, A, B, scale)
-        poison((tokens, n), dtype)
-        fast = triton_kernels.lora_add(y, x, A, B, scale)
-        check_close(fast, ref, truth, dtype)
+        for fn in (triton_kernels.lora_add_splitk, triton_kernels.lora_add_fused, triton_kernels.lora_add):
+            poison((tokens, n), dtype)
+            check_close(fn(y, x, A, B, scale), ref, truth, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_lora_add_fused_and_cublas_paths_on_every_size(triton_kernels, dtype):
+def test_lora_add_every_path_on_3d_input(triton_kernels, dtype):
     # both implementations on the same inputs, whichever the dispatcher would pick, 3-D input
     y, x, A, B = adapter(7, 768, 1030, 16, dtype, lead=(3,))
     truth = lora_add_reference(y.double(), x.double(), A.double(), B.double(), 0.5)
     ref = lora_add_reference(y, x, A, B, 0.5)
-    for fn in (triton_kernels.lora_add_fused, triton_kernels.lora_add_cublas):
+    for fn in (triton_kernels.lora_add_splitk, triton_kernels.lora_add_fused, triton_kernels.lora_add_cublas):
         poison((21, 1030), dtype)
         check_close(fn(y, x, A, B, 0.5), ref, truth, dtype)
 

@@ -25,13 +25,42 @@ def _contract(hook_name: str, what: str, fix: str) -> str:
     return f"contract {hook_name}: {what}. Fix: {fix}"
 
 
+def _flatten(name: str, tensor: torch.Tensor, out: dict[str, torch.Tensor]) -> None:
+    """Clone ``tensor`` as plain tensors: wrapper subclasses (torchao) are split into their parts,
+    because some have no ``aten.equal`` or re-quantize on ``clone()``."""
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "__tensor_flatten__"):
+        for inner in tensor.__tensor_flatten__()[0]:
+            _flatten(f"{name}.{inner}", getattr(tensor, inner), out)
+        return
+    out[name] = tensor.detach().as_subclass(torch.Tensor).clone()
+
+
+def _held_tensors(obj: object) -> dict[str, torch.Tensor]:
+    """Tensor attributes of a plain object (bitsandbytes' ``QuantState`` on a weight, say)."""
+    if isinstance(obj, (torch.Tensor, nn.Module)) or not hasattr(obj, "__dict__"):
+        return {}
+    return {k: v for k, v in vars(obj).items() if isinstance(v, torch.Tensor)}
+
+
 def _state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor a module holds (parameters, buffers, plain tensor attributes), cloned."""
-    found = {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
+    """Every tensor a module holds, cloned: parameters, buffers, tensor attributes, and the
+    tensors of plain objects held by the module or its weights. Never ``state_dict()``: on a
+    repacked bitsandbytes layer it un-repacks in place."""
+    found: dict[str, torch.Tensor] = {}
     for name, sub in module.named_modules():
+        tensors = {**dict(sub.named_parameters(recurse=False)), **dict(sub.named_buffers(recurse=False))}
         for attr, value in vars(sub).items():
-            if isinstance(value, torch.Tensor) and not attr.startswith("_"):
-                found.setdefault(f"{name}.{attr}", value.detach().clone())
+            if isinstance(value, torch.Tensor):
+                tensors.setdefault(attr, value)
+            for inner, item in _held_tensors(value).items():
+                tensors.setdefault(f"{attr}.{inner}", item)
+        for attr, value in list(tensors.items()):
+            for holder, obj in (vars(value).items() if hasattr(value, "__dict__") else ()):
+                for inner, item in _held_tensors(obj).items():
+                    tensors.setdefault(f"{attr}.{holder}.{inner}", item)
+        for attr, value in tensors.items():
+            if not attr.startswith("_"):
+                _flatten(f"{name}.{attr}", value, found)
     return found
 
 

@@ -113,7 +113,11 @@ def _nearest(
         one (triangle inequality) and is not searched: after a small update nearly every group
         stays, so requantizing a big layer costs little more than a decode.
     """
-    found = torch.empty(points.shape[0], dtype=torch.long, device=points.device) if current is None else current.clone()
+    found = (
+        torch.empty(points.shape[0], dtype=torch.long, device=points.device)
+        if current is None
+        else current.clone()
+    )
     todo = None
     if current is not None and radius is not None:
         distance = (points - book[current]).square().sum(1).sqrt()
@@ -136,15 +140,17 @@ def _nearest(
 
 
 def _radii(book: torch.Tensor, book_sq: torch.Tensor) -> torch.Tensor:
-    """Half the distance from each ``book`` row to its nearest other row, rounded down to stay a lower bound."""
+    """Per ``book`` row, half its distance to the nearest other row, rounded down to stay a lower bound."""
     size = book.shape[0]
     step = max(1, CHUNK_ELEMENTS // size)
     radius = torch.empty(size, dtype=book.dtype, device=book.device)
     largest = book_sq.max()
     for start in range(0, size, step):
-        chunk = book[start : start + step]
-        count = chunk.shape[0]
-        squared = torch.addmm(book_sq, chunk, book.T, alpha=-2) + book_sq[start : start + count, None]
+        count = min(step, size - start)
+        squared = (
+            torch.addmm(book_sq, book[start : start + count], book.T, alpha=-2)
+            + book_sq[start : start + count, None]
+        )
         squared[torch.arange(count), torch.arange(start, start + count)] = float("inf")
         # the expansion loses a few ulps of ‖a‖² + ‖b‖²; take that off before trusting it
         low = squared.min(dim=1).values - 1e-5 * (book_sq[start : start + count] + largest)
@@ -204,10 +210,10 @@ def encode(
     out_groups, in_groups, dim = target.shape
     book = codebooks.detach().float().reshape(num_codebooks, size, dim).to(target.device)
     book_sq = book.square().sum(-1)
-    # the bound costs one codebook-sized search; worth it once the layer has more groups than entries
-    use_radii = out_groups * in_groups >= size
-    radii = [_radii(book[c], book_sq[c]) if use_radii else None for c in range(num_codebooks)]
     codes = codes.to(device=target.device, dtype=torch.long).clone()
+    # the bound (see _nearest) costs one search per codebook entry: worth it once groups outnumber entries
+    bounded = out_groups * in_groups >= size
+    radii = [_radii(book[c], book_sq[c]) if bounded else None for c in range(num_codebooks)]
     scales = scales.detach().float().reshape(out_groups).to(target.device).clone()
     work = iterations * num_codebooks * out_groups * in_groups * size * dim
     show = progress if progress is not None else work >= PROGRESS_WORK
@@ -223,7 +229,9 @@ def encode(
             for c in range(num_codebooks):
                 decoded = decode(book, codes)
                 residual = goal - decoded + book[c][codes[..., c]]
-                new = _nearest(residual.reshape(-1, dim), book[c], book_sq[c], bar, codes[..., c].reshape(-1), radii[c])
+                new = _nearest(
+                    residual.reshape(-1, dim), book[c], book_sq[c], bar, codes[..., c].reshape(-1), radii[c]
+                )
                 new = new.view(out_groups, in_groups)
                 if not torch.equal(new, codes[..., c]):
                     codes[..., c] = new

@@ -509,7 +509,9 @@ def test_bfloat16_layer():
         want = reference(x, dequant(base).double() + model.proj.delta_weight("default").double(), base.bias)
         assert got.dtype == torch.bfloat16 and relative_error(got, want) < 2e-2
         report = qp.merge(model, mode="requantize")
-    assert model.proj.base.codebooks.dtype == torch.bfloat16 and torch.equal(model.proj.base.codebooks, base.codebooks)
+    assert model.proj.base.codebooks.dtype == torch.bfloat16 and torch.equal(
+        model.proj.base.codebooks, base.codebooks
+    )
     assert report.layers[0].adapter_error < 1.0
 
 

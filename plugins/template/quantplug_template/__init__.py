@@ -72,7 +72,7 @@ def quantplug_check_backend(info):
 
 
 # --------------------------------------------------------------------------
-# Finding and wrapping layers (called by qp.attach and qp.detect)
+# Finding and wrapping layers (called by qp.attach, qp.detect, qp.prepare_for_training)
 # --------------------------------------------------------------------------
 
 
@@ -107,6 +107,18 @@ def quantplug_wrap_layer(module, config, backend):
     #     training, say). Return None for the core's LoraLayer, or delete this hookimpl.
     return None
     # <<< TODO(wrap)
+
+
+@hookimpl
+def quantplug_prepare_for_training(model):
+    """Optional: make your layers in ``model`` pass gradients back before training."""
+    # >>> TODO(train): optional. Called with the whole model by qp.prepare_for_training, for
+    #     every plugin. For each layer of yours in model.modules() (wrapped or not: use the
+    #     same test as detect), undo an inference-only repacking or switch to a kernel with a
+    #     backward pass. Leave other backends' layers and every weight value alone. Return None,
+    #     or delete this hookimpl if your layers' forward already has a backward pass.
+    return None
+    # <<< TODO(train)
 
 
 # --------------------------------------------------------------------------

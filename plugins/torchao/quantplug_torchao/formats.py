@@ -288,7 +288,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     from torchao.quantization import quantize_
 
     old = _weight(module)
-    dense = weight.detach().to(device=old.device, dtype=old.dtype)
+    dense = weight.detach().to(device=old.device, dtype=old.dtype).contiguous()
     bias = module.bias
     packed_bias = _packed_bias(old)
     if packed_bias is not None:  # IntxOpaqueTensor kept the bias inside the weight; quantize_ packs it again
