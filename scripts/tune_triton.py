@@ -14,11 +14,9 @@ import sys
 import time
 
 import torch
-import triton
-from triton.testing import do_bench_cudagraph
-
 from quantplug import triton_kernels as tk
 from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
+from triton.testing import do_bench_cudagraph
 
 dtype = torch.bfloat16
 R = 16

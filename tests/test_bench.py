@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from quantplug import bench
 from quantplug.cli import main
 

@@ -6,12 +6,11 @@ import types
 from pathlib import Path
 
 import pytest
-import torch
-from torch import nn
-
 import quantplug as qp
+import torch
 from quantplug import hookspecs
 from quantplug.info import BackendInfo, Status
+from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
 HOOKS = sorted(name for name in vars(hookspecs) if name.startswith("quantplug_"))
@@ -145,7 +144,7 @@ def test_every_hook_has_a_test_named_after_it():
 def test_every_hook_has_a_docstring_for_plugin_authors():
     for name in HOOKS:
         doc = inspect.getdoc(getattr(hookspecs, name)) or ""
-        assert "Implementing in a backend plugin" in doc and ":returns:" in doc or ":param" in doc, name
+        assert ("Implementing in a backend plugin" in doc and ":returns:" in doc) or ":param" in doc, name
         assert ".. versionadded::" in doc, name
 
 

@@ -39,3 +39,11 @@ def test_submodule_imports_do_not_shadow_public_functions():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"modules named like public functions: {out.stdout.strip()}"
+
+
+def test_lazy_names_are_all_exported():
+    import quantplug
+
+    assert set(quantplug._LAZY) <= set(quantplug.__all__)
+    for name in quantplug.__all__:
+        assert getattr(quantplug, name) is not None, name

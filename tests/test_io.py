@@ -19,7 +19,6 @@ import io
 import json
 import os
 import pickle
-import re
 import shutil
 from pathlib import Path
 

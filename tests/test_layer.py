@@ -3,11 +3,10 @@
 import math
 
 import pytest
-import torch
-from torch import nn
-
 import quantplug as qp
+import torch
 from quantplug.testing import relative_error
+from torch import nn
 
 
 class Tiny(nn.Module):

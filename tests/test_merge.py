@@ -4,12 +4,11 @@ import types
 import warnings
 
 import pytest
-import torch
-from torch import nn
-
 import quantplug as qp
+import torch
 from quantplug.info import BackendInfo
 from quantplug.testing import relative_error
+from torch import nn
 
 
 class Rounded(nn.Module):
@@ -108,7 +107,7 @@ def test_unsupported_mode_names_the_layer_and_leaves_the_model(toy):
         model.add_module("proj", layer)
         qp.attach(model, qp.LoraConfig(r=2, target_modules=["proj"]))
         assert model.proj.backend == "denseonly"
-        with pytest.raises(qp.MergeError, match="'proj'.*denseonly.*toy says no"):
+        with pytest.raises(qp.MergeError, match=r"'proj'.*denseonly.*toy says no"):
             qp.merge(model, mode="requantize")
         assert model.proj.base is layer and not model.proj.merges
         qp.merge(model, mode="dense")
@@ -122,7 +121,7 @@ def test_non_finite_merge_is_refused_before_any_change(toy):
     originals = [model[0].base, model[2].base]
     with torch.no_grad():
         model[2].lora_B["default"][0, 0] = float("inf")
-    with pytest.raises(qp.MergeError, match="'2'.*non-finite"):
+    with pytest.raises(qp.MergeError, match=r"'2'.*non-finite"):
         qp.merge(model)
     assert [model[0].base, model[2].base] == originals and not model[0].merges
 

@@ -1,10 +1,9 @@
 """attach / target_modules / errors that name the layer and the fix."""
 
 import pytest
+import quantplug as qp
 import torch
 from torch import nn
-
-import quantplug as qp
 
 
 class Block(nn.Module):

@@ -4,7 +4,6 @@ import types
 
 import pluggy
 import pytest
-
 import quantplug as qp
 from quantplug import registry
 from quantplug.info import BackendInfo, Requirement, Status
@@ -88,14 +87,14 @@ def test_missing_library_is_a_status_not_an_error(fake_entry_points):
 def test_duplicate_entry_point_names_both_distributions(fake_entry_points):
     fake_entry_points.append(FakeEntryPoint("alpha", backend_module("alpha"), "quantplug-alpha"))
     fake_entry_points.append(FakeEntryPoint("alpha", backend_module("alpha"), "alpha-fork"))
-    with pytest.raises(qp.PluginConflictError, match="quantplug-alpha.*alpha-fork"):
+    with pytest.raises(qp.PluginConflictError, match=r"quantplug-alpha.*alpha-fork"):
         registry.load_plugins()
 
 
 def test_duplicate_backend_name_names_both_distributions(fake_entry_points):
     fake_entry_points.append(FakeEntryPoint("one", backend_module("same"), "dist-one"))
     fake_entry_points.append(FakeEntryPoint("two", backend_module("same"), "dist-two"))
-    with pytest.raises(qp.PluginConflictError, match="dist-one.*dist-two"):
+    with pytest.raises(qp.PluginConflictError, match=r"dist-one.*dist-two"):
         registry.load_plugins()
 
 

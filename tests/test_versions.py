@@ -3,7 +3,6 @@
 import sys
 
 import pytest
-
 from quantplug import BackendInfo, Requirement, Status
 from quantplug.versions import probe, probe_backend
 

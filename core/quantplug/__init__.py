@@ -47,14 +47,37 @@ _LAZY = {
 }
 
 __all__ = [
+    "AdapterFileError",
     "BackendInfo",
     "BackendStatus",
     "LoraConfig",
+    "LoraLayer",
+    "MergeError",
+    "MergeReport",
+    "PluginConflictError",
     "Requirement",
     "Status",
     "__version__",
+    "adapter_batch",
+    "attach",
+    "backends",
+    "detect",
+    "disable_adapters",
     "hookimpl",
-    *_LAZY,
+    "load_adapter",
+    "load_plugins",
+    "lora_layers",
+    "merge",
+    "prepare_for_training",
+    "quantize",
+    "register",
+    "save_adapter",
+    "set_adapter",
+    "trainable_parameters",
+    "unload",
+    "unmerge",
+    "unregister",
+    "use_reference_kernels",
 ]
 
 

@@ -21,6 +21,7 @@ not require grad):
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -115,10 +116,8 @@ class KernelRegistry:
         out = {}
         for device in ("cpu", "cuda"):
             for op in OPS:
-                try:
+                with contextlib.suppress(LookupError):
                     out[f"{op}@{device}"] = self.resolve(op, backend, device, torch.bfloat16).name
-                except LookupError:
-                    pass
         return out
 
 

@@ -210,7 +210,7 @@ def unmerge(model: nn.Module, adapter: str | None = None) -> None:
 
     :param adapter: undo merges back to and including this adapter's; all when ``None``.
     """
-    for path, layer in lora_layers(model).items():
+    for layer in lora_layers(model).values():
         names = [name for name, *_ in layer.merges]
         if adapter is not None and adapter not in names:
             continue

@@ -17,6 +17,7 @@ from packaging.version import InvalidVersion, Version
 
 from quantplug.info import BackendInfo, BackendStatus, Requirement, Status
 
+
 def installed_version(dist: str) -> str | None:
     """The installed version of ``dist``, or ``None`` when its metadata is absent."""
     try:

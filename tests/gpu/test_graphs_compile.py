@@ -5,9 +5,8 @@ and its plugin are installed on the device.
 """
 
 import pytest
-import torch
-
 import quantplug as qp
+import torch
 
 DTYPE = torch.bfloat16
 

@@ -8,7 +8,6 @@ the reference's own size (both round to the compute dtype).
 
 import pytest
 import torch
-
 from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
 
 DTYPES = [torch.bfloat16, torch.float16]
