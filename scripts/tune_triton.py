@@ -1,3 +1,4 @@
+# ruff: noqa: B023  (each lambda is timed before the loop moves on)
 """Time the LoRA kernels' paths on this GPU (the block sizes in triton_kernels came from a sweep).
 
     python scripts/tune_triton.py [out.json]
@@ -46,7 +47,12 @@ for (N, K), M in itertools.product([(4096, 4096), (11008, 4096), (4096, 11008)],
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     best = (paths["splitk"], "splitk", err)
     results["paths"].append({"M": M, "N": N, "K": K, **paths, "best": best[1]})
-    print(f"M={M:3d} N={N:5d} K={K:5d}  " + "  ".join(f"{k} {v:.2f}" for k, v in paths.items()) + f"  best {best[1]} err {best[2]:.1e}", flush=True)
+    print(
+        f"M={M:3d} N={N:5d} K={K:5d}  "
+        + "  ".join(f"{k} {v:.2f}" for k, v in paths.items())
+        + f"  best {best[1]} err {best[2]:.1e}",
+        flush=True,
+    )
 
 # BGMV: 16 rows, 8 adapters
 for N, K in [(4096, 4096), (11008, 4096)]:
@@ -60,7 +66,10 @@ for N, K in [(4096, 4096), (11008, 4096)]:
     ref_us = bench(lambda: lora_mixed_add_reference(y, x, As, Bs, [2.0] * n, rows))
     single = bench(lambda: tk.lora_add_splitk(y, x, As[0], Bs[0], 2.0))
     best = (bench(lambda: tk.lora_mixed_add_bgmv(y, x, A_st, B_st, sc, rows)), tk.BGMV_CONFIG)
-    print(f"BGMV T=16 x8 N={N} K={K}: reference {ref_us:.2f}  one-adapter splitk {single:.2f}  best {best[0]:.2f} {best[1]}", flush=True)
+    print(
+        f"BGMV T=16 x8 N={N} K={K}: reference {ref_us:.2f}  one-adapter splitk {single:.2f}  best {best[0]:.2f} {best[1]}",
+        flush=True,
+    )
 
 # eager per-call cost (host-bound at these sizes)
 x = torch.randn(1, 4096, device="cuda", dtype=dtype)

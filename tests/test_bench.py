@@ -10,7 +10,23 @@ from quantplug.cli import main
 @pytest.mark.slow
 def test_bench_quick_cpu_writes_rows_with_the_required_keys(tmp_path):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--device", "cpu", "--backends", "linear", "--tokens", "1,16", "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--quick",
+                "--device",
+                "cpu",
+                "--backends",
+                "linear",
+                "--tokens",
+                "1,16",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and rows
     for row in rows:
@@ -29,7 +45,12 @@ def test_bench_quick_cpu_writes_rows_with_the_required_keys(tmp_path):
 
 
 def test_render_keeps_hand_written_text_and_states_every_target(tmp_path):
-    env = {"date": "2026-11-25 00:00 UTC", "gpu": "Test GPU", "versions": {"torch": "2.x"}, "command": "quantplug bench"}
+    env = {
+        "date": "2026-11-25 00:00 UTC",
+        "gpu": "Test GPU",
+        "versions": {"torch": "2.x"},
+        "command": "quantplug bench",
+    }
     rows = [
         {"backend": "bnb", "shape": "4096x4096", "tokens": 1, "library": "quantplug", "kernel": "triton-fused",
          "kernels": "fast", "bare_us": 10.0, "wrapped_us": 10.5, "wrapped_over_bare": 1.05,
@@ -40,7 +61,9 @@ def test_render_keeps_hand_written_text_and_states_every_target(tmp_path):
     src = tmp_path / "performance.json"
     src.write_text(json.dumps(rows))
     md = tmp_path / "performance.md"
-    md.write_text(f"# Performance\n\nnotes before\n\n{bench.GENERATED_START}\nold\n{bench.GENERATED_END}\n\nnotes after\n")
+    md.write_text(
+        f"# Performance\n\nnotes before\n\n{bench.GENERATED_START}\nold\n{bench.GENERATED_END}\n\nnotes after\n"
+    )
     assert main(["bench", "--render", str(src)]) == 0
     text = md.read_text()
     assert "notes before" in text and "notes after" in text and "\nold\n" not in text

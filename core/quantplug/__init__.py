@@ -81,7 +81,14 @@ __all__ = [
 ]
 
 
+# submodules reached as attributes (``qp.distributed.shard``), imported on first access; not in
+# __all__, which lists names defined by a submodule (tests/test_import.py keeps the two apart)
+_SUBMODULES = ("distributed",)
+
+
 def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"quantplug.{name}")  # also sets the package attribute
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'quantplug' has no attribute {name!r}")
@@ -91,10 +98,11 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted(__all__)
+    return sorted([*__all__, *_SUBMODULES])
 
 
 if TYPE_CHECKING:
+    from quantplug import distributed
     from quantplug.io import AdapterFileError, load_adapter, save_adapter
     from quantplug.kernels import use_reference_kernels
     from quantplug.lora import LoraLayer

@@ -33,6 +33,7 @@ beside it, and ``--render`` turns such a file into ``docs/performance.md``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -44,7 +45,16 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-REQUIRED_KEYS = ("backend", "shape", "tokens", "library", "kernel", "bare_us", "wrapped_us", "wrapped_over_bare")
+REQUIRED_KEYS = (
+    "backend",
+    "shape",
+    "tokens",
+    "library",
+    "kernel",
+    "bare_us",
+    "wrapped_us",
+    "wrapped_over_bare",
+)
 # backend -> variant timed by default (the plugin's first variant when absent)
 DEFAULT_VARIANTS = {"bnb": "nf4", "hqq": "4bit-g64", "torchao": "int8wo", "linear": None}
 PEFT_BACKENDS = ("linear", "bnb", "hqq", "torchao")
@@ -141,7 +151,6 @@ class Timer:
                 graph.replay()
 
         times = [self._elapsed_ms(body) / (inner * calls) for _ in range(self.trials)]
-        del graph
         return statistics.median(times) * 1e3
 
 
@@ -161,8 +170,6 @@ def copy_bandwidth_gbs(device: str) -> float | None:
     timer = Timer(device, quick=True)
     timer.trial_ms = 20.0
     us = timer.eager([lambda: dst.copy_(src)])
-    del src, dst
-    torch.cuda.empty_cache()
     return 2 * (1 << 30) / (us * 1e-6) / 1e9
 
 
@@ -173,14 +180,14 @@ def environment(device: str, argv: Sequence[str]) -> dict:
 
     versions = {}
     for dist in ("quantplug", "torch", "triton", "bitsandbytes", "peft", "hqq", "torchao", "transformers"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
     env = {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device,
-        "gpu": torch.cuda.get_device_name(0) if device == "cuda" else platform.processor() or platform.machine(),
+        "gpu": torch.cuda.get_device_name(0)
+        if device == "cuda"
+        else platform.processor() or platform.machine(),
         "cuda": torch.version.cuda if device == "cuda" else None,
         "python": platform.python_version(),
         "versions": versions,
@@ -209,7 +216,11 @@ def _tensors_of(obj, seen: dict, depth: int = 0) -> None:
     if isinstance(obj, dict):
         for value in obj.values():
             _tensors_of(value, seen, depth + 1)
-    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in ("bitsandbytes", "hqq", "torchao"):
+    elif hasattr(obj, "__dict__") and type(obj).__module__.split(".")[0] in (
+        "bitsandbytes",
+        "hqq",
+        "torchao",
+    ):
         for value in vars(obj).values():
             _tensors_of(value, seen, depth + 1)
 
@@ -313,7 +324,8 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
             base_bytes = storage_bytes(first)
             copies = 1 if not l2 else max(1, min(8, math.ceil(2.5 * l2 / max(base_bytes, 1))))
             bases = [first] + [
-                _quantized(backend, variant, out_features, in_features, device, dtype) for _ in range(copies - 1)
+                _quantized(backend, variant, out_features, in_features, device, dtype)
+                for _ in range(copies - 1)
             ]
             models = []
             for base in bases:
@@ -340,8 +352,8 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                 io_bytes = x.nbytes + tokens * out_features * x.element_size()
                 graphs = device == "cuda" and tokens <= 16
                 with torch.no_grad():
-                    bare = [lambda b=b: b(x) for b in bases]
-                    wrapped = [lambda m=m: m.proj(x) for m in models]
+                    bare = [lambda b=b, x=x: b(x) for b in bases]
+                    wrapped = [lambda m=m, x=x: m.proj(x) for m in models]
                     row = {
                         "backend": backend,
                         "variant": variant,
@@ -364,7 +376,11 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                         qp.use_reference_kernels(False)
                     path = kernel
                     if kernel == "triton-splitk":
-                        path = "cublas-addmm" if tokens > _fused_max() else "eager cublas-addmm, graph triton-splitk"
+                        path = (
+                            "cublas-addmm"
+                            if tokens > _fused_max()
+                            else "eager cublas-addmm, graph triton-splitk"
+                        )
                     common = {"bare_us": bare_us, "bare_graph_us": bare_graph_us}
                     rows.append(
                         _finish(
@@ -382,11 +398,13 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                         )
                     )  # fmt: skip
                     if peft_layers:
-                        peft_calls = [lambda p=p: p(x) for p in peft_layers]
+                        peft_calls = [lambda p=p, x=x: p(x) for p in peft_layers]
                         try:
                             peft_us = timer.eager(peft_calls)
                             peft_graph_us = timer.graph(peft_calls) if graphs else None
-                            peft_kernel = f"peft:{type(peft_layers[0]).__module__}.{type(peft_layers[0]).__name__}"
+                            peft_kernel = (
+                                f"peft:{type(peft_layers[0]).__module__}.{type(peft_layers[0]).__name__}"
+                            )
                             rows.append(
                                 _finish(
                                     {**row, **common, "library": "peft", "kernel": peft_kernel,
@@ -412,7 +430,7 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                 with torch.no_grad():
                     # the merged dense layer itself, what a serving engine runs (a plugin's adapter-layer
                     # subclass may keep its own base_forward for its quantized base)
-                    merged_us = timer.eager([lambda m=m: m.proj.base(x) for m in models])
+                    merged_us = timer.eager([lambda m=m, x=x: m.proj.base(x) for m in models])
                 for row in rows:
                     if (row["backend"], row["shape"], row["tokens"]) == (backend, shape, tokens) and row[
                         "library"
@@ -504,7 +522,9 @@ def _fused_max() -> int:
 def _progress(rows, backend, shape, tokens) -> str:
     parts = [f"{backend:8s} {shape:>11s} t={tokens:<5d}"]
     for row in rows:
-        if (row["backend"], row["shape"], row["tokens"]) != (backend, shape, tokens) or row.get("wrapped_us") is None:
+        if (row["backend"], row["shape"], row["tokens"]) != (backend, shape, tokens) or row.get(
+            "wrapped_us"
+        ) is None:
             continue
         parts.append(f"{row['library']}/{row['kernel'].split(':')[0][:14]} {row['wrapped_over_bare']:.2f}x")
     return "  ".join(parts)
@@ -635,7 +655,9 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         disabled = _decode_tps(model, prompt, new_tokens, device)
     log(f"quantplug decode: unmerged {unmerged:.1f} tok/s, disabled {disabled:.1f} tok/s")
     qp.prepare_for_training(model)
-    train_tps, train_peak = _train_tps(model, qp.trainable_parameters(model), batch, seq, steps, device, vocab)
+    train_tps, train_peak = _train_tps(
+        model, qp.trainable_parameters(model), batch, seq, steps, device, vocab
+    )
     log(f"quantplug train: {train_tps:.0f} tok/s, peak {train_peak} GiB")
     model.requires_grad_(False)
     try:
@@ -665,7 +687,8 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         model.is_loaded_in_4bit = variant != "int8"
         model.is_loaded_in_8bit = variant == "int8"
     peft_model = get_peft_model(
-        model, PeftConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LINEARS, init_lora_weights=False)
+        model,
+        PeftConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LINEARS, init_lora_weights=False),
     )
     peft_unmerged = _decode_tps(peft_model, prompt, new_tokens, device)
     with peft_model.disable_adapter():
@@ -714,7 +737,9 @@ def table(rows: list[dict]) -> str:
     for key in keys:
         group = [r for r in rows if (r["backend"], r["shape"], r["tokens"]) == key and "adapters" not in r]
         fast = next((r for r in group if r["library"] == "quantplug" and r.get("kernels") == "fast"), None)
-        ref = next((r for r in group if r["library"] == "quantplug" and r.get("kernels") == "reference"), None)
+        ref = next(
+            (r for r in group if r["library"] == "quantplug" and r.get("kernels") == "reference"), None
+        )
         peft = next((r for r in group if r["library"] == "peft" and r.get("wrapped_us")), None)
         if fast is None:
             continue
@@ -757,7 +782,9 @@ def chart(rows: list[dict], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except Exception:
         return None
-    layer = [r for r in rows if isinstance(r["tokens"], int) and "adapters" not in r and r.get("wrapped_over_bare")]
+    layer = [
+        r for r in rows if isinstance(r["tokens"], int) and "adapters" not in r and r.get("wrapped_over_bare")
+    ]
     if not layer:
         return None
     tokens_list = sorted({r["tokens"] for r in layer})
@@ -782,7 +809,9 @@ def chart(rows: list[dict], path: Path) -> Path | None:
             values = []
             for label in groups:
                 match = [
-                    r for r in layer if r["tokens"] == tokens and f"{r['backend']}\n{r['shape']}" == label and pick(r)
+                    r
+                    for r in layer
+                    if r["tokens"] == tokens and f"{r['backend']}\n{r['shape']}" == label and pick(r)
                 ]
                 values.append(match[0].get(key) or 0.0 if match else 0.0)
             xs = [g + (i - len(series) / 2 + 0.5) * width for g in range(len(groups))]
@@ -793,14 +822,20 @@ def chart(rows: list[dict], path: Path) -> Path | None:
                                 va="bottom", fontsize=6, rotation=90)  # fmt: skip
         ax.axhline(1.0, color="black", linewidth=0.8)
         if tokens == 1:
-            ax.axhline(TARGETS["decode_ratio"], color="red", linestyle="--", linewidth=0.8, label="target 1.10")
+            ax.axhline(
+                TARGETS["decode_ratio"], color="red", linestyle="--", linewidth=0.8, label="target 1.10"
+            )
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, fontsize=8)
         ax.set_ylabel("time / bare layer")
-        ax.set_title(f"{tokens} token{'s' if tokens > 1 else ''}: adapter layer time over the bare quantized layer")
+        ax.set_title(
+            f"{tokens} token{'s' if tokens > 1 else ''}: adapter layer time over the bare quantized layer"
+        )
         ax.legend(fontsize=7, ncol=3, loc="upper left")
     env = rows[0].get("env", {})
-    fig.suptitle(f"quantplug bench on {env.get('gpu', '?')} ({env.get('date', '')}): lower is better", fontsize=10)
+    fig.suptitle(
+        f"quantplug bench on {env.get('gpu', '?')} ({env.get('date', '')}): lower is better", fontsize=10
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -816,7 +851,11 @@ def render(json_path: Path, md_path: Path) -> str:
     rows = json.loads(Path(json_path).read_text())
     body = _render_body(rows, json_path)
     section = f"{GENERATED_START}\n\n{body}\n{GENERATED_END}"
-    old = md_path.read_text() if md_path.exists() else "# Performance\n\n" + GENERATED_START + "\n" + GENERATED_END + "\n"
+    old = (
+        md_path.read_text()
+        if md_path.exists()
+        else "# Performance\n\n" + GENERATED_START + "\n" + GENERATED_END + "\n"
+    )
     if GENERATED_START in old and GENERATED_END in old:
         head, rest = old.split(GENERATED_START, 1)
         tail = rest.split(GENERATED_END, 1)[1]
@@ -895,7 +934,9 @@ def _layer_table_rows(rows):
     for key in keys:
         group = [r for r in rows if (r["backend"], r["shape"], r["tokens"]) == key and "adapters" not in r]
         fast = next((r for r in group if r["library"] == "quantplug" and r.get("kernels") == "fast"), None)
-        ref = next((r for r in group if r["library"] == "quantplug" and r.get("kernels") == "reference"), None)
+        ref = next(
+            (r for r in group if r["library"] == "quantplug" and r.get("kernels") == "reference"), None
+        )
         peft = next((r for r in group if r["library"] == "peft"), None)
         if fast is None:
             continue

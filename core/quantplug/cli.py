@@ -25,7 +25,10 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
         return 0
-    header = ("backend", "status", "plugin", "library", "found", "required", "devices", "merge", "kernel (cpu / cuda)")
+    header = (
+        "backend", "status", "plugin", "library", "found", "required", "devices", "merge", "fsdp2",
+        "kernel (cpu / cuda)",
+    )  # fmt: skip
     table = []
     for row in rows:
         info = row.info
@@ -40,6 +43,7 @@ def _doctor(args: argparse.Namespace) -> int:
                 row.required or "-",
                 ",".join(info.devices) if info else "-",
                 ",".join(info.merge_modes) if info else "-",
+                _fsdp2(info),
                 kernel,
             )
         )
@@ -59,6 +63,18 @@ def _doctor(args: argparse.Namespace) -> int:
     if not problems:
         print("\nall backends ok")
     return 0
+
+
+def _fsdp2(info) -> str:
+    """``yes``/``no`` for BackendInfo.shardable, naming the variants its limits exclude (``-v`` says why)."""
+    if info is None:
+        return "-"
+    if not info.shardable:
+        return "no"
+    excluded = [key.split(":", 1)[1] for key in info.limits if key.startswith("shardable:")]
+    if excluded:
+        return "yes, not " + ",".join(excluded)
+    return "partial" if "shardable" in info.limits else "yes"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -81,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor = sub.add_parser(
         "doctor",
-        help="list backends: status, versions, merge modes, kernels, and the fix",
+        help="list backends: status, versions, merge modes, FSDP2 sharding, kernels, and the fix",
         description="One row per installed backend plugin. A plugin that failed to import, or whose library is "
         "missing, too old, too new or broken, is listed with the exact command that fixes it; "
         "every other backend keeps working.",

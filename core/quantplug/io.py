@@ -32,7 +32,12 @@ class AdapterFileError(ValueError):
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default") -> Path:
-    """Write ``adapter`` as PEFT does; returns the folder. Files are replaced atomically."""
+    """Write ``adapter`` as PEFT does; returns the folder. Files are replaced atomically.
+
+    On a model sharded by FSDP2 (:func:`quantplug.distributed.shard`) every rank
+    must call it: each adapter tensor is gathered whole (a collective) and rank 0
+    alone writes the same files as single-device training.
+    """
     from safetensors.torch import save_file
 
     layers = lora_layers(model, adapter)
@@ -40,12 +45,18 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         raise ValueError(f"no layer has adapter {adapter!r}")
     config = next(iter(layers.values())).configs[adapter]
     tensors = {}
+    sharded = False
     for module_path, layer in layers.items():
         for attr, suffix in SUFFIXES.items():
             store = getattr(layer, attr)
             if adapter in store:
-                tensors[PREFIX + module_path + suffix] = store[adapter].detach().to("cpu").contiguous().clone()
+                tensor = store[adapter].detach()
+                if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
+                    tensor, sharded = tensor.full_tensor(), True
+                tensors[PREFIX + module_path + suffix] = tensor.to("cpu").contiguous().clone()
     folder = Path(path)
+    if sharded and torch.distributed.get_rank() != 0:
+        return folder
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
     _atomic_write(folder / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config.to_peft_dict(), indent=2)))

@@ -8,16 +8,22 @@ was not written for (autograd, mixed dtypes, CPU tensors), so registering
 it never changes a result beyond rounding.
 
 ``lora_add``
-    Up to :data:`FUSED_MAX_TOKENS` tokens (decode, small batches): one
-    launch. Each program computes the rank-``r`` shrink ``x @ A.T`` for its
-    rows in float32 over the whole input dimension (A is ``r x in``: 128 KB
-    at r=16, in=4096, read from L2 by every program), rounds it to the
-    compute dtype as the reference does, expands it against its block of
-    ``B`` and adds it to its block of ``y`` in one store. The base output
-    makes one round trip; the reference path makes four launches and three
-    temporaries of ``y``'s size. Above that many tokens the work is two
-    real matrix products, which cuBLAS does best: ``x @ A.T`` then
-    ``addmm(y, ., B.T, alpha=scale)`` (two launches, one pass over ``y``).
+    Up to :data:`FUSED_MAX_TOKENS` tokens (decode, small batches), when the
+    call is being captured in a CUDA graph or compiled: two short launches
+    (:func:`lora_add_splitk`). The shrink ``x @ A.T`` is split over about 32
+    slices of the input dimension, so every SM reads its slice of ``A`` at
+    once, into a float32 scratch of ``32 x r`` per row; the expand kernel sums
+    the slices, rounds them to the compute dtype as the reference does,
+    multiplies by its block of ``B`` and adds into its block of ``y``, which
+    makes one round trip. On an H100 at r=16 this takes about 4 us of GPU
+    time against 9 us for cuBLAS' two products and 10.5 us for the
+    reference's five kernels (``scripts/tune_triton.py``). A single-launch
+    variant that recomputes the whole shrink in every program
+    (:func:`lora_add_fused`) took 7-15 us: each program's serial read of all
+    of ``A`` is latency-bound. Run eagerly, or above that many tokens, the
+    op takes cuBLAS' ``x @ A.T`` then ``addmm(y, ., B.T, alpha=scale)``: at
+    decode an eager step waits on the host, and two ATen calls cost the host
+    less than two Triton launches from Python.
 
 ``lora_mixed_add``
     BGMV-style (Punica's batched gather matrix-vector product): all rows,
@@ -40,8 +46,8 @@ import triton.language as tl
 from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
 
 DTYPES = (torch.bfloat16, torch.float16)
-# At and below this many tokens the fused kernel beats cuBLAS' two products
-# (decode and small batches); above it the shrink is a real matrix product.
+# At and below this many tokens (decode, small batches) the split-K kernels beat
+# cuBLAS' two products on the GPU; above it the shrink is a real matrix product.
 FUSED_MAX_TOKENS = 64
 
 
@@ -89,15 +95,21 @@ def _lora_fused_kernel(
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
         k_mask = kk < K
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0)
+        xt = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        at = tl.load(
+            a_ptr + rr[None, :] * stride_ar + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0
+        )
         acc = tl.dot(xt, at, acc)
     # the reference rounds x @ A.T to the compute dtype before the expand
     t = acc.to(out_ptr.dtype.element_ty)
     # expand and add into this program's block of outputs
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    bt = tl.load(
+        b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+    )
     delta = tl.dot(t, bt) * scale
     mn_mask = m_mask[:, None] & n_mask[None, :]
     yt = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mn_mask, other=0.0)
@@ -125,8 +137,12 @@ def _shrink_splitk_kernel(
     for k0 in range(0, K_PER_SPLIT, BLOCK_K):
         kk = pid_s * K_PER_SPLIT + k0 + rk
         k_mask = kk < K
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-        at = tl.load(a_ptr + rr[:, None] * stride_ar + kk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)
+        xt = tl.load(
+            x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        at = tl.load(
+            a_ptr + rr[:, None] * stride_ar + kk[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0
+        )
         acc = tl.dot(xt, tl.trans(at), acc)
     offs = rm[:, None] * (BLOCK_S * BLOCK_R) + pid_s * BLOCK_R + rr[None, :]
     tl.store(part_ptr + offs, acc, mask=m_mask[:, None])
@@ -152,7 +168,9 @@ def _expand_splitk_kernel(
     t = tl.sum(parts, axis=1).to(out_ptr.dtype.element_ty)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
-    bt = tl.load(b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+    bt = tl.load(
+        b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
+    )
     delta = tl.dot(t, bt) * scale
     mn_mask = m_mask[:, None] & n_mask[None, :]
     yt = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mn_mask, other=0.0)
@@ -200,9 +218,12 @@ def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(n))
 
 
-def fused_config(M: int, N: int, K: int) -> dict:
-    """Block sizes for the fused kernel (picked on an H100 by ``scripts/tune_triton.py``)."""
-    return dict(FUSED_CONFIG)
+def fused_config(M: int, N: int, K: int, R: int = 16) -> dict:
+    """Block sizes for the fused kernel (the best of a sweep on an H100 at r=16)."""
+    config = dict(FUSED_CONFIG)
+    if R > 16:  # the (BLOCK_K, r) tile of A must fit in shared memory: 1024 x 64 did not (2026-11-25)
+        config["BLOCK_K"] = max(128, 16384 // _pow2_at_least(R, 16))
+    return config
 
 
 # BLOCK_N outputs per program; BLOCK_K of the input dimension per step of the shrink
@@ -219,7 +240,7 @@ def _launch_fused(kernel, y, x, A, B, scale, config=None):
     B = B.contiguous()
     M = x2.shape[0]
     out = torch.empty((M, N), device=y.device, dtype=y.dtype)
-    config = config or fused_config(M, N, K)
+    config = config or fused_config(M, N, K, R)
     grid = (triton.cdiv(M, 16), triton.cdiv(N, config["BLOCK_N"]))
     kernel[grid](
         y2, x2, A, B, out,
@@ -235,7 +256,9 @@ def lora_add_fused(y, x, A, B, scale, config=None):
     return _launch_fused(_lora_fused_kernel, y, x, A, B, float(scale), config)
 
 
-def lora_add_cublas(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+def lora_add_cublas(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Two cuBLAS products, the second accumulating into ``y`` (many tokens)."""
     K = x.shape[-1]
     N = y.shape[-1]
@@ -244,18 +267,24 @@ def lora_add_cublas(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.
 
 
 def lora_add(y, x, A, B, scale):
-    """The registered ``lora_add`` for CUDA: fused up to :data:`FUSED_MAX_TOKENS` tokens, cuBLAS above."""
-    if not _fast_ok(y, x, (A, B)):
+    """The registered ``lora_add`` for CUDA: split-K Triton kernels when few tokens are captured in a
+    CUDA graph or compiled, cuBLAS otherwise (cheapest on the host; see the module doc)."""
+    dtype = y.dtype
+    if x.dtype != dtype or A.dtype != dtype or B.dtype != dtype or not y.is_cuda:
         return lora_add_reference(y, x, A, B, scale)
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if tokens <= FUSED_MAX_TOKENS:
+    width = x.shape[-1]
+    if (
+        width
+        and x.numel() // width <= FUSED_MAX_TOKENS
+        and (_compiling() or torch.cuda.is_current_stream_capturing())
+        and not _needs_grad(y, x, A, B)
+    ):
         if _compiling():  # the custom op, which inductor sees into
             return _lora_add_splitk_op(y, x, A, B, float(scale))
-        if torch.cuda.is_current_stream_capturing():
-            return lora_add_splitk(y, x, A, B, scale)
+        return lora_add_splitk(y, x, A, B, scale)
     # Eager: two ATen calls cost the host less than two Triton launches (measured on an H100
-    # host, 2026-11-25: ~15 us per ATen op vs ~70 us per Triton launch from Python), and at
-    # decode an eager step waits on the host, not the GPU.
+    # host, 2026-11-25: ~60 us for this path vs ~100 us for the two launches from Python), and
+    # at decode an eager step waits on the host, not the GPU. Autograd works through it.
     return lora_add_cublas(y, x, A, B, scale)
 
 
@@ -417,7 +446,9 @@ def _make_ops():
         return lora_add_splitk
 
     @triton_op("quantplug::lora_add_splitk", mutates_args=())
-    def splitk(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    def splitk(
+        y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    ) -> torch.Tensor:
         return _launch_splitk(
             wrap_triton(_shrink_splitk_kernel), wrap_triton(_expand_splitk_kernel), y, x, A, B, scale
         )
@@ -434,4 +465,6 @@ except Exception:  # a torch whose custom-op API differs: the plain launch still
 def register(register) -> None:
     """Register the kernels above (``register`` is a :class:`quantplug.kernels.KernelRegister`)."""
     register.kernel("lora_add", lora_add, name="triton-splitk", device="cuda", dtypes=DTYPES, priority=10)
-    register.kernel("lora_mixed_add", lora_mixed_add, name="triton-bgmv", device="cuda", dtypes=DTYPES, priority=10)
+    register.kernel(
+        "lora_mixed_add", lora_mixed_add, name="triton-bgmv", device="cuda", dtypes=DTYPES, priority=10
+    )

@@ -15,7 +15,11 @@ def pytest_collection_modifyitems(items):
         if "tests/gpu/" in str(item.fspath).replace("\\", "/"):
             item.add_marker(pytest.mark.gpu)
             if not CUDA:
-                item.add_marker(pytest.mark.skip(reason="needs a CUDA device (CI has none; scripts/gpu_run.sh runs these)"))
+                item.add_marker(
+                    pytest.mark.skip(
+                        reason="needs a CUDA device (CI has none; scripts/gpu_run.sh runs these)"
+                    )
+                )
 
 
 @pytest.fixture

@@ -21,7 +21,9 @@ def wrapped_layer(backend, variant=None, out_features=1024, in_features=2048):
     if backend != "linear":
         status = {row.name: row for row in qp.backends()}.get(backend)
         if status is None or not status.ok:
-            pytest.skip(f"backend {backend!r} is not usable here: {getattr(status, 'reason', 'not installed')}")
+            pytest.skip(
+                f"backend {backend!r} is not usable here: {getattr(status, 'reason', 'not installed')}"
+            )
     torch.manual_seed(0)
     linear = torch.nn.Linear(in_features, out_features, bias=True, device="cuda", dtype=DTYPE)
     base = linear if backend == "linear" else qp.quantize(linear, backend, variant)
