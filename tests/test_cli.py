@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-
 from quantplug.cli import main
 
 
@@ -31,7 +30,7 @@ def test_doctor_reports_a_missing_library_with_the_fix(monkeypatch, capsys):
     real = versions.installed_version
     monkeypatch.setattr(versions, "installed_version", lambda dist: None if dist == "bitsandbytes" else real(dist))
     monkeypatch.setattr(
-        versions, "_module_present", lambda name: False if name == "bitsandbytes" else True
+        versions, "_module_present", lambda name: name != "bitsandbytes"
     )
     registry.reset()
     try:
