@@ -135,6 +135,75 @@ def test_hook_register_kernels(box):
     assert qp.load_plugins().kernels.resolve("lora_add", "linear", "cpu", torch.float32).name == "reference"
 
 
+class ZBox(nn.Module):
+    """A toy group-wise layer: 4-bit codes, a float scale and zero point per 4 input columns."""
+
+    group = 4
+
+    def __init__(self, codes, scale, zero):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+
+    @classmethod
+    def from_weight(cls, weight):
+        w = weight.detach().float().unflatten(1, (-1, cls.group))
+        low, high = w.amin(-1), w.amax(-1)
+        scale = ((high - low) / 15).clamp_min(1e-8)
+        zero = -low / scale
+        codes = torch.round(w / scale[..., None] + zero[..., None]).clamp(0, 15).to(torch.uint8).flatten(1)
+        return cls(codes, scale, zero)
+
+    def dequantize(self):
+        expand = lambda t: t.repeat_interleave(self.group, dim=1)  # noqa: E731
+        return (self.codes.float() - expand(self.zero)) * expand(self.scale)
+
+    def forward(self, x):
+        return x @ self.dequantize().T
+
+
+@pytest.fixture
+def zbox():
+    mine = "zbox"
+    p = types.SimpleNamespace()
+    p.quantplug_backend_info = qp.hookimpl(
+        lambda: BackendInfo(name=mine, merge_modes=("requantize", "dense", "zeros"))
+    )
+    p.quantplug_detect_layer = qp.hookimpl(lambda module: mine if isinstance(module, ZBox) else None)
+    p.quantplug_dequantize = qp.hookimpl(lambda module, backend: module.dequantize() if backend == mine else None)
+    p.quantplug_group_size = qp.hookimpl(lambda module, backend: module.group if backend == mine else None)
+    p.quantplug_fold_into_zeros = qp.hookimpl(
+        lambda module, offsets, backend: ZBox(module.codes.clone(), module.scale.clone(), module.zero - offsets / module.scale)
+        if backend == mine
+        else None
+    )
+    name = qp.register(p, name="zbox-plugin")
+    try:
+        yield
+    finally:
+        qp.unregister(name)
+
+
+def test_hook_group_size(zbox, box):
+    model = nn.Sequential(ZBox.from_weight(torch.randn(6, 16)))
+    qp.attach(model, qp.LoraConfig(r=2, target_modules=["0"], use_qalora=True))
+    assert model[0].qalora_group_size["default"] == 4 and model[0].lora_A["default"].shape == (2, 4)
+    with pytest.raises(ValueError, match=r"layer '0' \(box\).*reports none"):  # a backend without the hook
+        qp.attach(nn.Sequential(Box(torch.randn(4, 8))), qp.LoraConfig(r=2, target_modules=["0"], use_qalora=True))
+
+
+def test_hook_fold_into_zeros(zbox):
+    model = nn.Sequential(ZBox.from_weight(torch.randn(6, 16)))
+    original = model[0]
+    qp.attach(model, qp.LoraConfig(r=2, target_modules=["0"], use_qalora=True, init="random"))
+    report = qp.merge(model, mode="zeros")
+    assert torch.equal(model[0].base.codes, original.codes) and report.layers[0].error < 1e-5
+    qp.unmerge(model)
+    assert model[0].base is original
+
+
 def test_every_hook_has_a_test_named_after_it():
     names = {n for n in globals() if n.startswith("test_hook_")}
     missing = [h for h in HOOKS if f"test_hook_{h.removeprefix('quantplug_')}" not in names]

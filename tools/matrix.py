@@ -77,13 +77,13 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             "hqq",
             "hqq",
-            ("0.2.2", "0.2.3", "0.2.5", "0.2.7.post1", "0.2.8.post1"),
+            ("0.2.2", "0.2.3", "0.2.5", "0.2.6", "0.2.7", "0.2.7.post1", "0.2.8.post1"),
             too_old="0.2.2",
             witness="quanto",
         ),
         Backend("torchao", "torchao", ("0.17.0", "0.18.0"), too_old="0.17.0"),
         Backend("quanto", "optimum-quanto", ("0.2.6", "0.2.7"), too_old="0.2.6"),
-        Backend("aqlm", "aqlm", ("1.1.0", "1.1.3", "1.1.7"), too_old="1.0.3"),
+        Backend("aqlm", "aqlm", ("1.1.0", "1.1.3", "1.1.4", "1.1.5", "1.1.6", "1.1.7"), too_old="1.0.3"),
         Backend(
             "inc",
             "neural-compressor",

@@ -102,7 +102,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
-    from quantplug import distributed
+    from quantplug import distributed as distributed
     from quantplug.io import AdapterFileError, load_adapter, save_adapter
     from quantplug.kernels import use_reference_kernels
     from quantplug.lora import LoraLayer

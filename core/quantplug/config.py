@@ -32,6 +32,17 @@ class LoraConfig:
         starts as a no-op, as in PEFT) or ``"random"`` (B random too, for
         tests and benchmarks that need a non-zero adapter).
     :param exclude_modules: names, suffixes or a regex never targeted.
+    :param use_qalora: quantization-aware LoRA (QALoRA, Xu et al. 2023):
+        the adapter sees its input averaged over groups of
+        ``qalora_group_size`` consecutive columns (times the number of
+        groups, as PEFT computes it), so ``A`` is ``(r, in_features / g)``
+        and the update is constant within each group. With groups equal to
+        the layer's quantization groups, ``qp.merge(mode="zeros")`` folds
+        the adapter into the zero points and leaves the quantized codes as
+        they are. Not with ``use_dora``.
+    :param qalora_group_size: the pooling group ``g``; ``None`` takes each
+        layer's own quantization group size (which its backend reports), an
+        error on layers without one. Must divide ``in_features``.
     """
 
     r: int = 8
@@ -43,12 +54,23 @@ class LoraConfig:
     dtype: Any = None
     init: str = "default"
     exclude_modules: list[str] | str | None = None
+    use_qalora: bool = False
+    qalora_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r <= 0:
             raise ValueError(f"LoraConfig.r must be a positive int, got {self.r!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.qalora_group_size is not None:
+            group = self.qalora_group_size
+            if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
+                raise ValueError(f"LoraConfig.qalora_group_size must be a positive int or None, got {group!r}")
+            if not self.use_qalora:
+                raise ValueError("LoraConfig.qalora_group_size is set but use_qalora is False; set use_qalora=True")
+        if self.use_qalora and self.use_dora:
+            # as in PEFT; DoRA rescales whole rows by W's norms, so its update is not constant per group
+            raise ValueError("LoraConfig: use_qalora and use_dora cannot be combined; pick one")
         if self.init not in ("default", "random"):
             raise ValueError(f"LoraConfig.init must be 'default' or 'random', got {self.init!r}")
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -79,7 +101,12 @@ class LoraConfig:
         return _matches(self.target_modules, path)
 
     def to_peft_dict(self) -> dict[str, Any]:
-        """The ``adapter_config.json`` PEFT writes for the same adapter."""
+        """The ``adapter_config.json`` PEFT writes for the same adapter.
+
+        QALoRA adapters add PEFT's ``use_qalora`` and ``qalora_group_size``; a
+        ``None`` group size is written as the layers' own by ``qp.save_adapter``.
+        """
+        qalora = {"use_qalora": True, "qalora_group_size": self.qalora_group_size} if self.use_qalora else {}
         return {
             "peft_type": "LORA",
             "task_type": None,
@@ -100,6 +127,7 @@ class LoraConfig:
             "layers_pattern": None,
             "rank_pattern": {},
             "alpha_pattern": {},
+            **qalora,
         }
 
     @classmethod
@@ -115,6 +143,10 @@ class LoraConfig:
         if "r" not in data or "target_modules" not in data:
             raise ValueError("needs the keys 'r' and 'target_modules'")
         target = data["target_modules"]
+        use_qalora = bool(data.get("use_qalora", False))
+        group = data.get("qalora_group_size") if use_qalora else None
+        if use_qalora and (isinstance(group, bool) or not isinstance(group, int) or group <= 0):
+            raise ValueError(f"use_qalora is true and qalora_group_size is {group!r}, not a positive int")
         return cls(
             r=int(data["r"]),
             alpha=float(data.get("lora_alpha", data["r"])),
@@ -123,6 +155,8 @@ class LoraConfig:
             use_dora=bool(data.get("use_dora", False)),
             use_rslora=bool(data.get("use_rslora", False)),
             exclude_modules=data.get("exclude_modules"),
+            use_qalora=use_qalora,
+            qalora_group_size=group,
         )
 
     def as_dict(self) -> dict[str, Any]:

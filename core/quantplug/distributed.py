@@ -67,7 +67,7 @@ def _signature(module: nn.Module) -> tuple:
     return type(module), kinds
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _variant_signatures(registry: int, backend: str, variants: tuple[str, ...]) -> dict[tuple, str]:
     """signature -> variant, from one tiny layer ``quantplug_quantize`` builds per variant.
 
@@ -114,28 +114,28 @@ def check_shardable(model: nn.Module) -> None:
     variants it lists in ``limits`` as ``"shardable:<variant>"`` (bnb: ``int8``).
     """
     refused: dict[tuple[str, str, str], list[str]] = {}
-    inside: list[str] = []
+    claimed: set[int] = set()  # modules inside a quantized layer: checked as part of it
     for path, module in model.named_modules():
-        if any(path.startswith(prefix + ".") for prefix in inside):
-            continue  # an adapter layer's base is checked through the adapter layer
+        if id(module) in claimed:
+            continue
         if isinstance(module, LoraLayer):
-            inside.append(path)
             base, backend = module.base, module.backend
         else:
-            if not path or next(module.children(), None) is not None:
-                continue  # containers: their quantized leaves are checked one by one
             backend = detect(module, model)
             if backend is None:
                 continue
             base = module
+        claimed.update(id(m) for m in module.modules())
         why = _refusal(base, backend)
         if why is not None:
-            refused.setdefault((backend, type(base).__name__, why), []).append(path)
+            refused.setdefault((backend, type(base).__name__, why), []).append(path or "<root>")
     if refused:
         lines = []
         for (backend, kind, why), paths in refused.items():
             shown = ", ".join(paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
-            lines.append(f"  backend {backend!r}, {kind} ({len(paths)} layers: {shown}): {why}")
+            lines.append(
+                f"  backend {backend!r}, {kind} ({len(paths)} layer{'s' * (len(paths) != 1)}: {shown}): {why}"
+            )
         raise ShardingError(
             "FSDP2 cannot shard these layers:\n" + "\n".join(lines) + "\n"
             "Quantize them in a format that shards (quantplug doctor: column fsdp2, -v for the reasons) "
@@ -236,7 +236,9 @@ def shard(
     depth = _depth(model)
     for block in blocks:
         if id(block) not in depth or block is model:
-            raise ValueError(f"blocks must be submodules of the model, not the model itself: got {type(block).__name__}")
+            raise ValueError(
+                f"blocks must be submodules of the model, not the model itself: got {type(block).__name__}"
+            )
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
     if mp_policy is not None:
         kwargs["mp_policy"] = mp_policy

@@ -14,12 +14,14 @@ Lifecycle (which hook fires when)::
     load_plugins()          quantplug_backend_info, quantplug_check_backend,
                             quantplug_register_kernels
     qp.attach(model, cfg)   quantplug_detect_layer (every targeted module),
-                            quantplug_compute_dtype, quantplug_wrap_layer
+                            quantplug_compute_dtype, quantplug_wrap_layer,
+                            quantplug_group_size (QALoRA adapters)
     qp.prepare_for_training quantplug_prepare_for_training
     layer(x)                the kernels registered above
     qp.merge(model)         quantplug_dequantize, quantplug_requantize
-                            (mode "requantize"), quantplug_dequantize again
-                            to measure the error
+                            (mode "requantize"), quantplug_fold_into_zeros
+                            (mode "zeros", after quantplug_group_size),
+                            quantplug_dequantize again to measure the error
     qp.unmerge / qp.unload  no hook: the core restores the original module
     quantplug demo / bench  quantplug_quantize to build quantized layers
 """
@@ -181,6 +183,41 @@ def quantplug_prepare_for_training(model: nn.Module) -> None:
     """
 
 
+@hookspec(firstresult=True)
+def quantplug_group_size(module: nn.Module, backend: str) -> int | None:
+    """How many consecutive input columns share one set of quantization parameters.
+
+    Stops at the first non-None result.
+
+    :param module: a layer this plugin claimed (the ``base`` of a wrapped layer).
+    :param backend: the name that claimed it; return ``None`` if not yours.
+    :returns: the group size ``g`` along the input dimension, such that in
+        every output row the input columns ``k*g`` to ``k*g + g - 1`` share
+        one scale (and one zero point, where the format stores them), for
+        every ``k``; ``g`` divides ``in_features`` and is smaller than it.
+        ``None`` where the layer has no such grouping: per-channel or
+        per-tensor scales, groups along the output dimension (HQQ
+        ``axis=0``), groups over permuted columns (GPTQ act-order ``g_idx``),
+        codebooks, or a layout that no longer has groups (a per-channel int8
+        conversion).
+
+    QALoRA adapters (``LoraConfig(use_qalora=True)``) pool their input over
+    groups of this size unless ``qalora_group_size`` is given, so that the
+    adapter's update is constant within each quantization group; merge mode
+    ``"zeros"`` folds such an update into the layer's zero points. Must be
+    cheap: read the layer's attributes, never dequantize.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: optional; implement it for group-wise
+    formats. Called by ``qp.attach`` and ``qp.load_adapter`` for QALoRA
+    adapters without a ``qalora_group_size``, and by
+    ``qp.merge(..., mode="zeros")`` to check that the adapter's groups fit
+    the layer's. Without it, QALoRA needs an explicit ``qalora_group_size``
+    on this backend's layers and the zeros merge is refused.
+    """
+
+
 # --------------------------------------------------------------------------
 # Primitives the core's merge is built from
 # --------------------------------------------------------------------------
@@ -237,6 +274,48 @@ def quantplug_requantize(module: nn.Module, weight: torch.Tensor, backend: str) 
 
     Implementing in a backend plugin: required when ``merge_modes``
     includes ``"requantize"``. Called by ``qp.merge(..., mode="requantize")``.
+    """
+
+
+@hookspec(firstresult=True)
+def quantplug_fold_into_zeros(module: nn.Module, offsets: torch.Tensor, backend: str) -> nn.Module | None:
+    """A new layer with ``module``'s codes whose zero points absorb a constant per group.
+
+    Stops at the first non-None result.
+
+    :param module: a layer this plugin claimed, whose ``quantplug_group_size``
+        is ``g``.
+    :param offsets: ``(out_features, in_features // g)`` float32 tensor on the
+        layer's device: the amount to add to every weight of input group
+        ``k`` in output row ``o``.
+    :param backend: the name that claimed ``module``; return ``None`` if not yours.
+    :returns: a new module of ``module``'s class and format, on its device,
+        with ``module``'s quantized codes bit for bit and its bias, whose zero
+        points (or per-group offsets) are moved so that its dequantized weight
+        is ``dequantize(module) + offsets`` expanded over each group, as
+        closely as the format stores zero points: exactly where they are
+        floating point (HQQ), to the nearest step of the group's scale and
+        clamped to the code range where they are integers (GPTQ, AWQ).
+        ``module`` must be left unchanged: ``qp.unmerge`` puts it back.
+
+    With a dequantization ``W = s * (q - z)`` per group, ``z - offset / s``
+    is the new zero point. Raise ``ValueError`` naming the reason for a layer
+    of yours that cannot take it (a symmetric layer whose kernels ignore zero
+    points, a layout without them); the core turns it into a ``MergeError``
+    naming the layer, and leaves the model unchanged.
+
+    The core does everything else: it checks that the adapter is a QALoRA
+    adapter whose pooling groups are a multiple of the layer's quantization
+    groups (so its update is constant within each), computes ``offsets``
+    from the adapter, calls this hook, dequantizes the result to measure the
+    error against the ideal merged weight, and reports it. A backend whose
+    format stores no zero points leaves ``"zeros"`` out of
+    ``BackendInfo.merge_modes``, with a reason in ``limits``.
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required when ``merge_modes`` includes
+    ``"zeros"``. Called by ``qp.merge(..., mode="zeros")``, once per layer.
     """
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-MERGE_MODES = ("requantize", "dense")
+# every merge mode the core knows; "zeros" folds a QALoRA adapter into the zero points of
+# group-quantized layers and only formats that store zero points declare it
+MERGE_MODES = ("requantize", "dense", "zeros")
+DEFAULT_MERGE_MODES = ("requantize", "dense")
 
 
 class Status(str, enum.Enum):
@@ -54,9 +57,11 @@ class BackendInfo:
     :param name: the backend's name, unique among installed plugins (``"bnb"``).
     :param requires: the distributions it needs at run time.
     :param devices: device types its layers run on (``("cpu", "cuda")``).
-    :param merge_modes: the merge modes it supports, out of ``MERGE_MODES``
-        plus any a plugin adds; the core's ``"dense"`` merge only needs
-        ``quantplug_dequantize``, ``"requantize"`` also needs ``quantplug_requantize``.
+    :param merge_modes: the merge modes it supports, out of ``MERGE_MODES``;
+        the core's ``"dense"`` merge only needs ``quantplug_dequantize``,
+        ``"requantize"`` also needs ``quantplug_requantize``, and ``"zeros"``
+        (QALoRA adapters into the zero points) needs ``quantplug_group_size``
+        and ``quantplug_fold_into_zeros``. Default: ``("requantize", "dense")``.
     :param variants: the quantization formats ``quantplug_quantize`` can build,
         the first being the default (``("nf4", "fp4", "int8")``).
     :param dora: DoRA works on its layers.
@@ -70,7 +75,7 @@ class BackendInfo:
     name: str
     requires: tuple[Requirement, ...] = ()
     devices: tuple[str, ...] = ("cpu",)
-    merge_modes: tuple[str, ...] = MERGE_MODES
+    merge_modes: tuple[str, ...] = DEFAULT_MERGE_MODES
     variants: tuple[str, ...] = ()
     dora: bool = True
     mixed_batch: bool = True

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from quantplug.config import LoraConfig
-from quantplug.lora import check_adapter_name
+from quantplug.lora import GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
 from quantplug.model import _plan, attach, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
@@ -54,13 +54,28 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
                 if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
                     tensor, sharded = tensor.full_tensor(), True
                 tensors[PREFIX + module_path + suffix] = tensor.to("cpu").contiguous().clone()
+    data = config.to_peft_dict()
+    if config.use_qalora:
+        data["qalora_group_size"] = _saved_group_size(layers, adapter)
     folder = Path(path)
     if sharded and torch.distributed.get_rank() != 0:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(folder / WEIGHTS_NAME, lambda f: save_file(tensors, f, metadata={"format": "pt"}))
-    _atomic_write(folder / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(config.to_peft_dict(), indent=2)))
+    _atomic_write(folder / CONFIG_NAME, lambda f: Path(f).write_text(json.dumps(data, indent=2)))
     return folder
+
+
+def _saved_group_size(layers: dict, adapter: str) -> int:
+    """The one ``qalora_group_size`` PEFT's config holds: the group every layer of a QALoRA adapter pools over."""
+    groups = {path: layer.qalora_group_size[adapter] for path, layer in layers.items()}
+    if len(set(groups.values())) > 1:
+        raise ValueError(
+            f"adapter {adapter!r} pools its input over groups of {sorted(set(groups.values()))} columns on "
+            f"different layers ({groups}); PEFT's adapter_config.json holds one qalora_group_size. Attach it "
+            "with an explicit LoraConfig(qalora_group_size=...) to save it"
+        )
+    return next(iter(groups.values()))
 
 
 def _atomic_write(target: Path, write) -> None:
@@ -142,9 +157,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             f"the model already has an adapter named {adapter!r}; load {str(path)!r} under another name"
         )
     try:
-        plan = {p: m for p, m, _ in _plan(model, config)}
+        planned = _plan(model, config)
+    except GroupSizeError as exc:
+        raise AdapterFileError(f"{str(Path(path) / CONFIG_NAME)!r}: key 'qalora_group_size': {exc}") from None
     except (ValueError, TypeError) as exc:
         raise AdapterFileError(f"{str(Path(path) / CONFIG_NAME)!r}: key 'target_modules': {exc}") from None
+    plan = {p: m for p, m, _ in planned}
+    backends = {p: b for p, _, b in planned}
     by_module: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         module_path, attr = _split_key(key, weights_file)
@@ -168,6 +187,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
             if attr not in found:
                 raise AdapterFileError(f"{str(weights_file)!r} lacks key {PREFIX + module_path + SUFFIXES[attr]!r}")
         in_f, out_f = int(module.in_features), int(module.out_features)
+        if config.use_qalora:  # A holds one column per pooled group
+            base = module.base if isinstance(module, LoraLayer) else module
+            in_f //= qalora_group_size(base, backends[module_path], in_f, config)
         shapes = {"lora_A": (config.r, in_f), "lora_B": (out_f, config.r), "lora_magnitude": (out_f,)}
         for attr, tensor in found.items():
             if tuple(tensor.shape) != shapes[attr]:

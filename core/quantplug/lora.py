@@ -25,6 +25,35 @@ def check_adapter_name(name: str) -> None:
         raise ValueError(f"adapter name {name!r} is not allowed: use a non-empty name without '.', not {BASE!r}")
 
 
+class GroupSizeError(ValueError):
+    """A QALoRA adapter's pooling group does not fit a layer."""
+
+
+def qalora_group_size(base: nn.Module, backend: str, in_features: int, config: LoraConfig) -> int:
+    """The pooling group a QALoRA ``config`` gets on a layer: its own, else the layer's quantization group."""
+    group = config.qalora_group_size
+    if group is None:
+        from quantplug.registry import hook
+
+        group = hook().quantplug_group_size(module=base, backend=backend)
+        if group is None:
+            raise GroupSizeError(
+                f"use_qalora=True with qalora_group_size=None pools over the layer's quantization groups, and "
+                f"backend {backend!r} reports none for this {type(base).__name__} (per-channel, not group-wise, "
+                "or groups over permuted columns); pass qalora_group_size=<g>, or leave the layer out of "
+                "target_modules"
+            )
+    if in_features % group:
+        raise GroupSizeError(f"in_features={in_features} is not a multiple of qalora_group_size={group}")
+    return int(group)
+
+
+def qalora_pool(x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` averaged over each group of ``group`` columns, times the number of groups (PEFT's QALoRA input)."""
+    pooled = x.unflatten(-1, (-1, group)).mean(dim=-1)
+    return pooled * pooled.shape[-1]
+
+
 class LoraLayer(nn.Module):
     """A quantized layer with LoRA adapters.
 
@@ -47,6 +76,7 @@ class LoraLayer(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.configs: dict[str, LoraConfig] = {}
         self.scaling: dict[str, float] = {}
+        self.qalora_group_size: dict[str, int] = {}  # QALoRA adapters: name -> pooling group (PEFT's name)
         self.active_adapters: list[str] = []
         self.disabled = False
         # (adapter, module it replaced, that module's backend) per merge, newest last: unmerge pops these
@@ -63,7 +93,8 @@ class LoraLayer(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"layer already has an adapter named {name!r}; pick another name or unload it")
         device = self.device
-        A = torch.empty(config.r, self.in_features, device=device, dtype=torch.float32)
+        group = qalora_group_size(self.base, self.backend, self.in_features, config) if config.use_qalora else None
+        A = torch.empty(config.r, self.in_features // (group or 1), device=device, dtype=torch.float32)
         B = torch.zeros(self.out_features, config.r, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         if config.init == "random":
@@ -73,6 +104,8 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.configs[name] = config
         self.scaling[name] = config.scale
+        if group is not None:
+            self.qalora_group_size[name] = group
         if config.use_dora:
             with torch.no_grad():
                 norm = self._direction_norm(name, self.dequantized_weight())
@@ -87,6 +120,7 @@ class LoraLayer(nn.Module):
             if name in store:
                 del store[name]
         self.configs.pop(name, None)
+        self.qalora_group_size.pop(name, None)
         self.scaling.pop(name, None)
         self.set_adapter([a for a in self.active_adapters if a != name])
 
@@ -155,7 +189,10 @@ class LoraLayer(nn.Module):
                 y = y + self._dora_delta(y, x, name)
             else:
                 kernel = self._kernels.resolve("lora_add", self.backend, x.device.type, x.dtype)
-                y = kernel.fn(y, self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name], self.scaling[name])
+                y = kernel.fn(
+                    y, self._adapter_input(name, self.lora_dropout[name](x)), self.lora_A[name], self.lora_B[name],
+                    self.scaling[name],
+                )
         return y
 
     def _mixed_forward(self, y: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -176,24 +213,30 @@ class LoraLayer(nn.Module):
         index = {name: i for i, name in enumerate(names)}
         rows = torch.tensor([index.get(n, -1) for n in adapter_names], device=x.device)
         plain = [n for n in names if n not in self.lora_magnitude]
-        if plain:
+        y_plain = y
+        # one kernel call per input the adapters read: x for LoRA, x pooled over g columns for QALoRA
+        for group in sorted({self.qalora_group_size.get(n, 0) for n in plain}):
+            same = [n for n in plain if self.qalora_group_size.get(n, 0) == group]
             kernel = self._kernels.resolve("lora_mixed_add", self.backend, x.device.type, x.dtype)
-            plain_rows = torch.tensor([plain.index(n) if n in plain else -1 for n in adapter_names], device=x.device)
+            plain_rows = torch.tensor([same.index(n) if n in same else -1 for n in adapter_names], device=x.device)
             y_plain = kernel.fn(
-                y,
-                x,
-                [self.lora_A[n] for n in plain],
-                [self.lora_B[n] for n in plain],
-                [self.scaling[n] for n in plain],
+                y_plain,
+                qalora_pool(x, group) if group else x,
+                [self.lora_A[n] for n in same],
+                [self.lora_B[n] for n in same],
+                [self.scaling[n] for n in same],
                 plain_rows,
             )
-        else:
-            y_plain = y
         for name in names:
             if name in self.lora_magnitude:
                 mask = (rows == index[name]).to(y.dtype).view(-1, *([1] * (y.dim() - 1)))
                 y_plain = y_plain + self._dora_delta(y, x, name) * mask
         return y_plain
+
+    def _adapter_input(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` multiplies by ``A``: ``x``, or for QALoRA ``x`` pooled over its groups."""
+        group = self.qalora_group_size.get(name)
+        return x if group is None else qalora_pool(x, group)
 
     # -- DoRA ----------------------------------------------------------------
 
@@ -252,9 +295,13 @@ class LoraLayer(nn.Module):
         """The adapter's update to the dense weight, in float32.
 
         LoRA: ``scale * B @ A``. DoRA (with ``magnitude``): ``m / ||W + s B A|| * (W + s B A) - W``
-        with ``W`` = ``base`` (dequantized if not given).
+        with ``W`` = ``base`` (dequantized if not given). QALoRA: ``A`` expanded back to
+        ``(r, in_features)``, each pooled column repeated over its group (see :func:`qalora_pool`).
         """
         A, B = self.lora_A[name].float(), self.lora_B[name].float()
+        group = self.qalora_group_size.get(name)
+        if group is not None:
+            A = A.repeat_interleave(group, dim=1) * (A.shape[1] / group)
         delta = (B @ A) * self.scaling[name]
         if magnitude and name in self.lora_magnitude:
             weight = (base if base is not None else self.dequantized_weight()).float()

@@ -1,10 +1,11 @@
 """Merge, unmerge and unload: one algorithm for every backend.
 
 Merge is always: dequantize the base (plugin), add the adapter's update,
-check the result is finite, requantize (plugin; mode ``"requantize"``) or
-build a dense ``nn.Linear`` (mode ``"dense"``), dequantize the result again
-and measure what survived. The replaced module is kept, untouched, so
-``unmerge`` puts the original storage back bit for bit.
+check the result is finite, requantize (plugin; mode ``"requantize"``),
+fold a QALoRA adapter's per-group constant into the zero points (plugin;
+mode ``"zeros"``) or build a dense ``nn.Linear`` (mode ``"dense"``),
+dequantize the result again and measure what survived. The replaced module
+is kept, untouched, so ``unmerge`` puts the original storage back bit for bit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from quantplug.lora import LoraLayer
 from quantplug.model import lora_layers
 from quantplug.registry import hook, load_plugins
 
-MODES = ("requantize", "dense")
+MODES = ("requantize", "dense", "zeros")
 DROPPED_MOST = 0.5  # warn when the merge error exceeds half of the adapter's own size
 
 
@@ -126,8 +127,12 @@ def merge(
 
     :param mode: ``"requantize"`` keeps each backend's format with the
         layer's own parameters (lossy by the format's rounding);
-        ``"dense"`` replaces the base by a dense ``nn.Linear`` in the
-        compute dtype (lossless).
+        ``"zeros"`` (QALoRA adapters, on backends that declare it) keeps the
+        quantized codes bit for bit and moves each group's zero point by the
+        adapter's update, which is constant within the group (exact where
+        zero points are floating point, rounded to the group's scale where
+        they are integers); ``"dense"`` replaces the base by a dense
+        ``nn.Linear`` in the compute dtype (lossless).
     :param progress: show a progress bar (default: when more than 8 layers).
     :param unload: also replace each adapter layer by its merged base,
         leaving no adapter layers (not reversible).
@@ -166,6 +171,9 @@ def merge(
             if mode == "dense":
                 new, backend = dense_linear(ideal.to(dense_dtype or weight.dtype), layer.bias), DENSE_BACKEND
                 got = new.weight
+            elif mode == "zeros":
+                new, backend = _fold_into_zeros(path, layer, adapter, pm), layer.backend
+                got = pm.quantplug_dequantize(module=new, backend=backend)
             else:
                 new = pm.quantplug_requantize(module=layer.base, weight=target, backend=layer.backend)
                 if new is None:
@@ -194,6 +202,53 @@ def merge(
     if unload:
         _replace_layers(model, lambda layer: layer.base)
     return report
+
+
+def zero_offsets(path: str, layer: LoraLayer, adapter: str, quant_group: int | None) -> torch.Tensor:
+    """The QALoRA adapter's update per (output row, quantization group): ``(out, in / quant_group)``, float32.
+
+    A QALoRA adapter adds ``scale * B @ A`` with ``A`` pooled over groups of
+    ``g`` columns, so its dense update is constant over each such group;
+    where ``g`` is a multiple of the layer's quantization group, it is
+    constant within every quantization group too, and each group's constant
+    can move that group's zero point. Raises :class:`MergeError` otherwise.
+    """
+    group = layer.qalora_group_size.get(adapter)
+    if group is None:
+        raise MergeError(
+            f"mode='zeros' folds QALoRA adapters only; adapter {adapter!r} on {path!r} is a plain LoRA adapter, whose "
+            "update varies within each quantization group. Train it with LoraConfig(use_qalora=True), or merge "
+            "with mode='requantize' or 'dense'"
+        )
+    if quant_group is None:
+        raise MergeError(
+            f"layer {path!r} ({layer.backend}) reports no quantization group along its input "
+            "(quantplug_group_size): mode='zeros' needs group-wise zero points. Use mode='requantize' or 'dense'"
+        )
+    if group % quant_group:
+        raise MergeError(
+            f"adapter {adapter!r} on {path!r} pools groups of {group} input columns and the layer quantizes groups "
+            f"of {quant_group}: its update is constant within each quantization group only when {group} is a "
+            f"multiple of {quant_group}. Train it with qalora_group_size=None (the layer's own), or merge with "
+            "mode='requantize' or 'dense'"
+        )
+    A, B = layer.lora_A[adapter].float(), layer.lora_B[adapter].float()
+    per_group = (B @ A) * (layer.scaling[adapter] * A.shape[1] / group)  # see LoraLayer.delta_weight
+    return per_group.repeat_interleave(group // quant_group, dim=1)
+
+
+def _fold_into_zeros(path: str, layer: LoraLayer, adapter: str, pm) -> nn.Module:
+    quant_group = pm.quantplug_group_size(module=layer.base, backend=layer.backend)
+    offsets = zero_offsets(path, layer, adapter, quant_group)
+    if not torch.isfinite(offsets).all():
+        raise MergeError(f"merging {adapter!r} into {path!r} gives non-finite zero points; the adapter has NaN/inf")
+    try:
+        new = pm.quantplug_fold_into_zeros(module=layer.base, offsets=offsets, backend=layer.backend)
+    except (ValueError, NotImplementedError, TypeError) as exc:
+        raise MergeError(f"layer {path!r} ({layer.backend}) cannot merge with mode='zeros': {exc}") from exc
+    if new is None:
+        raise MergeError(f"backend {layer.backend!r} returned nothing from quantplug_fold_into_zeros for {path!r}")
+    return new
 
 
 def _activation_dtype(model: nn.Module) -> torch.dtype | None:

@@ -11,7 +11,7 @@ from torch import nn
 
 from quantplug.builtin import is_plain_linear
 from quantplug.config import LoraConfig
-from quantplug.lora import BASE, LoraLayer, check_adapter_name
+from quantplug.lora import BASE, GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
 from quantplug.registry import hook, load_plugins
 
 
@@ -62,6 +62,8 @@ def _plan(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, st
                 "library (quantplug doctor lists them) or leave it out of target_modules."
             )
         _check_capabilities(path, backend, config)
+        if config.use_qalora:
+            _check_qalora(path, module, backend, config)
         plan.append((path, module, backend))
     if not plan:
         names = sorted({p.rsplit(".", 1)[-1] for p, m in model.named_modules() if p and detect(m, model)})
@@ -82,6 +84,14 @@ def _check_capabilities(path: str, backend: str, config: LoraConfig) -> None:
     if config.use_dora and info is not None and not info.dora:
         reason = info.limits.get("dora", "the backend does not declare it")
         raise ValueError(f"layer {path!r} ({backend}) does not support DoRA: {reason}. Use use_dora=False.")
+
+
+def _check_qalora(path: str, module: nn.Module, backend: str, config: LoraConfig) -> None:
+    base = module.base if isinstance(module, LoraLayer) else module
+    try:
+        qalora_group_size(base, backend, int(module.in_features), config)
+    except GroupSizeError as exc:
+        raise GroupSizeError(f"layer {path!r} ({backend}): {exc}") from None
 
 
 def attach(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:

@@ -23,14 +23,16 @@ import torch
 from torch import nn
 
 if importlib.util.find_spec("eetq") is None:
-    pytest.skip("EETQ is not installed (build it from source: docs/backends.md#eetq)", allow_module_level=True)
+    pytest.skip(
+        "EETQ is not installed (build it from source: docs/backends.md#eetq)", allow_module_level=True
+    )
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
-import quantplug as qp  # noqa: E402
-from quantplug.registry import hook, load_plugins  # noqa: E402
-from quantplug.testing import BackendConformance  # noqa: E402
-from quantplug.testing.conformance import Holder, relative_error  # noqa: E402
+import quantplug as qp
+from quantplug.registry import hook, load_plugins
+from quantplug.testing import BackendConformance
+from quantplug.testing.conformance import Holder, relative_error
 
 RESULTS: dict[str, object] = {}
 VARIANTS = ("int8", "int8-w8a16")
@@ -41,7 +43,7 @@ def record():
     from quantplug_eetq import layers  # noqa: F401  (the plugin must import with EETQ present)
 
     RESULTS["gpu"] = torch.cuda.get_device_name(0)
-    RESULTS["capability"] = "sm_%d%d" % torch.cuda.get_device_capability(0)
+    RESULTS["capability"] = "sm_{}{}".format(*torch.cuda.get_device_capability(0))
     RESULTS["torch"] = torch.__version__
     RESULTS["eetq"] = load_plugins().status("eetq").found
     yield
@@ -107,11 +109,15 @@ def test_detect_and_dequantize_is_exact(variant):
     weight = dequantize(layer)
     assert weight.shape == (768, 1024) and weight.dtype == torch.float16
     assert same_state(before, layer)
-    codes, processed, scales = quant_weights(linear.weight.detach().half().T.contiguous().cpu(), torch.int8, True)
+    codes, processed, scales = quant_weights(
+        linear.weight.detach().half().T.contiguous().cpu(), torch.int8, True
+    )
     packed = layer.weight if variant == "int8" else layer.qweight
     assert torch.equal(processed.cuda(), packed), "quant_weights is deterministic"
     truth = (codes.cuda().half() * scales.cuda().half()).T
-    assert torch.equal(weight, truth), f"identity dequantize differs from codes*scales by {relative_error(weight, truth):.2e}"
+    assert torch.equal(weight, truth), (
+        f"identity dequantize differs from codes*scales by {relative_error(weight, truth):.2e}"
+    )
     naive = (packed.half() * layer.weight_scales).T  # reading the pre-processed storage as codes
     RESULTS[f"{variant}: storage read as codes, error"] = relative_error(naive, truth)
     RESULTS[f"{variant}: int8 quantization error vs fp32 weight"] = relative_error(weight, linear.weight)
@@ -188,14 +194,20 @@ def test_wrapped_forward_dora_mixed_and_gradients(variant):
 
 def test_dora():
     layer = qp.quantize(dense(1024, 768), "eetq")
-    model = qp.attach(Holder(layer), qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random", use_dora=True))
+    model = qp.attach(
+        Holder(layer), qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random", use_dora=True)
+    )
     proj = model.proj
     with torch.no_grad():
         proj.lora_magnitude["default"].mul_(1.5)
         x = torch.randn(7, 1024, device="cuda", dtype=torch.float16)
         W = dequantize(layer).double()
         direction = W + proj.delta_weight("default", magnitude=False).double()
-        merged = proj.lora_magnitude["default"].double().unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+        merged = (
+            proj.lora_magnitude["default"].double().unsqueeze(1)
+            * direction
+            / direction.norm(dim=1, keepdim=True)
+        )
         error = relative_error(model(x), reference(x, merged, layer.bias))
     RESULTS["DoRA forward vs definition"] = error
     assert error < 1e-2
@@ -239,7 +251,9 @@ def test_merge_and_exact_unmerge(variant, mode, size):
         assert type(base) is nn.Linear and entry.error < 1e-3
     assert relative_error(merged, unmerged) < 2e-2
     qp.unmerge(model)
-    assert model.proj.base is layer and same_state(before, layer), "unmerge must restore the original bit for bit"
+    assert model.proj.base is layer and same_state(before, layer), (
+        "unmerge must restore the original bit for bit"
+    )
     with torch.no_grad():
         assert torch.equal(model(x), unmerged)
 

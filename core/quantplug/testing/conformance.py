@@ -8,7 +8,7 @@ from torch import nn
 
 import quantplug as qp
 from quantplug.builtin import NAME as DENSE_BACKEND
-from quantplug.info import MERGE_MODES, Status
+from quantplug.info import DEFAULT_MERGE_MODES, MERGE_MODES, Status
 from quantplug.registry import hook, load_plugins
 
 
@@ -184,7 +184,7 @@ class BackendConformance:
                     "quantplug_backend_info", f"{capability}=False without a reason",
                     f"add limits={{'{capability}': 'why'}}",
                 )
-        for mode in MERGE_MODES:
+        for mode in DEFAULT_MERGE_MODES:  # "zeros" is optional: only formats with zero points have it
             if mode not in info.merge_modes:
                 assert mode in info.limits, _contract(
                     "quantplug_backend_info", f"merge mode {mode!r} missing without a reason",
@@ -327,10 +327,67 @@ class BackendConformance:
             error = relative_error(got[row], expected[name][row])
             assert error < 1e-2, f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
 
-    # -- merge: quantplug_dequantize + quantplug_requantize --------------------
+    # -- QALoRA (quantplug_group_size) ------------------------------------------
+
+    def group_size(self, layer: nn.Module) -> int | None:
+        group = hook().quantplug_group_size(module=layer, backend=self.backend)
+        if group is not None:
+            fits = isinstance(group, int) and 0 < group < self.in_features and self.in_features % group == 0
+            assert fits, _contract(
+                "quantplug_group_size", f"{group!r} for a layer with in_features={self.in_features}",
+                "return an int that divides in_features and is smaller than it, or None",
+            )
+        return group
+
+    def test_qalora(self, variant):
+        """A QALoRA adapter pools over the layer's groups: forward, gradients and a mixed batch with LoRA."""
+        group = self.group_size(self.layer(variant))
+        if group is None:
+            with pytest.raises(ValueError, match="qalora_group_size"):
+                self.wrapped(variant, use_qalora=True)
+            return
+        model = self.wrapped(variant, use_qalora=True)
+        layer = model.proj
+        assert layer.qalora_group_size["default"] == group
+        assert tuple(layer.lora_A["default"].shape) == (self.rank, self.in_features // group)
+        x = self.inputs(layer.base)
+        with torch.no_grad():
+            got = model(x)
+            weight = self.dequantize(layer.base, self.backend).double() + layer.delta_weight("default").double()
+        error = relative_error(got, self.reference(x, weight, layer.bias))
+        assert error < self.forward_tol + 2e-2, f"QALoRA forward differs from x @ (W + ΔW).T + b by {error:.2e}"
+        if self.info().mixed_batch:
+            qp.attach(model, qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"), "lora")
+            names = (["default", "lora", "__base__"] * self.batch)[: self.batch]
+            with torch.no_grad():
+                mixed = model(x, adapter_names=names)
+                expected = {}
+                for name in ("default", "lora"):
+                    qp.set_adapter(model, name)
+                    expected[name] = model(x)
+                with qp.disable_adapters(model):
+                    expected["__base__"] = model(x)
+            for row, name in enumerate(names):
+                error = relative_error(mixed[row], expected[name][row])
+                assert error < 1e-2, f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
+            qp.set_adapter(model, "default")
+        qp.prepare_for_training(model)
+        model(self.inputs(layer.base)).float().square().mean().backward()
+        for store in (layer.lora_A, layer.lora_B):
+            grad = store["default"].grad
+            assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, (
+                "a QALoRA parameter got no gradient"
+            )
+        for name, param in layer.base.named_parameters():
+            assert param.grad is None, f"base parameter {name!r} received a gradient"
+
+    # -- merge: quantplug_dequantize + quantplug_requantize / quantplug_fold_into_zeros
 
     @pytest.mark.parametrize("mode", MERGE_MODES)
     def test_merge_and_unmerge(self, variant, mode):
+        if mode == "zeros":
+            self._check_zeros_merge(variant)
+            return
         info = self.info()
         model = self.wrapped(variant)
         layer = model.proj
@@ -374,6 +431,66 @@ class BackendConformance:
             got = model(x)
         error = relative_error(got, self.reference(x, merged_weight.double(), model.proj.bias))
         assert error < self.forward_tol + 1e-2, f"merged model's forward differs from its merged weight by {error:.2e}"
+        qp.unmerge(model)
+        assert model.proj.base is original, "unmerge must restore the original module"
+        _assert_same_state(before, original, "unmerge must restore the original storage bit for bit")
+
+    def _check_zeros_merge(self, variant) -> None:
+        """Mode "zeros": refused unless declared; where declared, the codes stay and only a constant per
+        group moves, never further from the ideal weight than not merging; unmerge is exact."""
+        if "zeros" not in self.info().merge_modes:
+            model = self.wrapped(variant)
+            with pytest.raises(qp.MergeError):
+                qp.merge(model, mode="zeros")
+            return
+        layer = self.layer(variant)
+        group = self.group_size(layer)
+        if group is None:
+            with pytest.raises(ValueError, match="qalora_group_size"):
+                self.wrapped(variant, use_qalora=True)
+            return
+        model = self.wrapped(variant, use_qalora=True)
+        original = model.proj.base
+        before = _state(original)
+        with torch.no_grad():
+            W = self.dequantize(original, self.backend).float()
+            delta = model.proj.delta_weight("default")
+        try:
+            report = qp.merge(model, mode="zeros")
+        except qp.MergeError as exc:  # a format of a declaring backend without zero points (symmetric, say)
+            assert "'proj'" in str(exc), f"the zeros merge's refusal does not name the layer: {exc}"
+            assert model.proj.base is original and not model.proj.merges, "a refused merge changed the model"
+            _assert_same_state(before, original, "a refused zeros merge must leave the layer unchanged")
+            return
+        new = model.proj.base
+        assert type(new) is type(original) and qp.detect(new) == self.backend, _contract(
+            "quantplug_fold_into_zeros", f"returned a {type(new).__name__}", "build a layer of the same class and format"
+        )
+        with torch.no_grad():
+            merged = self.dequantize(new, self.backend).float()
+        moved = (merged - W).reshape(self.out_features, self.in_features // group, group)
+        # a changed code moves one weight by a step of its group's scale; the dtype's rounding stays far below
+        spread = ((moved - moved.mean(dim=-1, keepdim=True)).abs().max() / W.abs().max()).item()
+        assert spread < 2e-2, _contract(
+            "quantplug_fold_into_zeros",
+            f"a weight moved {spread:.2e} (of max |W|) away from its group's common move: the codes changed",
+            "keep the codes and scales; change only the zero points",
+        )
+        entry = report.layers[0]
+        true_error = relative_error(merged, W + delta)
+        assert abs(entry.error - true_error) <= 1e-3 + 0.05 * true_error, (
+            f"merge report says error {entry.error:.3e}, the merged weight has {true_error:.3e}"
+        )
+        assert entry.adapter_error <= 1.0 + 1e-2, _contract(
+            "quantplug_fold_into_zeros", f"the merge is {entry.adapter_error:.2f} x ‖ΔW‖ from the ideal weight, "
+            "further than not merging at all", "move each zero point by the nearest amount the format can hold",
+        )
+        bias = getattr(original, "bias", None)
+        if bias is not None:
+            assert torch.equal(new.bias.float(), bias.float()), _contract(
+                "quantplug_fold_into_zeros", "the bias changed", "copy the original layer's bias"
+            )
+        _assert_same_state(before, original, "quantplug_fold_into_zeros must leave the original layer unchanged")
         qp.unmerge(model)
         assert model.proj.base is original, "unmerge must restore the original module"
         _assert_same_state(before, original, "unmerge must restore the original storage bit for bit")

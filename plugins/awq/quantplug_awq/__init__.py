@@ -26,7 +26,7 @@ def quantplug_backend_info():
         name=NAME,
         requires=(REQUIREMENT,),
         devices=("cpu", "cuda"),
-        merge_modes=("requantize", "dense"),
+        merge_modes=("requantize", "dense", "zeros"),
         variants=VARIANTS,
         dora=True,
         mixed_batch=True,
@@ -41,6 +41,11 @@ def quantplug_backend_info():
             ),
             "calibration": "quantplug_quantize is AWQ's quantizer without activation scales (no calibration data)",
             "cuda": "CUDA kernels are read through their own forward on an identity matrix; tested on CPU only",
+            "zeros": (
+                "partial: sym=False layers in the GEMM layout only; the zero points are integers, so each group "
+                "keeps the multiple of its scale nearest to the adapter's update. sym=True layers have no zero "
+                "points to move"
+            ),
             "training": (
                 "the input's gradient goes through dequantize + F.linear; inference uses the layer's own kernel in "
                 "its own dtype"
@@ -90,6 +95,24 @@ def quantplug_requantize(module, weight, backend):
     from quantplug_awq import _layers
 
     return _layers.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_group_size(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_awq import _layers
+
+    return _layers.group_size(module)
+
+
+@hookimpl
+def quantplug_fold_into_zeros(module, offsets, backend):
+    if backend != NAME:
+        return None
+    from quantplug_awq import _layers
+
+    return _layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl

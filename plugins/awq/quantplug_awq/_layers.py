@@ -296,19 +296,31 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
             f"quantplug-awq cannot requantize into {cls.__name__}: only the GEMM-layout kernels "
             f"({', '.join(sorted(GEMM_CLASSES))}) and TorchInt8AwqLinear are built here; merge with mode='dense'"
         )
-    bits = bits_of(module)
-    group_size = module.group_size  # resolved: in_features when the layer was built with -1
-    requested = getattr(module, "requested_group_size", group_size)
     sym = bool(getattr(module, "sym", False))  # AutoAWQ layers are zero-point (asymmetric)
-    device = device_of(module)
+    scale_dtype = _scale_dtype(module)
+    new_scales, zeros, on_grid = awq_params(
+        weight.detach().float().cpu(), bits_of(module), module.group_size, sym, scale_dtype, keep=own_params(module)
+    )
+    return _build_like(module, new_scales, zeros, on_grid, scale_dtype)
+
+
+def _scale_dtype(module: nn.Module) -> torch.dtype:
     scales = getattr(module, "scales", None)
     scale_dtype = scales.dtype if isinstance(scales, torch.Tensor) else torch.float16
-    if "TorchInt8AwqLinear" in names or scale_dtype not in (torch.float16, torch.bfloat16):
+    if "TorchInt8AwqLinear" in mro_names(module) or scale_dtype not in (torch.float16, torch.bfloat16):
         scale_dtype = torch.float16  # what AwqTorchLinear stores (and TorchInt8AwqLinear starts from)
+    return scale_dtype
+
+
+def _build_like(module: nn.Module, new_scales, zeros, on_grid, scale_dtype) -> nn.Module:
+    """A new layer of ``module``'s class, bits, group size, symmetry and bias packing ``on_grid``."""
+    names = mro_names(module)
+    cls = type(module)
+    bits = bits_of(module)
+    requested = getattr(module, "requested_group_size", module.group_size)
+    sym = bool(getattr(module, "sym", False))
+    device = device_of(module)
     bias = getattr(module, "bias", None)
-    new_scales, zeros, on_grid = awq_params(
-        weight.detach().float().cpu(), bits, group_size, sym, scale_dtype, keep=own_params(module)
-    )
     packed = _pack_torch_awq(
         bits,
         requested,
@@ -353,4 +365,48 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         new.post_init()
     if not module.training:
         new.eval()
+    return new
+
+
+# -- QALoRA: group size and the zeros merge ----------------------------------------
+
+
+def group_size(module: nn.Module) -> int | None:
+    """The layer's input group (AWQ groups are always runs of consecutive columns)."""
+    if layout(module) == INT8:  # TorchInt8AwqLinear re-quantized itself per channel in post_init
+        return None
+    group, in_features = int(getattr(module, "group_size", -1) or -1), int(module.in_features)
+    if group <= 0 or group >= in_features or in_features % group:
+        return None
+    return group
+
+
+def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
+    """A new layer with ``module``'s codes bit for bit and each group's zero point moved by ``offsets``.
+
+    AWQ dequantizes ``(code - zero) * scale`` with integer zero points in
+    ``[0, 2^bits - 1]``: the new zero point is ``zero - round(offset /
+    scale)``, clamped to that range.
+    """
+    if layout(module) != GEMM or group_size(module) is None:
+        raise ValueError(
+            f"the zeros merge rewrites the GEMM-layout AWQ buffers (qweight/qzeros/scales) with input groups; this "
+            f"{type(module).__name__} (layout {layout(module)}) has none. Merge with mode='requantize' or 'dense'"
+        )
+    if getattr(module, "sym", False):
+        raise ValueError(
+            "a sym=True AWQ layer promises zero points of 2^(bits-1): quantize with sym=False (AWQ's usual "
+            "zero-point format) to merge QALoRA adapters into the zero points"
+        )
+    bits = bits_of(module)
+    codes, zeros = unpack_codes(module.qweight, module.qzeros, bits, module.out_features)  # (in, out), (groups, out)
+    scales = module.scales.detach().float().T.cpu()  # (out, groups)
+    step = torch.round(offsets.detach().float().cpu() / scales)
+    new_zeros = (zeros.float().T.cpu() - step).clamp_(0, 2**bits - 1)
+    group = torch.arange(module.in_features) // module.group_size
+    on_grid = scales[:, group] * (codes.T.float().cpu() - new_zeros[:, group])
+    new = _build_like(module, scales, new_zeros, on_grid, _scale_dtype(module))
+    new_codes, _ = unpack_codes(new.qweight, new.qzeros, bits, module.out_features)
+    if not torch.equal(new_codes.cpu(), codes.cpu()):
+        raise RuntimeError("packing the moved zero points changed the AWQ codes; please report this")
     return new

@@ -36,6 +36,10 @@ def quantplug_backend_info():
                 "plain parameter lacks (AttributeError, bitsandbytes 0.50.2); Linear4bit shards (uint8 or bf16 storage)"
             ),
             "devices:cuda": "declared from bitsandbytes' device-generic API; this plugin's tests ran on CPU only",
+            "zeros": (
+                "NF4/FP4 blocks and int8 rows have an absmax scale and no zero point, so a QALoRA update has "
+                "nowhere to go but the codes: merge with mode='requantize' or 'dense'"
+            ),
         },
     )
 

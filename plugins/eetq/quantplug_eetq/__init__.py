@@ -58,6 +58,7 @@ def quantplug_backend_info():
         compile_safe=False,
         shardable=False,
         limits={
+            "zeros": "EETQ is symmetric per-channel int8: it has no zero points to fold a QALoRA adapter into",
             "cpu": "EETQ's kernels are CUDA-only (fp16 activations); CI covers this plugin on a stand-in layer",
             "compile_safe": "EETQ's w8_a16_gemm is a pybind11 function, not a torch op: dynamo cannot trace "
             "it, so torch.compile(fullgraph=True) fails on the base layer",
@@ -116,7 +117,11 @@ def packed_weight_name(module, model=None) -> str | None:
         return name if _has_eetq_tensors(module, name) else None
     # transformers marks the model; a layer class of another build of EETQ (a fork, the kernels hub)
     # still holds EETQ's tensors under EETQ's names
-    if _model_says_eetq(model) and not isinstance(module, torch.nn.Linear) and _has_eetq_tensors(module, "weight"):
+    if (
+        _model_says_eetq(model)
+        and not isinstance(module, torch.nn.Linear)
+        and _has_eetq_tensors(module, "weight")
+    ):
         return "weight"
     return None
 

@@ -106,9 +106,13 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     packed, scales = getattr(module, name), module.weight_scales
     in_features, out_features = packed.shape
     if tuple(weight.shape) != (out_features, in_features):
-        raise ValueError(f"weight has shape {tuple(weight.shape)}, the layer holds ({out_features}, {in_features})")
+        raise ValueError(
+            f"weight has shape {tuple(weight.shape)}, the layer holds ({out_features}, {in_features})"
+        )
     ops = library_ops(module)
-    dense = weight.detach().to(device="cpu", dtype=torch.float16).T.contiguous()  # (in, out), as EETQ takes it
+    dense = (
+        weight.detach().to(device="cpu", dtype=torch.float16).T.contiguous()
+    )  # (in, out), as EETQ takes it
     new_packed, new_scales = ops.quant_weights(dense, torch.int8, False)
     if tuple(new_packed.shape) != tuple(packed.shape) or tuple(new_scales.shape) != tuple(scales.shape):
         raise RuntimeError(
@@ -140,14 +144,21 @@ def quantize(linear: nn.Linear, variant: str | None) -> nn.Module:
         weight = linear.weight.detach().to(torch.float16)
         bias = linear.bias.detach().to(torch.float16) if linear.bias is not None else None
         if variant == "int8-w8a16":
-            half = nn.Linear(linear.in_features, linear.out_features, bias=bias is not None, device=device,
-                             dtype=torch.float16)
+            half = nn.Linear(
+                linear.in_features,
+                linear.out_features,
+                bias=bias is not None,
+                device=device,
+                dtype=torch.float16,
+            )
             half.weight.copy_(weight)
             if bias is not None:
                 half.bias.copy_(bias)
             return W8A16Linear.from_torch(half)
         layer = EetqLinear(linear.in_features, linear.out_features, bias=bias is not None, device=device)
-        packed, scales = quantize_and_preprocess_weights(weight)  # (out, in) fp16 -> (in, out) int8, (out,) fp16
+        packed, scales = quantize_and_preprocess_weights(
+            weight
+        )  # (out, in) fp16 -> (in, out) int8, (out,) fp16
         layer.weight = packed.to(device)
         layer.register_scale(device)
         layer.weight_scales.copy_(scales.to(device=device, dtype=torch.float16))

@@ -13,9 +13,9 @@ through the layer's own forward (as EETQ 1.0.1's own backward does).
 from __future__ import annotations
 
 import torch
+from quantplug import LoraLayer
 from torch import nn
 
-from quantplug import LoraLayer
 from quantplug_eetq import packed_weight_name
 
 
@@ -82,5 +82,8 @@ class EetqLoraLayer(LoraLayer):
         if torch.is_grad_enabled() and rows.requires_grad:
             y = _BaseWithInputGrad.apply(rows, self.base)
         else:
-            y = self.base(rows)
+            # the base is frozen: no graph through it, so EETQ's own backward (which fails when only
+            # transformers' trainable-by-default bias needs a gradient) is never called
+            with torch.no_grad():
+                y = self.base(rows)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)

@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from quantplug.info import Status
 from quantplug.registry import load_plugins
 
-_spec = importlib.util.spec_from_file_location("quantplug_eetq_standin", Path(__file__).with_name("standin.py"))
+_spec = importlib.util.spec_from_file_location(
+    "quantplug_eetq_standin", Path(__file__).with_name("standin.py")
+)
 standin = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = standin  # the plugin finds a layer's ops through sys.modules[cls.__module__]
 _spec.loader.exec_module(standin)

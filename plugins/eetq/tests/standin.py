@@ -41,13 +41,17 @@ def preprocess_weights(codes: torch.Tensor) -> torch.Tensor:
 
 def _unprocess(stored: torch.Tensor) -> torch.Tensor:
     rows = stored.shape[0]
-    index = (torch.arange(rows, device=stored.device).view(-1, BLOCK)[:, INVERSE.to(stored.device)]).reshape(-1)
+    index = (torch.arange(rows, device=stored.device).view(-1, BLOCK)[:, INVERSE.to(stored.device)]).reshape(
+        -1
+    )
     return (stored[index].view(torch.uint8).to(torch.int16) - 128).to(torch.int8)
 
 
 def quant_weights(weight: torch.Tensor, quant_type, return_unprocessed_quantized_tensor: bool = False):
     """Symmetric per-column int8 of a CPU ``(in, out)`` fp16/fp32 tensor, pre-processed (EETQ's signature)."""
-    assert weight.device.type == "cpu" and weight.is_contiguous(), "quant_weights takes a contiguous CPU tensor"
+    assert weight.device.type == "cpu" and weight.is_contiguous(), (
+        "quant_weights takes a contiguous CPU tensor"
+    )
     assert quant_type == torch.int8
     w = weight.float()
     scales = (w.abs().amax(dim=0) / 127.0).clamp_min(torch.finfo(torch.float32).tiny)
@@ -62,7 +66,9 @@ def quant_weights(weight: torch.Tensor, quant_type, return_unprocessed_quantized
 def _read_halves(t: torch.Tensor, count: int) -> torch.Tensor:
     """The first ``count`` fp16 values at ``t.data_ptr()``: what ``reinterpret_cast<half*>`` reads."""
     offset = t.storage_offset() * t.element_size() // 2
-    return torch.empty(0, dtype=torch.float16, device=t.device).set_(t.untyped_storage(), offset, (count,), (1,))
+    return torch.empty(0, dtype=torch.float16, device=t.device).set_(
+        t.untyped_storage(), offset, (count,), (1,)
+    )
 
 
 def w8_a16_gemm(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,9 @@ class EetqLinear(nn.Module):
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
-        self.register_buffer("weight", torch.zeros((in_features, out_features), dtype=torch.int8, device=device))
+        self.register_buffer(
+            "weight", torch.zeros((in_features, out_features), dtype=torch.int8, device=device)
+        )
         if bias:
             self.register_buffer("bias", torch.zeros((out_features), dtype=torch.float16, device=device))
         else:
@@ -103,9 +111,12 @@ class EetqLinear(nn.Module):
 
 def from_linear(linear: nn.Linear) -> EetqLinear:
     """Quantize a dense linear as EETQ's own path does: ``quant_weights(W.T)`` into an ``EetqLinear``."""
-    layer = EetqLinear(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                       device=linear.weight.device)
-    packed, scales = quant_weights(linear.weight.detach().to(torch.float16).T.contiguous().cpu(), torch.int8, False)
+    layer = EetqLinear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, device=linear.weight.device
+    )
+    packed, scales = quant_weights(
+        linear.weight.detach().to(torch.float16).T.contiguous().cpu(), torch.int8, False
+    )
     layer.weight = packed.to(linear.weight.device)
     layer.register_scale(linear.weight.device)
     layer.weight_scales.copy_(scales)

@@ -11,7 +11,6 @@ EETQ "missing" with an honest fix where EETQ is absent.
 import importlib.util
 
 import pytest
-
 import quantplug_eetq
 import quantplug_eetq_standin as standin  # loaded by conftest.py
 from quantplug.info import Status

@@ -15,17 +15,16 @@ import sys
 import types
 
 import pytest
-import torch
-from torch import nn
-
 import quantplug as qp
 import quantplug_eetq
 import quantplug_eetq_standin as standin  # loaded by conftest.py
+import torch
 from quantplug.info import Status
 from quantplug.registry import hook, load_plugins
 from quantplug.testing.conformance import Holder, relative_error
 from quantplug_eetq import layers
 from quantplug_eetq.lora import EetqLoraLayer
+from torch import nn
 
 IN, OUT, R = 128, 64, 8
 
@@ -71,7 +70,9 @@ def same_state(before, module):
 
 
 def test_import_is_light():
-    code = "import sys, quantplug_eetq; bad = {'torch', 'eetq', 'EETQ'} & set(sys.modules); assert not bad, bad"
+    code = (
+        "import sys, quantplug_eetq; bad = {'torch', 'eetq', 'EETQ'} & set(sys.modules); assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -122,7 +123,9 @@ def test_standin_detect():
     other = Other(layer)
     assert detect(module=other, model=None) is None
     assert detect(module=other, model=hinted) == "eetq"
-    config_hint = types.SimpleNamespace(config=types.SimpleNamespace(quantization_config={"quant_method": "eetq"}))
+    config_hint = types.SimpleNamespace(
+        config=types.SimpleNamespace(quantization_config={"quant_method": "eetq"})
+    )
     assert detect(module=other, model=config_hint) == "eetq"
 
     class W8A16Linear(nn.Module):  # the name alone is not EETQ's: only eetq.modules.qlinear's class
@@ -185,41 +188,50 @@ def test_standin_requantize_uses_the_layers_own_op():
     assert relative_error(again, W) < 1e-3
 
 
-def test_standin_requantize_keeps_parameters_and_finds_the_hub_ops(monkeypatch):
-    """transformers' EetqLinear: Parameters, no in/out_features, ops in ``eetq_kernels_hub``."""
-    hub_module = types.ModuleType("standin_transformers_eetq")
-    hub_module.eetq_kernels_hub = types.SimpleNamespace(
-        quant_weights=standin.quant_weights, w8_a16_gemm=standin.w8_a16_gemm
-    )
-    monkeypatch.setitem(sys.modules, hub_module.__name__, hub_module)
-
-    class EetqLinear(nn.Module):  # transformers.integrations.eetq.EetqLinear's layout
-        def __init__(self, in_features, out_features, bias=False):
-            super().__init__()
-            self.weight = nn.Parameter(torch.empty((in_features, out_features), dtype=torch.int8), requires_grad=False)
-            self.weight_scales = nn.Parameter(torch.empty((out_features), dtype=torch.float16))
-            self.bias = nn.Parameter(torch.empty((out_features), dtype=torch.float16)) if bias else None
-
-        def forward(self, input):
-            output = hub_module.eetq_kernels_hub.w8_a16_gemm(input, self.weight, self.weight_scales)
-            return output + self.bias if self.bias is not None else output
-
-    EetqLinear.__module__ = hub_module.__name__
+@pytest.fixture
+def transformers_layer(monkeypatch):
+    """transformers' own EetqLinear, its kernels hub replaced by the stand-in's ops."""
+    eetq_integration = pytest.importorskip("transformers.integrations.eetq")
+    hub = types.SimpleNamespace(quant_weights=standin.quant_weights, w8_a16_gemm=standin.w8_a16_gemm)
+    monkeypatch.setattr(eetq_integration, "eetq_kernels_hub", hub, raising=False)
     source = standin_layer()
-    layer = EetqLinear(IN, OUT, bias=True)
+    layer = eetq_integration.EetqLinear(IN, OUT, bias=True)
     with torch.no_grad():
         layer.weight.copy_(source.weight)
         layer.weight_scales.copy_(source.weight_scales)
         layer.bias.copy_(source.bias)
-    assert qp.detect(layer) == "eetq"
-    assert layers.library_ops(layer) is hub_module.eetq_kernels_hub
+    return layer, source, hub
+
+
+def test_standin_transformers_layer_is_claimed_and_requantized_with_its_hub_ops(transformers_layer):
+    """transformers' EetqLinear: Parameters, no in/out_features, ops in ``eetq_kernels_hub``."""
+    layer, source, hub = transformers_layer
+    assert qp.detect(layer) == "eetq" and not hasattr(layer, "in_features")
+    assert layers.library_ops(layer) is hub
     W = layers.dequantize(layer)
     assert torch.equal(W, layers.dequantize(source))
     new = layers.requantize(layer, W)
     assert isinstance(new.weight, nn.Parameter) and isinstance(new.weight_scales, nn.Parameter)
-    assert torch.equal(new.weight, layer.weight)
+    assert (
+        torch.equal(new.weight, layer.weight)
+        and new.weight_scales.requires_grad == layer.weight_scales.requires_grad
+    )
     wrapper = EetqLoraLayer.around(layer, "eetq")
     assert (wrapper.in_features, wrapper.out_features) == (IN, OUT)
+
+
+@pytest.mark.usefixtures("standin_backend")
+def test_standin_transformers_layer_backward_trap(transformers_layer):
+    """EETQ's backward (in transformers, and EETQ 1.0.1) fails when only the trainable-by-default bias
+    needs a gradient; the wrapped layer never builds a graph through the frozen base."""
+    layer, _, _ = transformers_layer
+    assert layer.bias.requires_grad  # transformers' default
+    x = torch.randn(3, IN).to(torch.float16)
+    with pytest.raises(UnboundLocalError):
+        layer(x).float().sum().backward()
+    model = wrapped(layer)  # no prepare_for_training: the bias is still trainable
+    model(x).float().sum().backward()
+    assert model.proj.lora_A["default"].grad is not None and layer.bias.grad is None
 
 
 # -- the wrapped layer -----------------------------------------------------------
@@ -281,7 +293,9 @@ def test_standin_prepare_for_training_unwrapped_layers_pass_gradients():
     model = qp.attach(Two(), qp.LoraConfig(r=R, alpha=2 * R, target_modules=["first"], init="random"))
     x = torch.randn(4, IN).to(torch.float16)
     A = model.first.lora_A["default"]
-    assert not model(x).requires_grad, "a bare no-grad EETQ layer (1.0.0's EetqLinear, W8A16Linear) stops the gradient"
+    assert not model(x).requires_grad, (
+        "a bare no-grad EETQ layer (1.0.0's EetqLinear, W8A16Linear) stops the gradient"
+    )
     qp.prepare_for_training(model)
     qp.prepare_for_training(model)  # idempotent: one hook per layer
     assert len(model.second._forward_hooks) == 1
@@ -326,8 +340,10 @@ def test_standin_merge_and_exact_unmerge(mode, adapter):
         report = qp.merge(model, mode=mode)
         merged = model(x)
     entry = report.layers[0]
-    print(f"\nstand-in merge {mode}, {adapter} adapter: error vs W+dW {entry.error:.2e}, error/|dW| {entry.adapter_error:.4f}, "
-          f"|dW|/|W| {delta.norm().item() / W.norm().item():.3f}")
+    print(
+        f"\nstand-in merge {mode}, {adapter} adapter: error vs W+dW {entry.error:.2e}, error/|dW| {entry.adapter_error:.4f}, "
+        f"|dW|/|W| {delta.norm().item() / W.norm().item():.3f}"
+    )
     if mode == "requantize":
         assert type(model.proj.base) is type(layer)
         # int8 per channel re-rounds W + dW: about 0.6% of |W| whatever the adapter's size

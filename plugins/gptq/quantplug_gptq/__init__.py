@@ -26,7 +26,7 @@ def quantplug_backend_info():
         name=NAME,
         requires=(REQUIREMENT,),
         devices=("cpu", "cuda"),
-        merge_modes=("requantize", "dense"),
+        merge_modes=("requantize", "dense", "zeros"),
         variants=VARIANTS,
         dora=True,
         mixed_batch=True,
@@ -40,6 +40,11 @@ def quantplug_backend_info():
                 "raises NotImplementedError: merge it with mode='dense'"
             ),
             "cuda": "CUDA kernels are read through their own forward on an identity matrix; tested on CPU only",
+            "zeros": (
+                "partial: sym=False layers in the packed torch layout (2/4/8 bits, no act-order) only; the zero "
+                "points are integers, so each group keeps the multiple of its scale nearest to the adapter's "
+                "update. sym=True layers have no zero points to move (Marlin/ExLlama ignore qzeros for them)"
+            ),
             "training": (
                 "the input's gradient goes through dequantize + F.linear (TorchFusedLinear/TorchAtenLinear drop it "
                 "after their first inference forward, TorchInt8Linear/ExLlama/Marlin have no training mode); "
@@ -90,6 +95,24 @@ def quantplug_requantize(module, weight, backend):
     from quantplug_gptq import _layers
 
     return _layers.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_group_size(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_gptq import _layers
+
+    return _layers.group_size(module)
+
+
+@hookimpl
+def quantplug_fold_into_zeros(module, offsets, backend):
+    if backend != NAME:
+        return None
+    from quantplug_gptq import _layers
+
+    return _layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl

@@ -312,7 +312,6 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
             f"quantplug-gptq cannot requantize into {cls.__name__}: it has no CPU packer and was only tested "
             "on the torch kernels; merge with mode='dense', or load the model with backend=BACKEND.GPTQ_TORCH"
         )
-    device = device_of(module)
     g_idx = getattr(module, "g_idx", None)
     if not isinstance(g_idx, torch.Tensor):  # TorchInt8Linear drops g_idx in post_init
         g_idx = torch.arange(module.in_features, dtype=torch.int32) // module.group_size
@@ -323,15 +322,23 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     )
     if "TorchInt8Linear" in names or is_repacked(module):
         scale_dtype = torch.float16  # the dtype the packed (pre-conversion) scales have
+    scales, zeros, on_grid = rtn_params(
+        weight.detach().float().cpu(), module.bits, module.sym, g_idx.long(), scale_dtype, keep=own_params(module)
+    )
+    return _build_like(module, scales, zeros, on_grid, g_idx, scale_dtype)
+
+
+def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -> nn.Module:
+    """A new layer of ``module``'s class, format and bias packing ``on_grid`` with these scales and zeros."""
+    names = mro_names(module)
+    cls = type(module)
+    device = device_of(module)
     bits, sym = module.bits, module.sym
     group_size = getattr(module, "requested_group_size", module.group_size)
     bias = getattr(module, "bias", None)
     extra = {"pack_dtype": getattr(module, "pack_dtype", torch.int32)}
     if getattr(module, "format", None) is not None:
         extra["format"] = module.format
-    scales, zeros, on_grid = rtn_params(
-        weight.detach().float().cpu(), bits, sym, g_idx.long(), scale_dtype, keep=own_params(module)
-    )
 
     def build(klass):
         return klass(
@@ -368,4 +375,64 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     new.post_init()
     if not module.training:
         new.eval()
+    return new
+
+
+# -- QALoRA: group size and the zeros merge ----------------------------------------
+
+
+def group_size(module: nn.Module) -> int | None:
+    """The layer's input group, where groups are runs of consecutive columns (no act-order permutation)."""
+    if layout(module) == INT8:  # TorchInt8Linear re-quantized itself per channel in post_init
+        return None
+    group, in_features = int(getattr(module, "group_size", -1) or -1), int(module.in_features)
+    if group <= 0 or group >= in_features or in_features % group:
+        return None
+    g_idx = getattr(module, "g_idx", None)
+    if isinstance(g_idx, torch.Tensor) and g_idx.numel() == in_features:
+        contiguous = torch.arange(in_features, device=g_idx.device) // group
+        if not torch.equal(g_idx.long(), contiguous):
+            return None  # act-order: a group's columns are scattered
+    return group
+
+
+def unpack_codes(module: nn.Module) -> torch.Tensor:
+    """The ``(in, out)`` integer codes of a packed 2/4/8-bit layer, as ``dequantize_weight`` reads them."""
+    bits = module.bits
+    word = getattr(module, "pack_dtype_bits", 32)
+    shifts = torch.arange(0, word, bits, dtype=torch.int32, device=module.qweight.device)
+    codes = (module.qweight.to(torch.int32).unsqueeze(1) >> shifts.view(1, -1, 1)) & (2**bits - 1)
+    return codes.reshape(-1, module.qweight.shape[1])[: module.in_features]
+
+
+def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
+    """A new layer with ``module``'s codes bit for bit and each group's zero point moved by ``offsets``.
+
+    GPTQ dequantizes ``scale * (code - zero)`` with integer zero points in
+    ``[0, 2^bits - 1]``, so the new zero point is ``zero - round(offset /
+    scale)``, clamped to that range: each group keeps the multiple of its
+    scale nearest to the adapter's constant.
+    """
+    own = own_params(module)
+    if own is None or group_size(module) is None:
+        raise ValueError(
+            f"the zeros merge reads and rewrites the packed 2/4/8-bit GPTQ buffers with groups of consecutive "
+            f"columns; this {type(module).__name__} (layout {layout(module)}, bits {module.bits}, "
+            f"desc_act {getattr(module, 'desc_act', None)}) has none. Merge with mode='requantize' or 'dense'"
+        )
+    if module.sym:
+        raise ValueError(
+            "a sym=True GPTQ layer promises zero points of 2^(bits-1), and kernels such as Marlin and ExLlama "
+            "ignore qzeros for it: quantize with sym=False to merge QALoRA adapters into the zero points"
+        )
+    scales, zeros = own  # (out, groups), float32, on the CPU
+    step = torch.round(offsets.detach().float().cpu() / scales)
+    new_zeros = (zeros - step).clamp_(0, 2**module.bits - 1)
+    g_idx = module.g_idx.detach().to(device="cpu", dtype=torch.int32).clone()
+    codes = unpack_codes(module).cpu().T.float()  # (out, in)
+    group = g_idx.long()
+    on_grid = scales[:, group] * (codes - new_zeros[:, group])
+    new = _build_like(module, scales, new_zeros, on_grid, g_idx, module.scales.dtype)
+    if not torch.equal(new.qweight.cpu(), module.qweight.cpu()):  # pack_original re-derives codes from on_grid
+        raise RuntimeError("packing the moved zero points changed the GPTQ codes; please report this")
     return new

@@ -42,7 +42,8 @@ def quantplug_backend_info():
         name=NAME,
         requires=(REQUIREMENT,),
         devices=("cpu", "cuda"),
-        merge_modes=("requantize", "dense"),
+        # "zeros": HQQ keeps float zero points per group, so a QALoRA adapter folds in exactly
+        merge_modes=("requantize", "dense", "zeros"),
         variants=tuple(VARIANTS),
         dora=True,
         mixed_batch=True,
@@ -58,6 +59,8 @@ def quantplug_backend_info():
             "are not exercised, and their converted layers are not claimed",
             "shardable": "partial: FSDP2 shards W_q only; scale, zero and bias stay replicated (plain tensors "
             "in HQQLinear.meta), and HQQLinear.to() is a no-op, so build layers on their final device",
+            "zeros": "partial: axis=1 layers (groups along the input, HQQ's default) only; an axis=0 group is a "
+            "strided run of the weight that a QALoRA update is not constant over",
         },
     )
 
@@ -102,6 +105,24 @@ def quantplug_requantize(module, weight, backend):
     from quantplug_hqq import layers
 
     return layers.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_group_size(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_hqq import layers
+
+    return layers.group_size(module)
+
+
+@hookimpl
+def quantplug_fold_into_zeros(module, offsets, backend):
+    if backend != NAME:
+        return None
+    from quantplug_hqq import layers
+
+    return layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl

@@ -204,9 +204,14 @@ def requantize(module: nn.Module, weight: torch.Tensor, strategy: str = "best") 
             W_q = W_q.view(dtype)
     else:
         W_q = codes.to(module.W_q.dtype)
+    return _assemble(module, new, W_q, scale, zero)
+
+
+def _assemble(module: nn.Module, new: nn.Module, W_q: torch.Tensor, scale, zero) -> nn.Module:
+    """Fill the empty layer ``new`` with ``W_q``, ``scale``, ``zero`` and the rest of ``module``'s meta and bias."""
     new.meta = {
         key: value.detach().clone() if isinstance(value, torch.Tensor) else copy.copy(value)
-        for key, value in meta.items()
+        for key, value in module.meta.items()
     }
     new.meta["scale"], new.meta["zero"] = scale.contiguous(), zero.contiguous()
     new.W_q = W_q
@@ -215,6 +220,45 @@ def requantize(module: nn.Module, weight: torch.Tensor, strategy: str = "best") 
     new.cuda(module.device)  # what HQQLinear.quantize ends with: dtypes, device, W_q as a Parameter
     new.ready = True
     return new
+
+
+# -- QALoRA: group size and the zeros merge ----------------------------------------
+
+
+def group_size(module: nn.Module) -> int | None:
+    """The input-dimension group of an ``axis=1`` layer (HQQ's default); ``None`` for ``axis=0``,
+    where a group is a strided run of the flattened weight, and for one group per row."""
+    meta = getattr(module, "meta", None)
+    if meta is None or _is_legacy(module):
+        return None
+    group, in_features = meta.get("group_size"), int(module.in_features)
+    params = module.quant_config["weight_quant_params"]
+    if meta.get("axis") != 1 or not group or not params.get("channel_wise", True):
+        return None
+    return int(group) if group < in_features and in_features % group == 0 else None
+
+
+def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
+    """A new ``HQQLinear`` with ``module``'s ``W_q`` bit for bit and ``zero - offsets / scale`` as zero points.
+
+    HQQ dequantizes ``(W_q - zero) * scale`` per group with ``zero`` a float
+    tensor in the compute dtype, so the move is exact up to that dtype's
+    rounding of the new zero point. ``axis=1`` groups are rows of the
+    weight reshaped to ``(-1, group_size)``: row ``o * in / g + k`` is group
+    ``k`` of output row ``o``. A group whose scale is 0 cannot move.
+    """
+    _check_ready(module)
+    if group_size(module) is None:
+        raise ValueError(
+            f"this HQQLinear has no zero points per input group (axis={module.meta.get('axis')}, "
+            f"group_size={module.meta.get('group_size')}, legacy quantized zero: {_is_legacy(module)})"
+        )
+    meta = module.meta
+    scale, zero = meta["scale"], meta["zero"]
+    shift = offsets.detach().to(device=zero.device, dtype=torch.float32).reshape(zero.shape)
+    moved = zero.float() - shift / torch.where(scale == 0, 1.0, scale.float())
+    new_zero = torch.where(scale == 0, zero.float(), moved).to(zero.dtype)
+    return _assemble(module, _empty_like(module), module.W_q.detach().clone(), scale.detach().clone(), new_zero)
 
 
 # -- quantize -------------------------------------------------------------------

@@ -90,7 +90,7 @@ def test_quantplug_backend_info():
     info = load_plugins().backends[NAME].info
     assert info.name == NAME
     assert info.variants == tuple(VARIANTS) and info.variants[0] == "4bit-g64"
-    assert set(info.merge_modes) == {"requantize", "dense"}
+    assert set(info.merge_modes) == {"requantize", "dense", "zeros"}
     assert info.dora and info.mixed_batch and info.compile_safe and info.shardable
     assert [r.dist for r in info.requires] == ["hqq"]
 

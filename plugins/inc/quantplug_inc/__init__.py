@@ -40,7 +40,7 @@ def quantplug_backend_info():
         name=NAME,
         requires=(REQUIREMENT,),
         devices=("cpu",),
-        merge_modes=("requantize", "dense"),
+        merge_modes=("requantize", "dense", "zeros"),
         variants=tuple(VARIANTS),
         dora=True,
         mixed_batch=True,
@@ -54,6 +54,11 @@ def quantplug_backend_info():
                 "no parameters: nothing FSDP2 shards (untested)"
             ),
             "cuda": "tested on CPU only; INC's CUDA/XPU paths (ipex, fp16 compute) are not exercised",
+            "zeros": (
+                "partial: asymmetric int layers (use_sym=False) with input groups only; the zero points are "
+                "integers, so each group keeps the multiple of its scale nearest to the adapter's update. "
+                "Symmetric and nf4/fp4 layers have no zero points to move"
+            ),
         },
     )
 
@@ -118,6 +123,24 @@ def quantplug_requantize(module, weight, backend):
     from quantplug_inc.layers import requantize
 
     return requantize(module, weight)
+
+
+@hookimpl
+def quantplug_group_size(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_inc.layers import group_size
+
+    return group_size(module)
+
+
+@hookimpl
+def quantplug_fold_into_zeros(module, offsets, backend):
+    if backend != NAME:
+        return None
+    from quantplug_inc.layers import fold_into_zeros
+
+    return fold_into_zeros(module, offsets)
 
 
 @hookimpl

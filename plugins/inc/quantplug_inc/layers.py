@@ -160,6 +160,13 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         )
         if perm is not None:
             codes = codes[:, torch.argsort(perm)]
+    return _build_like(module, fmt, codes, scales, zp, perm)
+
+
+def _build_like(module: nn.Module, fmt: Format, codes, scales, zp, perm) -> nn.Module:
+    """A new layer of ``module``'s class and format, packing ``codes``, ``scales`` and ``zp`` with its bias."""
+    device = _device(module)
+    with torch.no_grad():
         bias = module.bias
         new = type(module)(
             module.in_features,
@@ -182,6 +189,46 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     new.train(module.training)
     new.requires_grad_(False)
     warm(new)  # as IncLoraLayer does at wrap time: a traced forward cannot build the cache
+    return new
+
+
+# -- QALoRA: group size and the zeros merge ----------------------------------------
+
+
+def group_size(module: nn.Module) -> int | None:
+    """The layer's input group; ``None`` per channel (``group_size=-1``) and for act-order layers (``g_idx``)."""
+    group, in_features = int(module.group_size), int(module.in_features)
+    if group <= 0 or group >= in_features or in_features % group or "g_idx" in module._buffers:
+        return None
+    return group
+
+
+def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
+    """A new layer with ``module``'s codes bit for bit and each group's zero point moved by ``offsets``.
+
+    INC dequantizes ``(code - zp) * scale`` with integer zero points in
+    ``[0, 2^bits - 1]`` (asymmetric ``int`` layers only; symmetric ones store
+    none, or ``2^(bits-1)`` in the optimum format): the new zero point is
+    ``zp - round(offset / scale)``, clamped to that range.
+    """
+    if group_size(module) is None:
+        raise ValueError(
+            f"this INCWeightOnlyLinear has no groups of consecutive input columns (group_size={module.group_size}, "
+            f"act-order g_idx: {'g_idx' in module._buffers})"
+        )
+    fmt = layer_format(module)
+    if "int" not in fmt.dtype or fmt.sym:
+        raise ValueError(
+            f"this {fmt.dtype} layer ({fmt.scheme}) has no zero points to move: quantize with dtype='int' and "
+            "use_sym=False (variant int4-g32-asym) to merge QALoRA adapters into the zero points"
+        )
+    unpacked = module.unpack()
+    codes, scales, zp = unpacked["int_weight"], unpacked["scales"], unpacked["zp"]
+    step = torch.round(offsets.detach().to(scales.device).float() / scales.float())
+    new_zp = (zp.float() - step).clamp_(0, 2**fmt.bits - 1).to(zp.dtype)
+    new = _build_like(module, fmt, codes.clone(), scales.clone(), new_zp, None)
+    if not torch.equal(new.unpack()["int_weight"], codes):
+        raise RuntimeError("packing the moved zero points changed the INC codes; please report this")
     return new
 
 

@@ -106,7 +106,7 @@ def test_backend_status_ok():
     assert status.status is Status.OK, status
     assert status.found is not None and status.plugin_dist == "quantplug-inc"
     info = status.info
-    assert info.variants[0] == DEFAULT and set(info.merge_modes) == {"requantize", "dense"}
+    assert info.variants[0] == DEFAULT and set(info.merge_modes) == {"requantize", "dense", "zeros"}
     assert "neural-compressor[pt]" in info.requires[0].install_line()
 
 

@@ -154,6 +154,36 @@ def quantplug_requantize(module, weight, backend):
 
 
 @hookimpl
+def quantplug_group_size(module, backend):
+    """Optional: the input group of a group-wise format, which QALoRA adapters pool over."""
+    if backend != NAME:
+        return None
+    # >>> TODO(group-size): optional. If your format shares one scale (and one zero point) among
+    #     each run of g consecutive input columns of every row, return g for `module` (an int that
+    #     divides in_features and is smaller than it); else None: per-channel scales, codebooks,
+    #     groups over permuted columns. Cheap: read attributes, never dequantize. QALoRA adapters
+    #     with qalora_group_size=None pool over these groups, and merge mode "zeros" needs them.
+    return None
+    # <<< TODO(group-size)
+
+
+@hookimpl
+def quantplug_fold_into_zeros(module, offsets, backend):
+    """Optional: merge mode "zeros", for formats that store a zero point per group."""
+    if backend != NAME:
+        return None
+    # >>> TODO(fold-zeros): optional. If your format stores a zero point per (row, group) and you
+    #     add "zeros" to merge_modes: return a NEW layer with module's codes, scales and bias bit
+    #     for bit, each zero point moved so that the dequantized weight grows by offsets[o, k] over
+    #     group k of row o (offsets is (out_features, in_features // g)); with W = s * (q - z) that
+    #     is z - offsets / s, rounded where z is an integer. Leave `module` unchanged. Raise
+    #     ValueError naming the reason for a layer of yours without zero points (symmetric).
+    #     Without zero points, leave "zeros" out of merge_modes and raise here.
+    raise NotImplementedError(f"TODO(fold-zeros) in {__name__}")
+    # <<< TODO(fold-zeros)
+
+
+@hookimpl
 def quantplug_quantize(linear, backend, variant):
     if backend != NAME:
         return None

@@ -41,7 +41,7 @@ def quantplug_backend_info():
         # tensor classes nearly every release.
         requires=(Requirement("torchao", ">=0.18,<0.19", module="torchao"),),
         devices=("cpu", "cuda"),
-        merge_modes=("requantize", "dense"),
+        merge_modes=("requantize", "dense", "zeros"),
         variants=VARIANTS,
         dora=True,
         mixed_batch=True,
@@ -52,6 +52,11 @@ def quantplug_backend_info():
                 "only the nf4 variant (NF4Tensor, FSDP2's all-gather extension) shards; fully_shard "
                 "fails on Int8Tensor and IntxUnpackedToInt8Tensor (no aten.split) and Float8Tensor "
                 "(no aten.new_zeros) in torchao 0.18"
+            ),
+            "zeros": (
+                "partial: per-group IntxUnpackedToInt8Tensor weights (int4-g32, int4-g64, int8dq-int4-g32) only, "
+                "which store a zero point per group; the merged layer keeps them in floating point (exact), "
+                "which requantize does not rebuild: merge a second adapter into it with mode='dense' or 'zeros'"
             ),
         },
     )
@@ -117,6 +122,24 @@ def quantplug_requantize(module, weight, backend):
     from quantplug_torchao import formats
 
     return formats.requantize(module, weight)
+
+
+@hookimpl
+def quantplug_group_size(module, backend):
+    if backend != NAME:
+        return None
+    from quantplug_torchao import formats
+
+    return formats.group_size(module)
+
+
+@hookimpl
+def quantplug_fold_into_zeros(module, offsets, backend):
+    if backend != NAME:
+        return None
+    from quantplug_torchao import formats
+
+    return formats.fold_into_zeros(module, offsets)
 
 
 @hookimpl

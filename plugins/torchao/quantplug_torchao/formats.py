@@ -425,3 +425,69 @@ def quantize(linear: nn.Module, variant: str) -> nn.Module:
     new = _new_linear(linear, dense, linear.bias)
     quantize_(new, config, filter_fn=lambda m, _fqn: m is new)
     return new
+
+
+# --------------------------------------------------------------------------
+# QALoRA: group size and the zeros merge
+# --------------------------------------------------------------------------
+
+# classes whose block_size (1, g) groups consecutive input columns under one scale (and zero point)
+_GROUPED = frozenset(
+    {
+        "IntxUnpackedToInt8Tensor",
+        "IntxOpaqueTensor",
+        "Int4Tensor",
+        "Int4PlainInt32Tensor",
+        "Int4TilePackedTo4dTensor",
+        "Int4PreshuffledTensor",
+    }
+)
+
+
+def group_size(module: nn.Module) -> int | None:
+    """The input group of a per-group weight (``PerGroup(g)``); ``None`` per row, per tensor, NF4, float8."""
+    weight = torchao_weight(module)
+    if weight is None or type(weight).__name__ not in _GROUPED:
+        return None
+    block = [int(b) for b in weight.block_size]
+    in_features = int(weight.shape[-1])
+    if len(block) != 2 or block[0] != 1 or block[1] >= in_features or in_features % block[1]:
+        return None
+    return block[1]
+
+
+def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
+    """A new layer with ``module``'s ``qdata`` bit for bit and ``zero_point - offsets / scale``.
+
+    ``IntxUnpackedToInt8Tensor`` dequantizes ``(qdata - zero_point) * scale``
+    per group and accepts floating-point zero points (``custom_zero_point``,
+    ``_has_float_zero_point``): the new ones are kept in the scale's dtype,
+    so the move is exact up to that dtype. Symmetric layers store their
+    zero points too (all 0), so they take the merge as well. A group whose
+    scale is 0 cannot move.
+    """
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    old = _weight(module)
+    if type(old).__name__ != "IntxUnpackedToInt8Tensor" or group_size(module) is None:
+        raise ValueError(
+            f"the zeros merge rewrites the zero points of a per-group IntxUnpackedToInt8Tensor; this layer holds "
+            f"a {type(old).__name__} (block size {tuple(getattr(old, 'block_size', ()))}). Merge with "
+            "mode='requantize' or 'dense'"
+        )
+    scale = old.scale
+    shift = offsets.detach().to(device=scale.device, dtype=torch.float32).reshape(scale.shape)
+    safe = torch.where(scale == 0, 1.0, scale.float())
+    zero = torch.where(scale == 0, old.zero_point.float(), old.zero_point.float() - shift / safe)
+    weight = IntxUnpackedToInt8Tensor(
+        old.qdata.detach().clone(),
+        scale.detach().clone(),
+        zero.to(scale.dtype),
+        old.target_dtype,
+        old.block_size,
+        old.dtype,
+        old.activation_quantization,
+    )
+    new = _new_linear(module, torch.empty(old.shape, dtype=old.dtype, device=old.device), module.bias)
+    new.weight = nn.Parameter(weight, requires_grad=False)
+    return new
