@@ -15,7 +15,8 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 
 if [ -d .gpu/site ]; then export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"; fi
-if ! $PY -c 'import EETQ, eetq' >"$OUT/eetq_import.log" 2>&1; then
+# EETQ's extension (EETQ.*.so) finds libc10 only once torch is imported
+if ! $PY -c 'import torch, EETQ, eetq' >"$OUT/eetq_import.log" 2>&1; then
   echo "EETQ is not importable here (see docs/backends.md#eetq):"; tail -5 "$OUT/eetq_import.log"; exit 2
 fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . -e plugins/eetq \

@@ -293,3 +293,27 @@ def test_noxfile_defines_the_matrix_sessions():
     text = (REPO / "noxfile.py").read_text()
     for name in ("def matrix(", "def matrix_ci(", "def compatibility(", "_define_matrix_sessions()"):
         assert name in text
+
+
+def test_junit_counts_and_failure_reasons(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text(
+        """<testsuites><testsuite>
+<testcase classname="t" name="ok"/>
+<testcase classname="t" name="skip"><skipped message="no avx"/></testcase>
+<testcase classname="t" name="bad"><failure message="assert 1 == 2">def test():
+&gt;   x()
+E   ImportError: cannot import name 'to_nf4' from 'torchao.quantization'
+</failure></testcase>
+<testcase classname="plugins.x" name="test_x"><error message="collection failure">
+E   ModuleNotFoundError: No module named 'pkg_resources'</error></testcase>
+</testsuite></testsuites>"""
+    )
+    counts = M.junit_counts(junit)
+    assert (counts["passed"], counts["skipped"], counts["failed"], counts["errors"]) == (1, 1, 1, 1)
+    assert (
+        counts["reasons"]["t::bad"] == "ImportError: cannot import name 'to_nf4' from 'torchao.quantization'"
+    )
+    assert counts["reasons"]["plugins.x::test_x"] == "ModuleNotFoundError: No module named 'pkg_resources'"
+    record = {"tests": counts}
+    assert M.top_reason(record, ["t::bad"]) == counts["reasons"]["t::bad"]

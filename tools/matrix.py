@@ -87,12 +87,14 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             "inc",
             "neural-compressor",
-            ("3.0", "3.4.1", "3.7.1", "3.10"),
+            ("3.0", "3.4.1", "3.7.1", "3.8.1", "3.9", "3.10"),
             too_old="2.6",
             pip_name="neural-compressor[pt]",
         ),
-        Backend("gptq", "gptqmodel", ("7.0.0", "7.3.6", "7.6.0", "7.7.0"), too_old="6.0.3"),
-        Backend("awq", "gptqmodel", ("7.0.0", "7.6.0")),
+        Backend("gptq", "gptqmodel", ("7.0.0", "7.3.6", "7.4.0", "7.5.0", "7.6.0", "7.7.0"), too_old="6.0.3"),
+        Backend("awq", "gptqmodel", ("7.0.0", "7.5.0", "7.6.0")),
+        # PyPI has only a CPython 3.10 CUDA wheel of eetq 1.0.0 and no sdist: a "cannot install" row here
+        Backend("eetq", "eetq", ("1.0.0",)),
     )
 }
 
@@ -143,7 +145,9 @@ def declared_range(backend: str, dist: str) -> dict:
     pyproject = root / "pyproject.toml"
     if pyproject.is_file():
         data = tomllib.loads(pyproject.read_text())
-        for line in data.get("project", {}).get("dependencies", []):
+        project = data.get("project", {})
+        extras = [line for lines in project.get("optional-dependencies", {}).values() for line in lines]
+        for line in [*extras, *project.get("dependencies", [])]:  # a hard dependency wins over an extra
             req = Requirement(line)
             if canon(req.name) == canon(dist):
                 result["pyproject"] = str(req.specifier)
@@ -309,24 +313,47 @@ def remove_metadata(python: str | Path, dist: str) -> str:
 
 
 def junit_counts(path: Path) -> dict:
-    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_tests": []}
+    """Counts from pytest's JUnit XML, the failed tests, and one line saying why each failed."""
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_tests": [], "reasons": {}}
     if not path.is_file():
         return counts
     root = ET.parse(path).getroot()
     for case in root.iter("testcase"):
         name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        tags = {child.tag for child in case}
-        if "failure" in tags:
-            counts["failed"] += 1
+        children = {child.tag: child for child in case}
+        bad = children.get("failure")
+        if bad is None:
+            bad = children.get("error")
+        if bad is not None:
+            counts["failed" if bad.tag == "failure" else "errors"] += 1
             counts["failed_tests"].append(name)
-        elif "error" in tags:
-            counts["errors"] += 1
-            counts["failed_tests"].append(name)
-        elif "skipped" in tags:
+            counts["reasons"][name] = failure_reason(bad.get("message") or "", bad.text or "")
+        elif "skipped" in children:
             counts["skipped"] += 1
         else:
             counts["passed"] += 1
     return counts
+
+
+_ERROR_LINE = re.compile(r"^E\s+((?:[\w.]+(?:Error|Exception|Exit)|AssertionError|assert)\b.*)$")
+
+
+def failure_reason(message: str, text: str) -> str:
+    """One line: the exception pytest reported (``E   ImportError: ...``), else its message."""
+    found = [m.group(1).strip() for m in map(_ERROR_LINE.match, text.splitlines()) if m]
+    errors = [f for f in found if not f.startswith("assert")]
+    line = (errors or found or [message.strip() or "?"])[-1 if errors else 0]
+    return re.sub(r"\s+", " ", line)[:200]
+
+
+def top_reason(record: dict, tests: list[str]) -> str | None:
+    """The most common failure reason among ``tests`` in ``record``, with how many it covers."""
+    reasons = (record.get("tests") or {}).get("reasons") or {}
+    picked = [reasons[t] for t in tests if t in reasons]
+    if not picked:
+        return None
+    best = max(set(picked), key=picked.count)
+    return f"{best} ({picked.count(best)} of {len(tests)})" if len(tests) > 1 else best
 
 
 def make_explore_copy(backend: str, dist: str, declared: str, version: str, dest: Path) -> tuple[Path, str]:
@@ -594,12 +621,14 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
             )
             where = "inside" if in_range(r["version"], spec) else "*outside*"
             detail = r.get("detail") or ""
-            if r.get("version_specific_failures"):
-                detail = "only here: " + ", ".join(
-                    f"`{x.split('::')[-1]}`" for x in r["version_specific_failures"][:4]
-                )
-                if len(r["version_specific_failures"]) > 4:
-                    detail += f" (+{len(r['version_specific_failures']) - 4})"
+            only = r.get("version_specific_failures") or []
+            if only:
+                detail = "only here: " + ", ".join(f"`{x.split('::')[-1]}`" for x in only[:3])
+                if len(only) > 3:
+                    detail += f" (+{len(only) - 3})"
+                why = top_reason(r, only)
+                if why:
+                    detail += f"; cause: `{why}`"
             lines.append(
                 f"| {name} | {r['version']} | {where} | {r['verdict']} | {counts} | {_cell(detail)} |"
             )
@@ -641,9 +670,12 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
             )
             detail = r.get("detail") or ""
             if t.get("failed_tests"):
-                detail = ", ".join(f"`{x.split('::')[-1]}`" for x in t["failed_tests"][:4]) + (
-                    f" (+{len(t['failed_tests']) - 4})" if len(t["failed_tests"]) > 4 else ""
+                detail = ", ".join(f"`{x.split('::')[-1]}`" for x in t["failed_tests"][:3]) + (
+                    f" (+{len(t['failed_tests']) - 3})" if len(t["failed_tests"]) > 3 else ""
                 )
+                why = top_reason(r, t["failed_tests"])
+                if why:
+                    detail += f"; cause: `{why}`"
             lines.append(f"| {r['library']} | {r['version']} | {r['outcome']} | {counts} | {_cell(detail)} |")
     lines += [
         "",
@@ -690,6 +722,8 @@ def _slim(r: dict) -> dict:
     if out.get("tests"):
         out["tests"] = dict(out["tests"])
         out["tests"]["failed_tests"] = out["tests"].get("failed_tests", [])[:50]
+        reasons = out["tests"].get("reasons") or {}
+        out["tests"]["reasons"] = {t: reasons[t] for t in out["tests"]["failed_tests"] if t in reasons}
     return out
 
 

@@ -17,7 +17,13 @@ NAME = "linear"
 
 @hookimpl
 def quantplug_backend_info():
-    return BackendInfo(name=NAME, devices=("cpu", "cuda"), variants=("dense",), shardable=True)
+    return BackendInfo(
+        name=NAME,
+        devices=("cpu", "cuda"),
+        variants=("dense",),
+        shardable=True,
+        limits={"zeros": "a plain nn.Linear has no zero points; mode='requantize' or 'dense' merges it exactly"},
+    )
 
 
 def is_plain_linear(module) -> bool:

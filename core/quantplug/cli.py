@@ -14,6 +14,7 @@ trains them, and merges them back.
   quantplug doctor                 which backends work here, and the fix for those that don't
   quantplug demo                   train LoRA on a tiny quantized LLaMA, merge it, save it (CPU, ~1 min)
   quantplug demo --backend hqq     the same on another backend
+  quantplug demo --backend hqq --qalora   QALoRA, merged into the zero points beside requantize and dense
   quantplug bench --out b.json     time bare vs adapter vs merged layers, beside PEFT
 """
 
@@ -120,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=120, help="training steps (default: 120)")
     demo.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     demo.add_argument("--dora", action="store_true", help="train DoRA instead of LoRA")
+    demo.add_argument(
+        "--qalora", action="store_true",
+        help="train QALoRA on the projections (input pooled over the backend's quantization groups; "
+        "needs a group-wise backend: hqq, gptq, awq, torchao, inc) and compare the 'zeros' merge, which "
+        "keeps the quantized codes and moves the zero points, with 'requantize' and 'dense'; without "
+        "--variant, the first variant with groups and zero points",
+    )
     demo.add_argument("--out", default="quantplug-demo-out", help="folder for the adapter, loss curve and summary")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")

@@ -2,7 +2,10 @@
 
 Build (from a config, no download) -> quantize with a backend -> attach LoRA
 -> train on a corpus shipped with quantplug -> merge both ways and measure
--> save in PEFT's format -> reload and check.
+-> save in PEFT's format -> reload and check. With ``--qalora`` the
+projections get a QALoRA adapter pooled over the backend's quantization
+groups, and the zeros merge (codes kept, zero points moved) is measured
+beside requantize and dense.
 """
 
 from __future__ import annotations
@@ -93,6 +96,43 @@ def save_plot(losses: list[float], path: Path, title: str) -> Path | None:
     return path
 
 
+def qalora_variant(backend: str, asked: str | None, info) -> tuple[str | None, int | None, str | None]:
+    """The variant a QALoRA demo runs: ``asked``, else the first declared one with input groups whose zero
+    points take the zeros merge (else the first with groups). Returns (variant, group size, why not)."""
+    import transformers  # noqa: F401  before any backend: INC 3.10's RTN refers to it only if imported first
+    from torch import nn
+
+    from quantplug.registry import hook
+
+    pm = hook()
+    candidates = [asked] if asked else list(info.variants or [None])
+    grouped = None
+    for variant in candidates:
+        try:
+            probe = qp.quantize(nn.Linear(128, 128), backend, variant)
+        except (ValueError, NotImplementedError, RuntimeError):
+            continue
+        group = pm.quantplug_group_size(module=probe, backend=backend)
+        if group is None:
+            continue
+        grouped = grouped or (variant, group)
+        if "zeros" not in info.merge_modes:
+            break
+        try:
+            offsets = torch.zeros(128, 128 // group)
+            if pm.quantplug_fold_into_zeros(module=probe, offsets=offsets, backend=backend) is not None:
+                return variant, group, None
+        except (ValueError, NotImplementedError):
+            continue
+    if grouped is not None:
+        return grouped[0], grouped[1], None
+    where = f"variant {asked!r}" if asked else f"any of its variants ({', '.join(map(str, candidates))})"
+    return None, None, (
+        f"backend {backend!r} reports no quantization groups along the input for {where} at hidden size 128 "
+        "(quantplug_group_size): QALoRA pools over them. Try --backend hqq, gptq, awq, torchao or inc"
+    )
+
+
 def logits_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     rel = (other - reference).norm().item() / reference.norm().item()
     top1 = (other.argmax(-1) == reference.argmax(-1)).float().mean().item()
@@ -110,14 +150,35 @@ def run_demo(args: argparse.Namespace) -> int:
     if not status.ok:
         print(f"backend {args.backend!r} is {status.status}: {status.reason}\n  fix: {status.fix}")
         return 2
-    variant = args.variant or (status.info.variants[0] if status.info and status.info.variants else None)
-    print(f"quantplug demo: tiny LLaMA (2 layers, hidden 128, byte vocabulary), backend {args.backend} ({variant})")
+    qalora = getattr(args, "qalora", False)
+    if qalora and args.dora:
+        print("--qalora and --dora cannot be combined (as in PEFT); pick one")
+        return 2
+    group = None
+    if qalora:
+        variant, group, problem = qalora_variant(args.backend, args.variant, status.info)
+        if problem:
+            print(problem)
+            return 2
+    else:
+        variant = args.variant or (status.info.variants[0] if status.info and status.info.variants else None)
+    kind = f"QALoRA (groups of {group})" if qalora else ("DoRA" if args.dora else "LoRA")
+    print(f"quantplug demo: tiny LLaMA (2 layers, hidden 128, byte vocabulary), backend {args.backend} ({variant}), "
+          f"{kind}")
 
     model = quantized_model(args.backend, variant, args.seed)
     # every quantized projection, plus the (unquantized) output head: the base is random, so the
     # adapters have to learn the byte statistics from scratch and the head is where that is cheapest
-    config = qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=[*PROJECTIONS, "lm_head"], use_dora=args.dora)
-    qp.attach(model, config)
+    if qalora:
+        # QALoRA on the quantized projections; the plain head has no groups, so it gets a LoRA
+        # adapter of its own ("head"), trained at the same time and left unmerged below
+        qp.attach(model, qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=list(PROJECTIONS),
+                                       use_qalora=True))
+        qp.attach(model, qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=["lm_head"]), "head")
+    else:
+        config = qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=[*PROJECTIONS, "lm_head"],
+                               use_dora=args.dora)
+        qp.attach(model, config)
     qp.prepare_for_training(model)
     params = qp.trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
@@ -142,17 +203,21 @@ def run_demo(args: argparse.Namespace) -> int:
     tail = losses[-max(1, len(losses) // 10) :]
     loss_before, loss_after = losses[0], sum(tail) / len(tail)
     print(f"  loss {loss_before:.3f} (first step) -> {loss_after:.3f} (mean of the last {len(tail)})  {sparkline(losses)}")
-    plot = save_plot(losses, out / "loss.png", f"LoRA r={args.rank} on {args.backend} ({variant})")
+    plot = save_plot(losses, out / "loss.png", f"{kind} r={args.rank} on {args.backend} ({variant})")
 
     probe = next(batches(data, 1, args.seed + 1))
     with torch.no_grad():
         unmerged = model(input_ids=probe).logits
     merges = {}
-    for mode in ("requantize", "dense"):
+    for mode in ("requantize", "zeros", "dense") if qalora else ("requantize", "dense"):
         if mode not in status.info.merge_modes:
             merges[mode] = {"skipped": status.info.limits.get(mode, "not supported")}
             continue
-        report = qp.merge(model, mode=mode)
+        try:
+            report = qp.merge(model, mode=mode)
+        except qp.MergeError as exc:  # a format of the backend without zero points (symmetric, say)
+            merges[mode] = {"skipped": str(exc)}
+            continue
         with torch.no_grad():
             merged = model(input_ids=probe).logits
         qp.unmerge(model)
@@ -170,6 +235,8 @@ def run_demo(args: argparse.Namespace) -> int:
     adapter_dir = qp.save_adapter(model, out / "adapter")
     fresh = quantized_model(args.backend, variant, args.seed)
     qp.load_adapter(fresh, adapter_dir)
+    if qalora:
+        qp.load_adapter(fresh, qp.save_adapter(model, out / "adapter-head", adapter="head"), adapter="head")
     fresh.eval()
     with torch.no_grad():
         reloaded = fresh(input_ids=probe).logits
@@ -184,6 +251,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "steps": args.steps,
         "loss_before": loss_before,
         "loss_after": loss_after,
+        "adapter_kind": "qalora" if qalora else ("dora" if args.dora else "lora"),
+        "qalora_group_size": group,
         "trainable_parameters": trainable,
         "merge": merges,
         "adapter": str(adapter_dir),

@@ -196,7 +196,13 @@ def merge(
         warnings.warn(
             f"merge of adapter {adapter!r} (mode {mode!r}) lost most of the adapter in {len(report.dropped)} "
             f"of {len(report.layers)} layers (worst {worst.name}: error / ‖ΔW‖ = {worst.adapter_error:.2f}); "
-            "the format's rounding is coarser than the update. Use mode='dense' to keep it whole.",
+            + (
+                "integer zero points round each group's update to a multiple of its scale and clip it to their "
+                "range. "
+                if mode == "zeros"
+                else "the format's rounding is coarser than the update. "
+            )
+            + "Use mode='dense' to keep it whole.",
             stacklevel=2,
         )
     if unload:

@@ -29,14 +29,14 @@ REPO = "https://github.com/NetEase-FuXi/EETQ"
 
 def install_line() -> str:
     """The fix ``quantplug doctor`` prints when EETQ is missing: honest about wheels."""
-    build = (
-        f"build it with nvcc on a CUDA machine: git clone --recursive {REPO} && "
-        "pip install --no-build-isolation ./EETQ (docs/backends.md#eetq)"
-    )
+    build = f"pip install --no-build-isolation 'eetq @ git+{REPO}.git'"
     if sys.version_info[:2] == (3, 10):
         return f"pip install 'eetq{SPECIFIER}' (EETQ 1.0.0, a CPython 3.10 CUDA wheel), or {build}"
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
-    return f"no EETQ wheel for Python {version} (PyPI has only a CPython 3.10 CUDA wheel, no sdist); {build}"
+    return (
+        f"{build} (no EETQ wheel for Python {version}: this builds it from source with nvcc on a CUDA "
+        "machine; for CUDA 13 or sm_90 see docs/backends.md#eetq)"
+    )
 
 
 REQUIREMENT = Requirement("eetq", SPECIFIER, module="eetq", pip=install_line())
@@ -64,8 +64,8 @@ def quantplug_backend_info():
             "it, so torch.compile(fullgraph=True) fails on the base layer",
             "shardable": "EETQ's int8 weight is stored permuted and interleaved for its GEMM tiles (per GPU "
             "architecture); a row shard of it is not a valid EETQ weight",
-            "sm_90": "EETQ 1.0.1 refuses sm_90 and newer at run time ('Unsupported Arch'); it runs on Hopper "
-            "only built with sm_90 mapped to its sm_80 kernels (docs/backends.md#eetq)",
+            "sm_90": "EETQ 1.0.1 refuses sm_90 and newer ('Unsupported Arch'); it runs on Hopper only from a "
+            "build changed as docs/backends.md#eetq says (tested on an H100)",
         },
     )
 

@@ -83,7 +83,7 @@ def test_doctor_reports_eetq_missing(capsys):
         return
     assert status.status is Status.MISSING, status
     assert status.required == quantplug_eetq.SPECIFIER
-    assert "git clone --recursive https://github.com/NetEase-FuXi/EETQ" in status.fix
+    assert "git+https://github.com/NetEase-FuXi/EETQ.git" in status.fix and "nvcc" in status.fix
     if sys.version_info[:2] != (3, 10):
         assert f"no EETQ wheel for Python {sys.version_info[0]}.{sys.version_info[1]}" in status.fix
     from quantplug.cli import main
@@ -92,7 +92,7 @@ def test_doctor_reports_eetq_missing(capsys):
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("eetq "))
     assert "missing" in row and "quantplug-eetq" in row
-    assert "build it with nvcc" in out
+    assert "builds it from source with nvcc" in out
 
 
 def test_quantize_needs_cuda_and_a_known_variant():
