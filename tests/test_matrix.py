@@ -55,7 +55,7 @@ def test_pyproject_and_backend_info_declare_the_same_range(backend):
 def test_matrix_covers_the_declared_range_from_its_oldest_release(backend):
     spec = M.BACKENDS[backend]
     declared = M.declared_range(backend, spec.dist)["requirement"]
-    inside = [v for v in spec.versions if M.in_range(v, declared)]
+    inside = [v for v in spec.releases if M.in_range(v, declared)]
     assert len(inside) >= 1, f"no release of {spec.dist} inside {declared} in the matrix"
     lower = [s.version for s in M.SpecifierSet(declared) if s.operator in (">=", "~=")]
     if lower:
@@ -249,6 +249,10 @@ def test_render_writes_the_table_and_the_verdicts(tmp_path, monkeypatch):
     records = [
         _record("matrix_bnb(0.45.5)", "explore", "0.45.5", "pass"),
         _record("matrix_bnb(0.46.0)", "backend", "0.46.0", "fail", failed=["t::a", "t::b"]),
+        {
+            **_record("matrix_bnb(0.46.0/setuptools<81)", "backend", "0.46.0", "pass"),
+            "with": ["setuptools<81"],
+        },
         _record("matrix_bnb(0.49.2)", "backend", "0.49.2", "fail", failed=["t::a"]),
         _record("matrix_bnb(0.50.2)", "backend", "0.50.2", "fail", failed=["t::a"]),
         {
@@ -276,11 +280,13 @@ def test_render_writes_the_table_and_the_verdicts(tmp_path, monkeypatch):
     assert "| bnb | 0.51.0 | *outside* | cannot install |" in md and "depends on torch>=2.14.1" in md
     assert "| bnb | 0.45.5 | yes | yes | yes (hqq) |" in md
     verdict = next(line for line in md.splitlines() if line.startswith("| bnb | bitsandbytes |"))
-    assert "`>=0.46,<0.51`" in verdict
+    assert "`>=0.46,<0.51`" in verdict and "`>=0.49.2,<0.51`" in verdict  # declared, proved
     assert (
         "fails inside the declared range on 0.46.0" in verdict and "also works outside it: 0.45.5" in verdict
     )
     assert "not proved" not in verdict
+    assert "works only with extra requirements: 0.46.0 with setuptools<81" in verdict
+    assert "| bnb | 0.46.0 with `setuptools<81` | inside | works | 10/0/1 |" in md
     quanto = next(line for line in md.splitlines() if line.startswith("| quanto |"))
     assert "plugin not present" in quanto
     data = json.loads(json_path.read_text())

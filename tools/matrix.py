@@ -60,6 +60,11 @@ class Backend:
     pip_name: str | None = None  # what to pip install, when it differs from dist (extras)
     witness: str = "hqq"
 
+    @property
+    def releases(self) -> tuple[str, ...]:
+        """The releases in ``versions``, without the variants ("3.0/setuptools<81" is 3.0 plus a requirement)."""
+        return tuple(dict.fromkeys(v.partition("/")[0] for v in self.versions))
+
     def spec(self, version: str) -> str:
         return f"{self.pip_name or self.dist}=={version}"
 
@@ -87,7 +92,8 @@ BACKENDS: dict[str, Backend] = {
         Backend(
             "inc",
             "neural-compressor",
-            ("3.0", "3.4.1", "3.7.1", "3.8.1", "3.9", "3.10"),
+            # 3.0-3.7 import pkg_resources without declaring setuptools: also run them beside one that has it
+            ("3.0", "3.0/setuptools<81", "3.4.1", "3.7.1", "3.7.1/setuptools<81", "3.8.1", "3.9", "3.10"),
             too_old="2.6",
             pip_name="neural-compressor[pt]",
         ),
@@ -103,7 +109,7 @@ INTEROP_TESTS = ("tests/test_peft_interop.py", "tests/test_transformers_models.p
 INTEROP_BACKEND = ("bnb", "0.50.2")
 INTEROP = {
     "transformers": ("4.56.2", "4.57.6", "5.0.0", "5.12.0", "5.24.0"),
-    "peft": ("0.17.1", "0.19.1", "0.21.2"),
+    "peft": ("0.17.1", "0.18.1", "0.19.1", "0.21.2"),
 }
 
 
@@ -343,7 +349,9 @@ def failure_reason(message: str, text: str) -> str:
     found = [m.group(1).strip() for m in map(_ERROR_LINE.match, text.splitlines()) if m]
     errors = [f for f in found if not f.startswith("assert")]
     line = (errors or found or [message.strip() or "?"])[-1 if errors else 0]
-    return re.sub(r"\s+", " ", line)[:200]
+    line = line.split("\\n")[0]  # a repr()'d tensor: its first line says enough
+    line = re.sub(r" \(/[^)]*\)", "", line)  # "(/path/to/site-packages/...)"
+    return re.sub(r"\s+", " ", line)[:160]
 
 
 def top_reason(record: dict, tests: list[str]) -> str | None:
@@ -452,10 +460,11 @@ def summarize(records: list[dict]) -> dict:
     """Per backend: declared range, rows by version, and the range the matrix proves."""
     out: dict[str, dict] = {}
     for name, backend in BACKENDS.items():
-        rows = sorted(
+        every = sorted(
             (r for r in records if r.get("kind") in ("backend", "explore") and r.get("backend") == name),
-            key=lambda r: _vkey(r["version"]),
+            key=lambda r: (_vkey(r["version"]), bool(r.get("with"))),
         )
+        rows = [r for r in every if not r.get("with")]  # variants (extra requirements) prove nothing alone
         doctor = [r for r in records if r.get("kind") == "doctor" and r.get("backend") == name]
         declared = (
             declared_range(name, backend.dist)
@@ -470,7 +479,7 @@ def summarize(records: list[dict]) -> dict:
         ref_failed = (
             set(reference["tests"]["failed_tests"]) if reference and reference.get("tests") else set()
         )
-        for r in rows:
+        for r in every:
             r["version_specific_failures"] = []
             if r.get("outcome") == "fail" and r.get("tests"):
                 extra = sorted(set(r["tests"]["failed_tests"]) - ref_failed)
@@ -483,34 +492,40 @@ def summarize(records: list[dict]) -> dict:
         works = [r["version"] for r in rows if r["verdict"].startswith("works")]
         broken = [r["version"] for r in rows if r["verdict"] == "fails"]
         cannot = [r["version"] for r in rows if r["verdict"] == "cannot install"]
-        proved = None
-        if works:
-            lo = min(works, key=_vkey)
-            hi = max(works, key=_vkey)
-            # the proved range: lowest working release up to the first release above it that is not working
-            above = [v for v in broken + cannot if _vkey(v) > _vkey(hi)]
-            below_hi = [v for v in broken if _vkey(lo) < _vkey(v) < _vkey(hi)]
-            proved = {
-                "lowest": lo,
-                "highest": hi,
-                "gaps": below_hi,
-                "first_not_working_above": min(above, key=_vkey) if above else None,
-            }
+        proved = proved_range(spec, rows)
         out[name] = {
             "library": backend.dist,
             "declared": declared,
-            "rows": rows,
+            "rows": every,
             "doctor": doctor,
             "works": works,
             "fails": broken,
             "cannot_install": cannot,
             "proved": proved,
-            "verdict": range_verdict(spec, rows, proved),
+            "verdict": range_verdict(spec, rows, proved, variants=[r for r in every if r.get("with")]),
         }
     return out
 
 
-def range_verdict(spec: str | None, rows: list[dict], proved: dict | None) -> str:
+def proved_range(spec: str | None, rows: list[dict]) -> str | None:
+    """The range the matrix proves: from the newest working release down while releases keep working.
+
+    The upper bounds stay the declared ones (no release above them was tested inside the
+    plugin's own range); ``None`` when no release works.
+    """
+    tested = sorted(
+        (r for r in rows if r.get("verdict") != "cannot install"), key=lambda r: _vkey(r["version"])
+    )
+    working = [i for i, r in enumerate(tested) if r["verdict"].startswith("works")]
+    if not working or spec is None:
+        return None
+    i = working[-1]
+    while i > 0 and tested[i - 1]["verdict"].startswith("works"):
+        i -= 1
+    return pretty(widened(spec, tested[i]["version"]))
+
+
+def range_verdict(spec: str | None, rows: list[dict], proved, variants: list[dict] = ()) -> str:
     if spec is None:
         return "plugin not present"
     if not rows:
@@ -527,6 +542,11 @@ def range_verdict(spec: str | None, rows: list[dict], proved: dict | None) -> st
         notes.append("cannot install here (torch " + TORCH + "): " + ", ".join(cannot_inside))
     if good_outside:
         notes.append("also works outside it: " + ", ".join(good_outside))
+    rescued = [
+        f"{r['version']} with {', '.join(r['with'])}" for r in variants if r["verdict"].startswith("works")
+    ]
+    if rescued:
+        notes.append("works only with extra requirements: " + "; ".join(rescued))
     good_inside = [r["version"] for r in inside if r["verdict"].startswith("works")]
     if not good_inside:
         notes.insert(0, "not proved: no release inside the range was shown to work")
@@ -592,8 +612,8 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
         "",
         "## Declared vs proved ranges",
         "",
-        "| backend | library | declared (pyproject / BackendInfo) | works on | verdict |",
-        "|---|---|---|---|---|",
+        "| backend | library | declared (pyproject / BackendInfo) | proved here | works on | verdict |",
+        "|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         d = s["declared"]
@@ -601,7 +621,8 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
         if d["requirement"] and d["requirement"] != d["pyproject"]:
             declared += f" / {pretty(d['requirement'])} (differ!)"
         lines.append(
-            f"| {name} | {s['library']} | `{declared}` | {', '.join(s['works']) or '-'} | {s['verdict']} |"
+            f"| {name} | {s['library']} | `{declared}` | `{s['proved'] or '-'}` | {', '.join(s['works']) or '-'} "
+            f"| {s['verdict']} |"
         )
     lines += [
         "",
@@ -620,6 +641,7 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
                 else "-"
             )
             where = "inside" if in_range(r["version"], spec) else "*outside*"
+            label = r["version"] + (f" with `{', '.join(r['with'])}`" if r.get("with") else "")
             detail = r.get("detail") or ""
             only = r.get("version_specific_failures") or []
             if only:
@@ -629,9 +651,7 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
                 why = top_reason(r, only)
                 if why:
                     detail += f"; cause: `{why}`"
-            lines.append(
-                f"| {name} | {r['version']} | {where} | {r['verdict']} | {counts} | {_cell(detail)} |"
-            )
+            lines.append(f"| {name} | {label} | {where} | {r['verdict']} | {counts} | {_cell(detail)} |")
     lines += [
         "",
         "## Too old and broken installs",
@@ -715,6 +735,7 @@ def _slim(r: dict) -> dict:
         "date",
         "checks",
         "witness",
+        "with",
         "version_specific_failures",
         "installed",
     )
