@@ -46,6 +46,7 @@ def quantplug_backend_info():
                 "an AQLM layer is integer codes indexing whole codebooks; aqlm has no FSDP2 "
                 "all-gather extension for them, so a sharded layer cannot run its kernels"
             ),
+            "zeros": "AQLM is additive vector quantization over codebooks: it stores no per-group zero points",
         },
     )
 

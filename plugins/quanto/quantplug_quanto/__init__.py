@@ -51,6 +51,10 @@ def quantplug_backend_info():
                 "quanto's QTensor weights implement no FSDP2 all-gather extension "
                 "(fsdp_pre_all_gather), optimum-quanto 0.2.7"
             ),
+            "zeros": (
+                "not implemented: qint8/qfloat8 are scale-only; qint4/qint2 keep a per-group shift that "
+                "could hold a QALoRA update, but this plugin does not fold into it yet"
+            ),
         },
     )
 
