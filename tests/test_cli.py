@@ -28,10 +28,10 @@ def test_doctor_reports_a_missing_library_with_the_fix(monkeypatch, capsys):
     from quantplug import registry, versions
 
     real = versions.installed_version
-    monkeypatch.setattr(versions, "installed_version", lambda dist: None if dist == "bitsandbytes" else real(dist))
     monkeypatch.setattr(
-        versions, "_module_present", lambda name: name != "bitsandbytes"
+        versions, "installed_version", lambda dist: None if dist == "bitsandbytes" else real(dist)
     )
+    monkeypatch.setattr(versions, "_module_present", lambda name: name != "bitsandbytes")
     registry.reset()
     try:
         assert main(["doctor"]) == 0

@@ -36,32 +36,51 @@ def box_plugin(calls: list):
 
     mine = "box"
     p = types.SimpleNamespace()
-    p.quantplug_backend_info = qp.hookimpl(lambda: record("backend_info", BackendInfo(name=mine, variants=("int8",))))
-    p.quantplug_check_backend = qp.hookimpl(
-        lambda info: record("check_backend", qp.BackendStatus(mine, Status.OK, reason="checked")) if info.name == mine else None
+    p.quantplug_backend_info = qp.hookimpl(
+        lambda: record("backend_info", BackendInfo(name=mine, variants=("int8",)))
     )
-    p.quantplug_detect_layer = qp.hookimpl(lambda module: record("detect_layer", mine) if isinstance(module, Box) else None)
+    p.quantplug_check_backend = qp.hookimpl(
+        lambda info: (
+            record("check_backend", qp.BackendStatus(mine, Status.OK, reason="checked"))
+            if info.name == mine
+            else None
+        )
+    )
+    p.quantplug_detect_layer = qp.hookimpl(
+        lambda module: record("detect_layer", mine) if isinstance(module, Box) else None
+    )
     p.quantplug_compute_dtype = qp.hookimpl(
         lambda module, backend: record("compute_dtype", torch.float64) if backend == mine else None
     )
     p.quantplug_wrap_layer = qp.hookimpl(
-        lambda module, backend: record("wrap_layer", qp.LoraLayer(module, backend)) if backend == mine else None
+        lambda module, backend: (
+            record("wrap_layer", qp.LoraLayer(module, backend)) if backend == mine else None
+        )
     )
     p.quantplug_dequantize = qp.hookimpl(
-        lambda module, backend: record("dequantize", module.codes.float() * module.scale) if backend == mine else None
+        lambda module, backend: (
+            record("dequantize", module.codes.float() * module.scale) if backend == mine else None
+        )
     )
     p.quantplug_requantize = qp.hookimpl(
         lambda module, weight, backend: record("requantize", Box(weight.float())) if backend == mine else None
     )
     p.quantplug_quantize = qp.hookimpl(
-        lambda linear, backend, variant: record("quantize", Box(linear.weight.detach())) if backend == mine else None
+        lambda linear, backend, variant: (
+            record("quantize", Box(linear.weight.detach())) if backend == mine else None
+        )
     )
 
     p.quantplug_prepare_for_training = qp.hookimpl(lambda model: calls.append("prepare_for_training"))
 
     def register_kernels(register):
         calls.append("register_kernels")
-        register.kernel("lora_add", lambda y, x, A, B, s: y + (x.to(A.dtype) @ A.T) @ B.T * s, name="box-add", backend=mine)
+        register.kernel(
+            "lora_add",
+            lambda y, x, A, B, s: y + (x.to(A.dtype) @ A.T) @ B.T * s,
+            name="box-add",
+            backend=mine,
+        )
 
     p.quantplug_register_kernels = qp.hookimpl(register_kernels)
     return p
@@ -102,13 +121,17 @@ def test_hook_wrap_layer(box):
 
 
 def test_hook_dequantize(box):
-    model = qp.attach(nn.Sequential(Box(torch.randn(4, 4))), qp.LoraConfig(r=2, target_modules=["0"], init="random"))
+    model = qp.attach(
+        nn.Sequential(Box(torch.randn(4, 4))), qp.LoraConfig(r=2, target_modules=["0"], init="random")
+    )
     qp.merge(model, mode="dense")
     assert box.count("dequantize") == 1  # the dense merge dequantizes the base once
 
 
 def test_hook_requantize(box):
-    model = qp.attach(nn.Sequential(Box(torch.randn(4, 4))), qp.LoraConfig(r=2, target_modules=["0"], init="random"))
+    model = qp.attach(
+        nn.Sequential(Box(torch.randn(4, 4))), qp.LoraConfig(r=2, target_modules=["0"], init="random")
+    )
     qp.merge(model, mode="requantize")
     assert "requantize" in box and type(model[0].base) is Box
     assert box.count("dequantize") == 2  # the base, then the result, to measure the error
@@ -172,12 +195,16 @@ def zbox():
         lambda: BackendInfo(name=mine, merge_modes=("requantize", "dense", "zeros"))
     )
     p.quantplug_detect_layer = qp.hookimpl(lambda module: mine if isinstance(module, ZBox) else None)
-    p.quantplug_dequantize = qp.hookimpl(lambda module, backend: module.dequantize() if backend == mine else None)
+    p.quantplug_dequantize = qp.hookimpl(
+        lambda module, backend: module.dequantize() if backend == mine else None
+    )
     p.quantplug_group_size = qp.hookimpl(lambda module, backend: module.group if backend == mine else None)
     p.quantplug_fold_into_zeros = qp.hookimpl(
-        lambda module, offsets, backend: ZBox(module.codes.clone(), module.scale.clone(), module.zero - offsets / module.scale)
-        if backend == mine
-        else None
+        lambda module, offsets, backend: (
+            ZBox(module.codes.clone(), module.scale.clone(), module.zero - offsets / module.scale)
+            if backend == mine
+            else None
+        )
     )
     name = qp.register(p, name="zbox-plugin")
     try:
@@ -191,7 +218,9 @@ def test_hook_group_size(zbox, box):
     qp.attach(model, qp.LoraConfig(r=2, target_modules=["0"], use_qalora=True))
     assert model[0].qalora_group_size["default"] == 4 and model[0].lora_A["default"].shape == (2, 4)
     with pytest.raises(ValueError, match=r"layer '0' \(box\).*reports none"):  # a backend without the hook
-        qp.attach(nn.Sequential(Box(torch.randn(4, 8))), qp.LoraConfig(r=2, target_modules=["0"], use_qalora=True))
+        qp.attach(
+            nn.Sequential(Box(torch.randn(4, 8))), qp.LoraConfig(r=2, target_modules=["0"], use_qalora=True)
+        )
 
 
 def test_hook_fold_into_zeros(zbox):

@@ -3,8 +3,20 @@
 import subprocess
 import sys
 
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "hqq", "torchao", "gptqmodel", "aqlm",
-         "neural_compressor", "optimum", "eetq", "triton")
+HEAVY = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "hqq",
+    "torchao",
+    "gptqmodel",
+    "aqlm",
+    "neural_compressor",
+    "optimum",
+    "eetq",
+    "triton",
+)
 
 
 def test_import_quantplug_imports_nothing_heavy():

@@ -44,8 +44,13 @@ def tiny_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -81,8 +86,12 @@ def randomize_magnitudes(model, adapter: str = "default", seed: int = 2) -> None
 def make_adapter(base_model, folder: Path, *, use_dora=False, use_rslora=False, seed=3) -> Path:
     model = copy.deepcopy(base_model)
     torch.manual_seed(seed)
-    qp.attach(model, qp.LoraConfig(r=R, alpha=8, target_modules=TARGETS, init="random",
-                                   use_dora=use_dora, use_rslora=use_rslora))
+    qp.attach(
+        model,
+        qp.LoraConfig(
+            r=R, alpha=8, target_modules=TARGETS, init="random", use_dora=use_dora, use_rslora=use_rslora
+        ),
+    )
     if use_dora:
         randomize_magnitudes(model)
     qp.save_adapter(model, folder)
@@ -97,7 +106,9 @@ def snapshot(model) -> dict:
         "modules": list(model.named_modules()),
         "state": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "requires_grad": {k: p.requires_grad for k, p in model.named_parameters()},
-        "adapters": {p: (layer.adapters, list(layer.active_adapters)) for p, layer in qp.lora_layers(model).items()},
+        "adapters": {
+            p: (layer.adapters, list(layer.active_adapters)) for p, layer in qp.lora_layers(model).items()
+        },
         "training": model.training,
     }
 
@@ -107,7 +118,9 @@ def assert_unchanged(model, before: dict) -> None:
     assert [p for p, _ in modules] == [p for p, _ in before["modules"]], "module tree changed"
     for (path, module), (_, old) in zip(modules, before["modules"]):
         assert module is old, f"module at {path!r} was replaced"
-    assert {p: (layer.adapters, list(layer.active_adapters)) for p, layer in qp.lora_layers(model).items()} == before["adapters"]
+    assert {
+        p: (layer.adapters, list(layer.active_adapters)) for p, layer in qp.lora_layers(model).items()
+    } == before["adapters"]
     state = model.state_dict()
     assert state.keys() == before["state"].keys()
     for key, tensor in state.items():
@@ -383,7 +396,9 @@ def test_pickle_payload_would_run(tmp_path):
 
 
 @pytest.mark.parametrize("pickle_name", ["adapter_model.bin", "adapter_model.pt"])
-def test_pickle_adapter_is_refused_and_never_opened(pickle_name, target_model, good_adapter, tmp_path, monkeypatch):
+def test_pickle_adapter_is_refused_and_never_opened(
+    pickle_name, target_model, good_adapter, tmp_path, monkeypatch
+):
     folder = tmp_path / "adapter"
     shutil.copytree(good_adapter, folder)
     (folder / WEIGHTS).unlink()

@@ -30,7 +30,9 @@ def lora_ref(layer, name, x):
 
 @pytest.mark.parametrize(("rslora", "expected"), [(False, 16 / 4), (True, 16 / math.sqrt(4))])
 def test_scaling(rslora, expected):
-    model = qp.attach(Tiny(), qp.LoraConfig(r=4, alpha=16, target_modules=["q_proj"], use_rslora=rslora, init="random"))
+    model = qp.attach(
+        Tiny(), qp.LoraConfig(r=4, alpha=16, target_modules=["q_proj"], use_rslora=rslora, init="random")
+    )
     layer = model.q_proj
     assert layer.scaling["default"] == pytest.approx(expected)
     x = torch.randn(5, 32)
@@ -51,7 +53,9 @@ def test_several_active_adapters_sum():
     qp.attach(model, qp.LoraConfig(r=2, alpha=4, target_modules=["q_proj"], init="random"), "b")
     layer, x = model.q_proj, torch.randn(4, 32)
     qp.set_adapter(model, ["a", "b"])
-    base = lora_ref(layer, "a", x) - (lora_ref(layer, "a", x) - x.double() @ layer.base.weight.double().T - layer.base.bias.double())
+    base = lora_ref(layer, "a", x) - (
+        lora_ref(layer, "a", x) - x.double() @ layer.base.weight.double().T - layer.base.bias.double()
+    )
     want = lora_ref(layer, "a", x) + lora_ref(layer, "b", x) - base
     assert relative_error(layer(x), want) < 1e-6
     qp.set_adapter(model, "b")
@@ -106,7 +110,9 @@ def test_adapters_kept_in_compute_dtype():
 
 
 def test_explicit_adapter_dtype():
-    model = qp.attach(Tiny(torch.bfloat16), qp.LoraConfig(r=4, target_modules=["q_proj"], dtype=torch.float32))
+    model = qp.attach(
+        Tiny(torch.bfloat16), qp.LoraConfig(r=4, target_modules=["q_proj"], dtype=torch.float32)
+    )
     assert model.q_proj.lora_A["default"].dtype == torch.float32
     assert model.q_proj(torch.randn(2, 32, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
@@ -121,7 +127,9 @@ def test_autocast():
 
 
 def test_gradients_reach_adapters_only():
-    model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random", use_dora=True))
+    model = qp.attach(
+        Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random", use_dora=True)
+    )
     qp.prepare_for_training(model)
     model(torch.randn(4, 32)).square().mean().backward()
     trainable = {id(p) for p in qp.trainable_parameters(model)}
@@ -141,14 +149,20 @@ def test_dora_forward_matches_definition():
     x = torch.randn(6, 32)
     W = layer.base.weight.double()
     direction = W + layer.delta_weight("default", magnitude=False).double()
-    merged = layer.lora_magnitude["default"].double().unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+    merged = (
+        layer.lora_magnitude["default"].double().unsqueeze(1)
+        * direction
+        / direction.norm(dim=1, keepdim=True)
+    )
     want = x.double() @ merged.T + layer.base.bias.double()
     assert relative_error(layer(x), want) < 1e-5
 
 
 @pytest.mark.parametrize("dora", [False, True])
 def test_compile_fullgraph(dora):
-    model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random", use_dora=dora))
+    model = qp.attach(
+        Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init="random", use_dora=dora)
+    )
     x = torch.randn(4, 32)
     torch._dynamo.reset()
     compiled = torch.compile(model, fullgraph=True)

@@ -27,7 +27,11 @@ class Rounded(nn.Module):
 def toy_plugin(name, modes=("requantize", "dense")):
     plugin = types.SimpleNamespace()
     plugin.quantplug_backend_info = qp.hookimpl(
-        lambda: BackendInfo(name=name, merge_modes=modes, limits={m: "toy says no" for m in ("requantize", "dense") if m not in modes})
+        lambda: BackendInfo(
+            name=name,
+            merge_modes=modes,
+            limits={m: "toy says no" for m in ("requantize", "dense") if m not in modes},
+        )
     )
     plugin.quantplug_detect_layer = qp.hookimpl(lambda module: name if isinstance(module, Rounded) else None)
     plugin.quantplug_dequantize = qp.hookimpl(

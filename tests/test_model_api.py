@@ -41,7 +41,9 @@ def test_target_modules_as_peft_users_know_them(targets, expected):
 
 
 def test_exclude_modules():
-    model = qp.attach(Net(), qp.LoraConfig(r=2, target_modules=["q_proj"], exclude_modules=["layers.0.q_proj"]))
+    model = qp.attach(
+        Net(), qp.LoraConfig(r=2, target_modules=["q_proj"], exclude_modules=["layers.0.q_proj"])
+    )
     assert set(qp.lora_layers(model)) == {"layers.1.q_proj"}
 
 

@@ -39,8 +39,13 @@ def tiny_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -115,8 +120,12 @@ def make_peft_adapter(base_model, folder, *, use_dora=False, use_rslora=False, s
     """A non-zero PEFT adapter saved with ``save_pretrained``; returns PEFT's model (for its logits)."""
     torch.manual_seed(seed)
     peft_config = peft.LoraConfig(
-        r=R, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
-        use_dora=use_dora, use_rslora=use_rslora,
+        r=R,
+        lora_alpha=8,
+        target_modules=TARGETS,
+        init_lora_weights=False,
+        use_dora=use_dora,
+        use_rslora=use_rslora,
     )
     peft_model = peft.get_peft_model(copy.deepcopy(base_model), peft_config).eval()
     if use_dora:
@@ -157,7 +166,9 @@ def test_peft_adapter_loads_in_quantplug(variant, base_model, ids, tmp_path):
         assert torch.equal(layer.lora_B["default"], theirs_layer.lora_B["default"].weight)
         assert layer.scaling["default"] == pytest.approx(theirs_layer.scaling["default"])
         if kwargs.get("use_dora"):
-            assert torch.equal(layer.lora_magnitude["default"], theirs_layer.lora_magnitude_vector["default"].weight)
+            assert torch.equal(
+                layer.lora_magnitude["default"], theirs_layer.lora_magnitude_vector["default"].weight
+            )
 
 
 def test_roundtrip_peft_quantplug_peft(base_model, ids, tmp_path):

@@ -71,7 +71,10 @@ def test_config_validates_and_round_trips_peft_keys():
     plain = qp.LoraConfig(r=4, target_modules=["q"])
     assert "use_qalora" not in plain.to_peft_dict()  # plain LoRA files stay as before
     # PEFT writes qalora_group_size=16 (its default) into every config; without use_qalora it means nothing
-    assert qp.LoraConfig.from_peft_dict({**plain.to_peft_dict(), "use_qalora": False, "qalora_group_size": 16}) == plain
+    assert (
+        qp.LoraConfig.from_peft_dict({**plain.to_peft_dict(), "use_qalora": False, "qalora_group_size": 16})
+        == plain
+    )
     with pytest.raises(ValueError, match="use_qalora and use_dora"):
         qp.LoraConfig(use_qalora=True, use_dora=True)
     with pytest.raises(ValueError, match="use_qalora is False"):
@@ -104,7 +107,10 @@ def test_forward_is_peft_pooling_and_delta_weight_matches_it():
 def test_no_group_means_a_clear_error_and_a_wrong_group_too():
     with pytest.raises(ValueError, match=r"layer 'proj' \(linear\).*reports none.*qalora_group_size"):
         qp.attach(Holder(dense()), qalora())
-    with pytest.raises(ValueError, match=r"layer 'proj' \(linear\).*in_features=128 is not a multiple of qalora_group_size=48"):
+    with pytest.raises(
+        ValueError,
+        match=r"layer 'proj' \(linear\).*in_features=128 is not a multiple of qalora_group_size=48",
+    ):
         qp.attach(Holder(dense()), qalora(qalora_group_size=48))
     model = Holder(dense())
     with pytest.raises(ValueError):
@@ -265,7 +271,10 @@ def test_zeros_merge_keeps_codes_beats_requantize_and_unmerges_exactly(grouped):
     if backend in EXACT:
         assert zeros.adapter_error < 1e-3 and zeros.error < 0.01 * requantize.error, (zeros, requantize)
     else:  # integer zero points: each group keeps the nearest multiple of its scale
-        assert zeros.adapter_error < 1.0 and zeros.error <= 1.01 * requantize.error + 1e-6, (zeros, requantize)
+        assert zeros.adapter_error < 1.0 and zeros.error <= 1.01 * requantize.error + 1e-6, (
+            zeros,
+            requantize,
+        )
     qp.unmerge(model)
     assert model.proj.base is original
     _assert_same_state(before, original, f"{backend}: unmerge after a zeros merge")
@@ -313,7 +322,9 @@ def test_zeros_merge_refuses_what_it_cannot_fold():
     original = model.proj.base
     with pytest.raises(qp.MergeError, match="QALoRA adapters only"):
         qp.merge(model, adapter="lora", mode="zeros")
-    with pytest.raises(qp.MergeError, match="groups of 32 input columns and the layer quantizes groups of 64"):
+    with pytest.raises(
+        qp.MergeError, match="groups of 32 input columns and the layer quantizes groups of 64"
+    ):
         qp.merge(model, adapter="g32", mode="zeros")
     assert model.proj.base is original and not model.proj.merges
     plain = Holder(dense())
@@ -330,7 +341,9 @@ def test_zeros_merge_takes_groups_that_are_a_multiple_of_the_layers():
     assert report.layers[0].adapter_error < 1e-3
 
 
-@pytest.mark.parametrize("backend, variant", [("gptq", "int4-g32-sym"), ("awq", "int4-g128-sym"), ("inc", "int4-g32")])
+@pytest.mark.parametrize(
+    "backend, variant", [("gptq", "int4-g32-sym"), ("awq", "int4-g128-sym"), ("inc", "int4-g32")]
+)
 def test_symmetric_layers_refuse_the_zeros_merge(backend, variant):
     need(backend)
     linear = nn.Linear(256, OUT)  # in=256 so that g128 is a real group
@@ -363,8 +376,13 @@ def tiny_llama():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -387,8 +405,12 @@ def test_peft_qalora_adapter_loads_here(gptq_llama, group, tmp_path):
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     torch.manual_seed(2)
     config = peft.LoraConfig(
-        r=R, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
-        use_qalora=True, qalora_group_size=group,
+        r=R,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+        init_lora_weights=False,
+        use_qalora=True,
+        qalora_group_size=group,
     )
     theirs_model = peft.get_peft_model(copy.deepcopy(base), config).eval()
     theirs = logits(theirs_model, ids)
@@ -414,7 +436,10 @@ def test_qalora_adapter_saved_here_loads_in_peft(gptq_llama, tmp_path):
     ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1))
     model = copy.deepcopy(base)
     torch.manual_seed(3)
-    qp.attach(model, qp.LoraConfig(r=R, alpha=8, target_modules=["q_proj", "v_proj"], init="random", use_qalora=True))
+    qp.attach(
+        model,
+        qp.LoraConfig(r=R, alpha=8, target_modules=["q_proj", "v_proj"], init="random", use_qalora=True),
+    )
     ours = logits(model, ids)
     qp.save_adapter(model, tmp_path)
     theirs_model = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
@@ -434,7 +459,9 @@ def test_load_rejects_a_qalora_file_that_does_not_fit(gptq_llama, tmp_path):
     with pytest.raises(qp.AdapterFileError, match=r"key 'qalora_group_size'.*not a multiple"):
         qp.load_adapter(fresh, tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**data, "qalora_group_size": 16}))
-    with pytest.raises(qp.AdapterFileError, match=r"lora_A.weight' has shape \(4, 2\), the model needs \(4, 4\)"):
+    with pytest.raises(
+        qp.AdapterFileError, match=r"lora_A.weight' has shape \(4, 2\), the model needs \(4, 4\)"
+    ):
         qp.load_adapter(fresh, tmp_path)
     assert not qp.lora_layers(fresh)
 
@@ -446,7 +473,9 @@ def test_demo_qalora_shows_zeros_beside_requantize_and_dense(tmp_path, capsys):
     need("hqq")
     from quantplug.cli import main
 
-    assert main(["demo", "--backend", "hqq", "--qalora", "--steps", "25", "--json", "--out", str(tmp_path)]) == 0
+    assert (
+        main(["demo", "--backend", "hqq", "--qalora", "--steps", "25", "--json", "--out", str(tmp_path)]) == 0
+    )
     out = capsys.readouterr().out
     summary = json.loads(out[out.index("{\n") :])
     assert summary["adapter_kind"] == "qalora" and summary["qalora_group_size"] == 64

@@ -42,7 +42,11 @@ def backend_module(name, requires=()):
 def fake_entry_points(monkeypatch):
     """Replace discovery by a list the test controls; a fresh registry before and after."""
     points = []
-    monkeypatch.setattr(registry.metadata, "entry_points", lambda group: [p for p in points if group == registry.ENTRY_POINT_GROUP])
+    monkeypatch.setattr(
+        registry.metadata,
+        "entry_points",
+        lambda group: [p for p in points if group == registry.ENTRY_POINT_GROUP],
+    )
     registry.reset()
     yield points
     registry.reset()
@@ -79,7 +83,9 @@ def test_broken_plugin_is_reported_and_others_keep_working(fake_entry_points):
 
 
 def test_missing_library_is_a_status_not_an_error(fake_entry_points):
-    fake_entry_points.append(FakeEntryPoint("alpha", backend_module("alpha", (Requirement("qp-absent-lib", ">=2"),)), "d"))
+    fake_entry_points.append(
+        FakeEntryPoint("alpha", backend_module("alpha", (Requirement("qp-absent-lib", ">=2"),)), "d")
+    )
     row = registry.load_plugins().status("alpha")
     assert row.status is Status.MISSING and row.fix == "pip install 'qp-absent-lib>=2'"
 
@@ -163,7 +169,9 @@ def test_check_backend_hook_refines_status(fake_entry_points):
     module.quantplug_check_backend = quantplug_check_backend
     fake_entry_points.append(FakeEntryPoint("gpuonly", module, "quantplug-gpuonly"))
     row = registry.load_plugins().status("gpuonly")
-    assert row.status is Status.BROKEN and row.reason == "needs CUDA" and row.plugin_dist == "quantplug-gpuonly"
+    assert (
+        row.status is Status.BROKEN and row.reason == "needs CUDA" and row.plugin_dist == "quantplug-gpuonly"
+    )
 
 
 def test_a_raising_check_is_reported(fake_entry_points):

@@ -34,10 +34,16 @@ R = 4
 
 KINDS = {
     # name: (BitsAndBytesConfig kwargs, model dtype, bitsandbytes class)
-    "nf4-fp32": (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
-                 torch.float32, "Linear4bit"),
-    "nf4-bf16": (dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
-                 torch.bfloat16, "Linear4bit"),
+    "nf4-fp32": (
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+        torch.float32,
+        "Linear4bit",
+    ),
+    "nf4-bf16": (
+        dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16),
+        torch.bfloat16,
+        "Linear4bit",
+    ),
     "int8": (dict(load_in_8bit=True), torch.float32, "Linear8bitLt"),
 }
 
@@ -48,8 +54,13 @@ def checkpoint(tmp_path_factory):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
     )
     folder = tmp_path_factory.mktemp("tiny-llama")
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -67,7 +78,10 @@ def load(checkpoint, kind: str, *, model_dtype=None, **overrides):
     kwargs, dtype, _ = KINDS[kind]
     quantization_config = BitsAndBytesConfig(**{**kwargs, **overrides})
     model = LlamaForCausalLM.from_pretrained(
-        checkpoint, quantization_config=quantization_config, device_map="cpu", dtype=model_dtype or dtype,
+        checkpoint,
+        quantization_config=quantization_config,
+        device_map="cpu",
+        dtype=model_dtype or dtype,
     )
     return model.eval()
 
@@ -88,7 +102,9 @@ def max_diff(a, b) -> float:
 
 
 def targeted(model) -> list[str]:
-    return [p for p, _ in model.named_modules() if p.rsplit(".", 1)[-1] in TARGETS and not p.endswith(".base")]
+    return [
+        p for p, _ in model.named_modules() if p.rsplit(".", 1)[-1] in TARGETS and not p.endswith(".base")
+    ]
 
 
 def base_bytes(model) -> dict[str, torch.Tensor]:

@@ -22,11 +22,7 @@ do not edit by hand. The guide in [plugins.md](plugins.md) shows them at work.
 
 
 def hooks() -> list:
-    return [
-        fn
-        for name, fn in vars(hookspecs).items()
-        if name.startswith("quantplug_") and callable(fn)
-    ]
+    return [fn for name, fn in vars(hookspecs).items() if name.startswith("quantplug_") and callable(fn)]
 
 
 def render() -> str:

@@ -22,7 +22,9 @@ def quantplug_backend_info():
         devices=("cpu", "cuda"),
         variants=("dense",),
         shardable=True,
-        limits={"zeros": "a plain nn.Linear has no zero points; mode='requantize' or 'dense' merges it exactly"},
+        limits={
+            "zeros": "a plain nn.Linear has no zero points; mode='requantize' or 'dense' merges it exactly"
+        },
     )
 
 

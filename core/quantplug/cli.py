@@ -116,19 +116,26 @@ def build_parser() -> argparse.ArgumentParser:
         "it each merge kept and how well merged logits agree with unmerged ones, then saves the adapter in "
         "PEFT's format and reloads it.",
     )
-    demo.add_argument("--backend", default="bnb", help="backend to quantize with (default: bnb; see quantplug doctor)")
-    demo.add_argument("--variant", default=None, help="the backend's format, e.g. nf4, fp4, int8 (default: its first)")
+    demo.add_argument(
+        "--backend", default="bnb", help="backend to quantize with (default: bnb; see quantplug doctor)"
+    )
+    demo.add_argument(
+        "--variant", default=None, help="the backend's format, e.g. nf4, fp4, int8 (default: its first)"
+    )
     demo.add_argument("--steps", type=int, default=120, help="training steps (default: 120)")
     demo.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
     demo.add_argument("--dora", action="store_true", help="train DoRA instead of LoRA")
     demo.add_argument(
-        "--qalora", action="store_true",
+        "--qalora",
+        action="store_true",
         help="train QALoRA on the projections (input pooled over the backend's quantization groups; "
         "needs a group-wise backend: hqq, gptq, awq, torchao, inc) and compare the 'zeros' merge, which "
         "keeps the quantized codes and moves the zero points, with 'requantize' and 'dense'; without "
         "--variant, the first variant with groups and zero points",
     )
-    demo.add_argument("--out", default="quantplug-demo-out", help="folder for the adapter, loss curve and summary")
+    demo.add_argument(
+        "--out", default="quantplug-demo-out", help="folder for the adapter, loss curve and summary"
+    )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
     demo.set_defaults(func=_demo)
@@ -142,16 +149,24 @@ def build_parser() -> argparse.ArgumentParser:
         "numbers to read; absolute times on shared machines are noise.",
     )
     bench.add_argument(
-        "--backends", default=None, help="comma-separated backends (default: linear, bnb, hqq, torchao where ok here)"
+        "--backends",
+        default=None,
+        help="comma-separated backends (default: linear, bnb, hqq, torchao where ok here)",
     )
-    bench.add_argument("--shapes", default=None, help="comma-separated OUTxIN shapes (default: 4096x4096,11008x4096)")
+    bench.add_argument(
+        "--shapes", default=None, help="comma-separated OUTxIN shapes (default: 4096x4096,11008x4096)"
+    )
     bench.add_argument("--tokens", default=None, help="comma-separated token counts (default: 1,16,2048)")
     bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     bench.add_argument("--dtype", default="bfloat16", help="compute dtype (default: bfloat16)")
     bench.add_argument("--rank", type=int, default=16)
     bench.add_argument("--no-peft", action="store_true", help="skip PEFT's columns")
-    bench.add_argument("--model", action="store_true", help="also run the whole-model decode/training comparison")
-    bench.add_argument("--out", default="bench.json", help="JSON output path (a PNG chart is written beside it)")
+    bench.add_argument(
+        "--model", action="store_true", help="also run the whole-model decode/training comparison"
+    )
+    bench.add_argument(
+        "--out", default="bench.json", help="JSON output path (a PNG chart is written beside it)"
+    )
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
     bench.add_argument("--no-layers", action="store_true", help="skip the per-layer timings (with --model)")
     bench.add_argument(

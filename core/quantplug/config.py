@@ -65,9 +65,13 @@ class LoraConfig:
         if self.qalora_group_size is not None:
             group = self.qalora_group_size
             if isinstance(group, bool) or not isinstance(group, int) or group <= 0:
-                raise ValueError(f"LoraConfig.qalora_group_size must be a positive int or None, got {group!r}")
+                raise ValueError(
+                    f"LoraConfig.qalora_group_size must be a positive int or None, got {group!r}"
+                )
             if not self.use_qalora:
-                raise ValueError("LoraConfig.qalora_group_size is set but use_qalora is False; set use_qalora=True")
+                raise ValueError(
+                    "LoraConfig.qalora_group_size is set but use_qalora is False; set use_qalora=True"
+                )
         if self.use_qalora and self.use_dora:
             # as in PEFT; DoRA rescales whole rows by W's norms, so its update is not constant per group
             raise ValueError("LoraConfig: use_qalora and use_dora cannot be combined; pick one")
@@ -86,7 +90,9 @@ class LoraConfig:
                 try:
                     re.compile(pattern)
                 except re.error as exc:
-                    raise ValueError(f"LoraConfig.{field_name} {pattern!r} is not a valid regex: {exc}") from None
+                    raise ValueError(
+                        f"LoraConfig.{field_name} {pattern!r} is not a valid regex: {exc}"
+                    ) from None
 
     @property
     def scale(self) -> float:

@@ -66,7 +66,10 @@ def sparkline(values: list[float], width: int = 60) -> str:
     bars = "▁▂▃▄▅▆▇█"
     if len(values) > width:
         step = len(values) / width
-        values = [sum(values[int(i * step) : int((i + 1) * step)]) / max(1, int((i + 1) * step) - int(i * step)) for i in range(width)]
+        values = [
+            sum(values[int(i * step) : int((i + 1) * step)]) / max(1, int((i + 1) * step) - int(i * step))
+            for i in range(width)
+        ]
     low, high = min(values), max(values)
     span = high - low or 1.0
     return "".join(bars[min(len(bars) - 1, int((v - low) / span * (len(bars) - 1)))] for v in values)
@@ -83,7 +86,10 @@ def save_plot(losses: list[float], path: Path, title: str) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=120)
     ax.plot(losses, color="#3b6ea5", linewidth=1, alpha=0.5, label="loss per step")
     window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1]) for i in range(len(losses))]
+    smooth = [
+        sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+        for i in range(len(losses))
+    ]
     ax.plot(smooth, color="#c0392b", linewidth=2, label=f"moving mean ({window})")
     ax.axhline(math.log(256), color="gray", linestyle=":", linewidth=1, label="uniform guess ln 256")
     ax.set_xlabel("step")
@@ -127,9 +133,13 @@ def qalora_variant(backend: str, asked: str | None, info) -> tuple[str | None, i
     if grouped is not None:
         return grouped[0], grouped[1], None
     where = f"variant {asked!r}" if asked else f"any of its variants ({', '.join(map(str, candidates))})"
-    return None, None, (
-        f"backend {backend!r} reports no quantization groups along the input for {where} at hidden size 128 "
-        "(quantplug_group_size): QALoRA pools over them. Try --backend hqq, gptq, awq, torchao or inc"
+    return (
+        None,
+        None,
+        (
+            f"backend {backend!r} reports no quantization groups along the input for {where} at hidden size 128 "
+            "(quantplug_group_size): QALoRA pools over them. Try --backend hqq, gptq, awq, torchao or inc"
+        ),
     )
 
 
@@ -163,8 +173,10 @@ def run_demo(args: argparse.Namespace) -> int:
     else:
         variant = args.variant or (status.info.variants[0] if status.info and status.info.variants else None)
     kind = f"QALoRA (groups of {group})" if qalora else ("DoRA" if args.dora else "LoRA")
-    print(f"quantplug demo: tiny LLaMA (2 layers, hidden 128, byte vocabulary), backend {args.backend} ({variant}), "
-          f"{kind}")
+    print(
+        f"quantplug demo: tiny LLaMA (2 layers, hidden 128, byte vocabulary), backend {args.backend} ({variant}), "
+        f"{kind}"
+    )
 
     model = quantized_model(args.backend, variant, args.seed)
     # every quantized projection, plus the (unquantized) output head: the base is random, so the
@@ -172,21 +184,33 @@ def run_demo(args: argparse.Namespace) -> int:
     if qalora:
         # QALoRA on the quantized projections; the plain head has no groups, so it gets a LoRA
         # adapter of its own ("head"), trained at the same time and left unmerged below
-        qp.attach(model, qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=list(PROJECTIONS),
-                                       use_qalora=True))
-        qp.attach(model, qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=["lm_head"]), "head")
+        qp.attach(
+            model,
+            qp.LoraConfig(
+                r=args.rank, alpha=2.0 * args.rank, target_modules=list(PROJECTIONS), use_qalora=True
+            ),
+        )
+        qp.attach(
+            model, qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=["lm_head"]), "head"
+        )
     else:
-        config = qp.LoraConfig(r=args.rank, alpha=2.0 * args.rank, target_modules=[*PROJECTIONS, "lm_head"],
-                               use_dora=args.dora)
+        config = qp.LoraConfig(
+            r=args.rank, alpha=2.0 * args.rank, target_modules=[*PROJECTIONS, "lm_head"], use_dora=args.dora
+        )
         qp.attach(model, config)
     qp.prepare_for_training(model)
     params = qp.trainable_parameters(model)
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in params)
     layers = qp.lora_layers(model).values()
-    kinds = {backend: sum(layer.backend == backend for layer in layers) for backend in {layer.backend for layer in layers}}
-    print(f"  adapter layers: {', '.join(f'{n} {b}' for b, n in sorted(kinds.items()))}; "
-          f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)")
+    kinds = {
+        backend: sum(layer.backend == backend for layer in layers)
+        for backend in {layer.backend for layer in layers}
+    }
+    print(
+        f"  adapter layers: {', '.join(f'{n} {b}' for b, n in sorted(kinds.items()))}; "
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)"
+    )
 
     data = corpus_bytes()
     optimizer = torch.optim.AdamW(params, lr=5e-3)
@@ -202,7 +226,9 @@ def run_demo(args: argparse.Namespace) -> int:
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     loss_before, loss_after = losses[0], sum(tail) / len(tail)
-    print(f"  loss {loss_before:.3f} (first step) -> {loss_after:.3f} (mean of the last {len(tail)})  {sparkline(losses)}")
+    print(
+        f"  loss {loss_before:.3f} (first step) -> {loss_after:.3f} (mean of the last {len(tail)})  {sparkline(losses)}"
+    )
     plot = save_plot(losses, out / "loss.png", f"{kind} r={args.rank} on {args.backend} ({variant})")
 
     probe = next(batches(data, 1, args.seed + 1))
@@ -275,8 +301,10 @@ def run_demo(args: argparse.Namespace) -> int:
             f"{row['relative_error']:>15.2e}   {100 * row['top1_agreement']:>10.1f}%   {'yes' if row['unmerge_exact'] else 'NO'}"
         )
     print(f"\n  adapter saved (PEFT format): {adapter_dir}")
-    print(f"  reloaded into a fresh quantized model: logits rel. err {reload['relative_error']:.1e}, "
-          f"top-1 agree {100 * reload['top1_agreement']:.1f}% -> {'ok' if reload_ok else 'MISMATCH'}")
+    print(
+        f"  reloaded into a fresh quantized model: logits rel. err {reload['relative_error']:.1e}, "
+        f"top-1 agree {100 * reload['top1_agreement']:.1f}% -> {'ok' if reload_ok else 'MISMATCH'}"
+    )
     if plot:
         print(f"  loss curve: {plot}")
     print(f"  done in {summary['seconds']:.0f} s")

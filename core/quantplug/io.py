@@ -24,7 +24,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "pytorch_model.bin")
 PREFIX = "base_model.model."
-SUFFIXES = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude": ".lora_magnitude_vector"}
+SUFFIXES = {
+    "lora_A": ".lora_A.weight",
+    "lora_B": ".lora_B.weight",
+    "lora_magnitude": ".lora_magnitude_vector",
+}
 
 
 class AdapterFileError(ValueError):
@@ -185,7 +189,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         found = by_module.get(module_path, {})
         for attr in needed:
             if attr not in found:
-                raise AdapterFileError(f"{str(weights_file)!r} lacks key {PREFIX + module_path + SUFFIXES[attr]!r}")
+                raise AdapterFileError(
+                    f"{str(weights_file)!r} lacks key {PREFIX + module_path + SUFFIXES[attr]!r}"
+                )
         in_f, out_f = int(module.in_features), int(module.out_features)
         if config.use_qalora:  # A holds one column per pooled group
             base = module.base if isinstance(module, LoraLayer) else module
@@ -198,7 +204,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
                     f"{tuple(tensor.shape)}, the model needs {shapes[attr]} (r={config.r})"
                 )
             if not torch.isfinite(tensor).all():
-                raise AdapterFileError(f"{str(weights_file)!r}: key {PREFIX + module_path + SUFFIXES[attr]!r} has NaN/inf")
+                raise AdapterFileError(
+                    f"{str(weights_file)!r}: key {PREFIX + module_path + SUFFIXES[attr]!r} has NaN/inf"
+                )
     attach(model, config, adapter=adapter)
     layers = lora_layers(model, adapter)
     with torch.no_grad():

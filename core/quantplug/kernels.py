@@ -77,7 +77,9 @@ class KernelRegistry:
 
     def add(self, kernel: Kernel) -> None:
         if any(k.name == kernel.name and k.op == kernel.op for k in self.kernels):
-            raise KernelRegistrationError(f"a kernel named {kernel.name!r} is already registered for {kernel.op!r}")
+            raise KernelRegistrationError(
+                f"a kernel named {kernel.name!r} is already registered for {kernel.op!r}"
+            )
         self.kernels.append(kernel)
         self._cache.clear()
 

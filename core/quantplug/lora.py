@@ -22,7 +22,9 @@ BASE = "__base__"  # adapter_names entry for rows that get no adapter (PEFT's na
 
 def check_adapter_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name or name == BASE:
-        raise ValueError(f"adapter name {name!r} is not allowed: use a non-empty name without '.', not {BASE!r}")
+        raise ValueError(
+            f"adapter name {name!r} is not allowed: use a non-empty name without '.', not {BASE!r}"
+        )
 
 
 class GroupSizeError(ValueError):
@@ -62,7 +64,9 @@ class LoraLayer(nn.Module):
     :param in_features, out_features: defaults to the base's attributes.
     """
 
-    def __init__(self, base: nn.Module, backend: str, in_features: int | None = None, out_features: int | None = None):
+    def __init__(
+        self, base: nn.Module, backend: str, in_features: int | None = None, out_features: int | None = None
+    ):
         super().__init__()
         from quantplug.registry import load_plugins
 
@@ -93,7 +97,11 @@ class LoraLayer(nn.Module):
         if name in self.lora_A:
             raise ValueError(f"layer already has an adapter named {name!r}; pick another name or unload it")
         device = self.device
-        group = qalora_group_size(self.base, self.backend, self.in_features, config) if config.use_qalora else None
+        group = (
+            qalora_group_size(self.base, self.backend, self.in_features, config)
+            if config.use_qalora
+            else None
+        )
         A = torch.empty(config.r, self.in_features // (group or 1), device=device, dtype=torch.float32)
         B = torch.zeros(self.out_features, config.r, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -190,14 +198,19 @@ class LoraLayer(nn.Module):
             else:
                 kernel = self._kernels.resolve("lora_add", self.backend, x.device.type, x.dtype)
                 y = kernel.fn(
-                    y, self._adapter_input(name, self.lora_dropout[name](x)), self.lora_A[name], self.lora_B[name],
+                    y,
+                    self._adapter_input(name, self.lora_dropout[name](x)),
+                    self.lora_A[name],
+                    self.lora_B[name],
                     self.scaling[name],
                 )
         return y
 
     def _mixed_forward(self, y: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         if len(adapter_names) != x.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows")
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows"
+            )
         if self.merges:
             raise ValueError("adapter_names batches need unmerged adapters: call qp.unmerge first")
         from quantplug.registry import load_plugins
@@ -218,7 +231,9 @@ class LoraLayer(nn.Module):
         for group in sorted({self.qalora_group_size.get(n, 0) for n in plain}):
             same = [n for n in plain if self.qalora_group_size.get(n, 0) == group]
             kernel = self._kernels.resolve("lora_mixed_add", self.backend, x.device.type, x.dtype)
-            plain_rows = torch.tensor([same.index(n) if n in same else -1 for n in adapter_names], device=x.device)
+            plain_rows = torch.tensor(
+                [same.index(n) if n in same else -1 for n in adapter_names], device=x.device
+            )
             y_plain = kernel.fn(
                 y_plain,
                 qalora_pool(x, group) if group else x,
@@ -288,10 +303,14 @@ class LoraLayer(nn.Module):
 
         weight = hook().quantplug_dequantize(module=self.base, backend=self.backend)
         if weight is None:
-            raise NotImplementedError(f"backend {self.backend!r} returned no weight from quantplug_dequantize")
+            raise NotImplementedError(
+                f"backend {self.backend!r} returned no weight from quantplug_dequantize"
+            )
         return weight
 
-    def delta_weight(self, name: str, magnitude: bool = True, base: torch.Tensor | None = None) -> torch.Tensor:
+    def delta_weight(
+        self, name: str, magnitude: bool = True, base: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The adapter's update to the dense weight, in float32.
 
         LoRA: ``scale * B @ A``. DoRA (with ``magnitude``): ``m / ||W + s B A|| * (W + s B A) - W``

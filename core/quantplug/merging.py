@@ -89,9 +89,13 @@ class MergeReport:
             f"  error vs ideal W+ΔW: mean {self.mean_error:.2e}; error / ‖ΔW‖: mean {self.mean_adapter_error:.3f}",
         ]
         if worst is not None:
-            lines.append(f"  worst layer: {worst.name} ({worst.backend}): error / ‖ΔW‖ = {worst.adapter_error:.3f}")
+            lines.append(
+                f"  worst layer: {worst.name} ({worst.backend}): error / ‖ΔW‖ = {worst.adapter_error:.3f}"
+            )
         if self.dropped:
-            lines.append(f"  WARNING: {len(self.dropped)} layer(s) lost most of the adapter; mode='dense' keeps all of it")
+            lines.append(
+                f"  WARNING: {len(self.dropped)} layer(s) lost most of the adapter; mode='dense' keeps all of it"
+            )
         return "\n".join(lines)
 
 
@@ -166,7 +170,9 @@ def merge(
             delta = layer.delta_weight(adapter, base=weight)
             ideal = weight.float() + delta
             if not torch.isfinite(ideal).all():
-                raise MergeError(f"merging {adapter!r} into {path!r} gives non-finite weights; the adapter has NaN/inf")
+                raise MergeError(
+                    f"merging {adapter!r} into {path!r} gives non-finite weights; the adapter has NaN/inf"
+                )
             target = ideal.to(weight.dtype)
             if mode == "dense":
                 new, backend = dense_linear(ideal.to(dense_dtype or weight.dtype), layer.bias), DENSE_BACKEND
@@ -177,13 +183,20 @@ def merge(
             else:
                 new = pm.quantplug_requantize(module=layer.base, weight=target, backend=layer.backend)
                 if new is None:
-                    raise MergeError(f"backend {layer.backend!r} returned nothing from quantplug_requantize for {path!r}")
+                    raise MergeError(
+                        f"backend {layer.backend!r} returned nothing from quantplug_requantize for {path!r}"
+                    )
                 backend = layer.backend
                 got = pm.quantplug_dequantize(module=new, backend=backend)
             diff = got.float() - ideal
             report.layers.append(
-                LayerMerge(path, layer.backend, _relative(diff, ideal), _relative(diff, delta),
-                           torch.linalg.vector_norm(delta).item())
+                LayerMerge(
+                    path,
+                    layer.backend,
+                    _relative(diff, ideal),
+                    _relative(diff, delta),
+                    torch.linalg.vector_norm(delta).item(),
+                )
             )
         staged.append((layer, new, backend))
     for layer, new, backend in staged:
@@ -247,13 +260,17 @@ def _fold_into_zeros(path: str, layer: LoraLayer, adapter: str, pm) -> nn.Module
     quant_group = pm.quantplug_group_size(module=layer.base, backend=layer.backend)
     offsets = zero_offsets(path, layer, adapter, quant_group)
     if not torch.isfinite(offsets).all():
-        raise MergeError(f"merging {adapter!r} into {path!r} gives non-finite zero points; the adapter has NaN/inf")
+        raise MergeError(
+            f"merging {adapter!r} into {path!r} gives non-finite zero points; the adapter has NaN/inf"
+        )
     try:
         new = pm.quantplug_fold_into_zeros(module=layer.base, offsets=offsets, backend=layer.backend)
     except (ValueError, NotImplementedError, TypeError) as exc:
         raise MergeError(f"layer {path!r} ({layer.backend}) cannot merge with mode='zeros': {exc}") from exc
     if new is None:
-        raise MergeError(f"backend {layer.backend!r} returned nothing from quantplug_fold_into_zeros for {path!r}")
+        raise MergeError(
+            f"backend {layer.backend!r} returned nothing from quantplug_fold_into_zeros for {path!r}"
+        )
     return new
 
 

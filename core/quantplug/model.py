@@ -54,7 +54,9 @@ def _plan(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.Module, st
         if backend is None:
             if config.target_modules == "all-linear":
                 continue
-            if any(True for _ in module.children()) and not any(True for _ in module.parameters(recurse=False)):
+            if any(True for _ in module.children()) and not any(
+                True for _ in module.parameters(recurse=False)
+            ):
                 continue  # a container whose name matches, as PEFT ignores them
             raise TypeError(
                 f"target module {path!r} is a {type(module).__module__}.{type(module).__qualname__} that no "
@@ -103,7 +105,9 @@ def attach(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     """
     check_adapter_name(adapter)
     plan = _plan(model, config)
-    existing = [path for path, module, _ in plan if isinstance(module, LoraLayer) and adapter in module.lora_A]
+    existing = [
+        path for path, module, _ in plan if isinstance(module, LoraLayer) and adapter in module.lora_A
+    ]
     if existing:
         raise ValueError(f"adapter {adapter!r} already exists on {existing[0]!r}; pick another name")
     pm = hook()
@@ -159,7 +163,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     handles = [
         # a layer without one of the adapters runs those rows through its base alone
         layer.register_forward_pre_hook(
-            functools.partial(pre_hook, rows=[n if n in layer.lora_A else BASE for n in names]), with_kwargs=True
+            functools.partial(pre_hook, rows=[n if n in layer.lora_A else BASE for n in names]),
+            with_kwargs=True,
         )
         for layer in layers
     ]
@@ -208,7 +213,9 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
     if gradient_checkpointing:
         enable = getattr(model, "gradient_checkpointing_enable", None)
         if enable is None:
-            raise ValueError(f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks yourself")
+            raise ValueError(
+                f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks yourself"
+            )
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
@@ -216,7 +223,9 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
     return model
 
 
-def quantize(module: nn.Module, backend: str, variant: str | None = None, skip: Sequence[str] = ("lm_head",)) -> nn.Module:
+def quantize(
+    module: nn.Module, backend: str, variant: str | None = None, skip: Sequence[str] = ("lm_head",)
+) -> nn.Module:
     """Quantize plain linears with ``backend``'s own library (no calibration data).
 
     A plain ``nn.Linear`` comes back as a new quantized layer; any other

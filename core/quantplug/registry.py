@@ -112,7 +112,9 @@ class Registry:
                 continue
             self.add(module, name=ep.name, dist=dist, version=version)
 
-    def add(self, module: object, name: str | None = None, dist: str | None = None, version: str | None = None) -> str:
+    def add(
+        self, module: object, name: str | None = None, dist: str | None = None, version: str | None = None
+    ) -> str:
         """Register one plugin object and describe its backend (if it declares one)."""
         name = name or getattr(module, "__name__", None) or repr(module)
         if self.pm.is_registered(module) or self.pm.has_plugin(name):
@@ -152,7 +154,9 @@ class Registry:
         except Exception as exc:  # a check must never take the registry down
             refined = [
                 BackendStatus(
-                    info.name, Status.BROKEN, reason=f"quantplug_check_backend raised {type(exc).__name__}: {exc}"
+                    info.name,
+                    Status.BROKEN,
+                    reason=f"quantplug_check_backend raised {type(exc).__name__}: {exc}",
                 )
             ]
         for row in refined:

@@ -55,7 +55,9 @@ def probe(requirement: Requirement, import_check: bool = False) -> BackendStatus
     if found is None:
         if _module_present(module):
             row.status = Status.BROKEN
-            row.reason = f"module {module!r} is importable but distribution {requirement.dist!r} has no metadata"
+            row.reason = (
+                f"module {module!r} is importable but distribution {requirement.dist!r} has no metadata"
+            )
             row.fix = f"pip install --force-reinstall '{requirement.dist}{spec_text}'"
         else:
             row.status = Status.MISSING
@@ -73,7 +75,9 @@ def probe(requirement: Requirement, import_check: bool = False) -> BackendStatus
     if not specifier.contains(version, prereleases=True):
         below = any(_below(version, s) for s in specifier)
         row.status = Status.TOO_OLD if below else Status.TOO_NEW
-        row.reason = f"{requirement.dist} {found} is {'older' if below else 'newer'} than supported ({spec_text})"
+        row.reason = (
+            f"{requirement.dist} {found} is {'older' if below else 'newer'} than supported ({spec_text})"
+        )
         row.fix = requirement.install_line()
         return row
     if import_check:

@@ -28,8 +28,9 @@ def model():
     torch.manual_seed(0)
     model = Holder(torch.nn.Linear(IN, IN, device="cuda", dtype=DTYPE))
     for name, group, r in (("g128", 128, 16), ("g64", 64, 8)):
-        config = qp.LoraConfig(r=r, alpha=2 * r, target_modules=["proj"], init="random", use_qalora=True,
-                               qalora_group_size=group)
+        config = qp.LoraConfig(
+            r=r, alpha=2 * r, target_modules=["proj"], init="random", use_qalora=True, qalora_group_size=group
+        )
         qp.attach(model, config, name)
     qp.attach(model, qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random"), "lora")
     return model.eval()

@@ -54,7 +54,7 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
             for inner, item in _held_tensors(value).items():
                 tensors.setdefault(f"{attr}.{inner}", item)
         for attr, value in list(tensors.items()):
-            for holder, obj in (vars(value).items() if hasattr(value, "__dict__") else ()):
+            for holder, obj in vars(value).items() if hasattr(value, "__dict__") else ():
                 for inner, item in _held_tensors(obj).items():
                     tensors.setdefault(f"{attr}.{holder}.{inner}", item)
         for attr, value in tensors.items():
@@ -173,30 +173,39 @@ class BackendConformance:
         info = self.info()
         assert info.name == self.backend
         unknown = set(info.merge_modes) - set(MERGE_MODES)
-        assert not unknown, _contract("quantplug_backend_info", f"unknown merge modes {unknown}", f"use {MERGE_MODES}")
+        assert not unknown, _contract(
+            "quantplug_backend_info", f"unknown merge modes {unknown}", f"use {MERGE_MODES}"
+        )
         assert "dense" in info.merge_modes or "dense" in info.limits, _contract(
-            "quantplug_backend_info", "every backend supports the core's dense merge or says why not",
+            "quantplug_backend_info",
+            "every backend supports the core's dense merge or says why not",
             "add 'dense' to merge_modes",
         )
         for capability in ("dora", "mixed_batch", "compile_safe"):
             if not getattr(info, capability):
                 assert capability in info.limits, _contract(
-                    "quantplug_backend_info", f"{capability}=False without a reason",
+                    "quantplug_backend_info",
+                    f"{capability}=False without a reason",
                     f"add limits={{'{capability}': 'why'}}",
                 )
         for mode in DEFAULT_MERGE_MODES:  # "zeros" is optional: only formats with zero points have it
             if mode not in info.merge_modes:
                 assert mode in info.limits, _contract(
-                    "quantplug_backend_info", f"merge mode {mode!r} missing without a reason",
+                    "quantplug_backend_info",
+                    f"merge mode {mode!r} missing without a reason",
                     f"add limits={{'{mode}': 'why'}}",
                 )
 
     def test_check_backend(self):
         status = load_plugins().status(self.backend)
-        assert status.status is Status.OK, f"backend {self.backend!r} is {status.status}: {status.reason} ({status.fix})"
+        assert status.status is Status.OK, (
+            f"backend {self.backend!r} is {status.status}: {status.reason} ({status.fix})"
+        )
         for requirement in self.info().requires:
             assert requirement.install_line().startswith("pip install"), _contract(
-                "quantplug_backend_info", f"requirement {requirement.dist} has no pip line", "set Requirement.pip"
+                "quantplug_backend_info",
+                f"requirement {requirement.dist} has no pip line",
+                "set Requirement.pip",
             )
 
     # -- quantplug_detect_layer ----------------------------------------------
@@ -204,7 +213,8 @@ class BackendConformance:
     def test_detect_claims_own_layers(self, variant):
         layer = self.layer(variant)
         assert qp.detect(layer) == self.backend, _contract(
-            "quantplug_detect_layer", f"{type(layer).__name__} built by quantplug_quantize is not claimed",
+            "quantplug_detect_layer",
+            f"{type(layer).__name__} built by quantplug_quantize is not claimed",
             "return your backend name for your library's layer classes",
         )
 
@@ -215,7 +225,8 @@ class BackendConformance:
         for other in others:
             claimed = hook().quantplug_detect_layer(module=other, model=None)
             assert claimed != self.backend, _contract(
-                "quantplug_detect_layer", f"claims a plain {type(other).__name__}",
+                "quantplug_detect_layer",
+                f"claims a plain {type(other).__name__}",
                 "check the class (and, for tensor subclasses, the weight's class) before claiming",
             )
 
@@ -226,7 +237,9 @@ class BackendConformance:
         before = _state(layer)
         weight = self.dequantize(layer, self.backend)
         assert tuple(weight.shape) == (self.out_features, self.in_features), _contract(
-            "quantplug_dequantize", f"weight shape {tuple(weight.shape)}", "return (out_features, in_features)"
+            "quantplug_dequantize",
+            f"weight shape {tuple(weight.shape)}",
+            "return (out_features, in_features)",
         )
         _assert_same_state(before, layer, "quantplug_dequantize must leave the layer unchanged")
         x = self.inputs(layer)
@@ -234,12 +247,14 @@ class BackendConformance:
             got = layer(x)
         error = relative_error(got, self.reference(x, weight, getattr(layer, "bias", None)))
         assert error < self.forward_tol, _contract(
-            "quantplug_dequantize", f"layer(x) differs from x @ W.T + b by {error:.2e} (tolerance {self.forward_tol})",
+            "quantplug_dequantize",
+            f"layer(x) differs from x @ W.T + b by {error:.2e} (tolerance {self.forward_tol})",
             "dequantize exactly as the library does (or raise forward_tol if the forward quantizes activations)",
         )
         again = self.dequantize(layer, self.backend)  # libraries repack in place on the first forward
         assert torch.equal(again, weight) or relative_error(again, weight) < 1e-3, _contract(
-            "quantplug_dequantize", "gives a different weight after the layer ran a forward",
+            "quantplug_dequantize",
+            "gives a different weight after the layer ran a forward",
             "handle the layout the library switches to after its first forward",
         )
 
@@ -255,17 +270,21 @@ class BackendConformance:
             A, B = layer.lora_A["default"].double(), layer.lora_B["default"].double()
             want_delta = (x.double() @ A.T) @ B.T * layer.scaling["default"]
         assert got.dtype == x.dtype, _contract(
-            "quantplug_wrap_layer", f"output dtype {got.dtype} for input {x.dtype}", "return the input's dtype"
+            "quantplug_wrap_layer",
+            f"output dtype {got.dtype} for input {x.dtype}",
+            "return the input's dtype",
         )
         error = relative_error(got.double() - base.double(), want_delta)
         assert error < 2e-2, _contract(
-            "quantplug_wrap_layer", f"adapter contribution off by {error:.2e} from (x A^T) B^T * scale",
+            "quantplug_wrap_layer",
+            f"adapter contribution off by {error:.2e} from (x A^T) B^T * scale",
             "add the adapter through LoraLayer.forward",
         )
         weight = self.dequantize(layer.base, self.backend).double() + layer.delta_weight("default").double()
         error = relative_error(got, self.reference(x, weight, layer.bias))
         assert error < self.forward_tol + 2e-2, _contract(
-            "quantplug_wrap_layer", f"wrapped forward differs from x @ (W + ΔW).T + b by {error:.2e}",
+            "quantplug_wrap_layer",
+            f"wrapped forward differs from x @ (W + ΔW).T + b by {error:.2e}",
             "check the base forward and the dequantized weight agree",
         )
 
@@ -281,7 +300,8 @@ class BackendConformance:
                 "quantplug_wrap_layer", f"base parameter {name!r} received a gradient", "keep the base frozen"
             )
         assert x.grad is not None and torch.isfinite(x.grad).all(), _contract(
-            "quantplug_wrap_layer", "no gradient reaches the input",
+            "quantplug_wrap_layer",
+            "no gradient reaches the input",
             "in training, use a base kernel with a backward pass (override LoraLayer.base_forward)",
         )
 
@@ -298,10 +318,15 @@ class BackendConformance:
             got = model(x)
             W = self.dequantize(layer.base, self.backend).double()
             direction = W + layer.delta_weight("default", magnitude=False).double()
-            merged = layer.lora_magnitude["default"].double().unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
+            merged = (
+                layer.lora_magnitude["default"].double().unsqueeze(1)
+                * direction
+                / direction.norm(dim=1, keepdim=True)
+            )
         error = relative_error(got, self.reference(x, merged, layer.bias))
         assert error < self.forward_tol + 2e-2, _contract(
-            "quantplug_dequantize", f"DoRA forward differs from its definition by {error:.2e}",
+            "quantplug_dequantize",
+            f"DoRA forward differs from its definition by {error:.2e}",
             "DoRA needs the base forward to be linear in x and to match dequantize",
         )
 
@@ -312,7 +337,11 @@ class BackendConformance:
                 model(self.inputs(model.proj.base), adapter_names=["default"] * self.batch)
             return
         model = self.wrapped(variant)
-        qp.attach(model, qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"), "other")
+        qp.attach(
+            model,
+            qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"),
+            "other",
+        )
         x = self.inputs(model.proj.base)
         names = (["default", "other", "__base__"] * self.batch)[: self.batch]
         with torch.no_grad():
@@ -325,7 +354,9 @@ class BackendConformance:
                 expected["__base__"] = model(x)
         for row, name in enumerate(names):
             error = relative_error(got[row], expected[name][row])
-            assert error < 1e-2, f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
+            assert error < 1e-2, (
+                f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
+            )
 
     # -- QALoRA (quantplug_group_size) ------------------------------------------
 
@@ -334,7 +365,8 @@ class BackendConformance:
         if group is not None:
             fits = isinstance(group, int) and 0 < group < self.in_features and self.in_features % group == 0
             assert fits, _contract(
-                "quantplug_group_size", f"{group!r} for a layer with in_features={self.in_features}",
+                "quantplug_group_size",
+                f"{group!r} for a layer with in_features={self.in_features}",
                 "return an int that divides in_features and is smaller than it, or None",
             )
         return group
@@ -353,11 +385,19 @@ class BackendConformance:
         x = self.inputs(layer.base)
         with torch.no_grad():
             got = model(x)
-            weight = self.dequantize(layer.base, self.backend).double() + layer.delta_weight("default").double()
+            weight = (
+                self.dequantize(layer.base, self.backend).double() + layer.delta_weight("default").double()
+            )
         error = relative_error(got, self.reference(x, weight, layer.bias))
-        assert error < self.forward_tol + 2e-2, f"QALoRA forward differs from x @ (W + ΔW).T + b by {error:.2e}"
+        assert error < self.forward_tol + 2e-2, (
+            f"QALoRA forward differs from x @ (W + ΔW).T + b by {error:.2e}"
+        )
         if self.info().mixed_batch:
-            qp.attach(model, qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"), "lora")
+            qp.attach(
+                model,
+                qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"),
+                "lora",
+            )
             names = (["default", "lora", "__base__"] * self.batch)[: self.batch]
             with torch.no_grad():
                 mixed = model(x, adapter_names=names)
@@ -369,7 +409,9 @@ class BackendConformance:
                     expected["__base__"] = model(x)
             for row, name in enumerate(names):
                 error = relative_error(mixed[row], expected[name][row])
-                assert error < 1e-2, f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
+                assert error < 1e-2, (
+                    f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
+                )
             qp.set_adapter(model, "default")
         qp.prepare_for_training(model)
         model(self.inputs(layer.base)).float().square().mean().backward()
@@ -405,9 +447,7 @@ class BackendConformance:
             report = qp.merge(model, mode=mode)
         assert len(report.layers) == 1 and report.worst is not None, "merge report has no layer entry"
         merged_weight = (
-            model.proj.base.weight
-            if mode == "dense"
-            else self.dequantize(model.proj.base, self.backend)
+            model.proj.base.weight if mode == "dense" else self.dequantize(model.proj.base, self.backend)
         )
         true_error = relative_error(merged_weight, ideal)
         assert abs(report.layers[0].error - true_error) <= 1e-3 + 0.05 * true_error, (
@@ -416,7 +456,8 @@ class BackendConformance:
         assert abs(report.layers[0].delta_norm - delta_norm) <= 1e-3 * max(delta_norm, 1.0)
         if mode == "requantize":
             assert type(model.proj.base) is type(original), _contract(
-                "quantplug_requantize", f"returned a {type(model.proj.base).__name__}, not a {type(original).__name__}",
+                "quantplug_requantize",
+                f"returned a {type(model.proj.base).__name__}, not a {type(original).__name__}",
                 "build a layer of the same class and format",
             )
             assert qp.detect(model.proj.base) == self.backend
@@ -426,11 +467,15 @@ class BackendConformance:
                     "quantplug_requantize", "the bias changed", "copy the original layer's bias"
                 )
             self._check_requantize_keeps_adapter(variant, W, ideal, merged_weight.float(), report)
-        _assert_same_state(before, original, f"quantplug_requantize must leave the original layer unchanged ({mode})")
+        _assert_same_state(
+            before, original, f"quantplug_requantize must leave the original layer unchanged ({mode})"
+        )
         with torch.no_grad():
             got = model(x)
         error = relative_error(got, self.reference(x, merged_weight.double(), model.proj.bias))
-        assert error < self.forward_tol + 1e-2, f"merged model's forward differs from its merged weight by {error:.2e}"
+        assert error < self.forward_tol + 1e-2, (
+            f"merged model's forward differs from its merged weight by {error:.2e}"
+        )
         qp.unmerge(model)
         assert model.proj.base is original, "unmerge must restore the original module"
         _assert_same_state(before, original, "unmerge must restore the original storage bit for bit")
@@ -464,7 +509,9 @@ class BackendConformance:
             return
         new = model.proj.base
         assert type(new) is type(original) and qp.detect(new) == self.backend, _contract(
-            "quantplug_fold_into_zeros", f"returned a {type(new).__name__}", "build a layer of the same class and format"
+            "quantplug_fold_into_zeros",
+            f"returned a {type(new).__name__}",
+            "build a layer of the same class and format",
         )
         with torch.no_grad():
             merged = self.dequantize(new, self.backend).float()
@@ -482,15 +529,19 @@ class BackendConformance:
             f"merge report says error {entry.error:.3e}, the merged weight has {true_error:.3e}"
         )
         assert entry.adapter_error <= 1.0 + 1e-2, _contract(
-            "quantplug_fold_into_zeros", f"the merge is {entry.adapter_error:.2f} x ‖ΔW‖ from the ideal weight, "
-            "further than not merging at all", "move each zero point by the nearest amount the format can hold",
+            "quantplug_fold_into_zeros",
+            f"the merge is {entry.adapter_error:.2f} x ‖ΔW‖ from the ideal weight, "
+            "further than not merging at all",
+            "move each zero point by the nearest amount the format can hold",
         )
         bias = getattr(original, "bias", None)
         if bias is not None:
             assert torch.equal(new.bias.float(), bias.float()), _contract(
                 "quantplug_fold_into_zeros", "the bias changed", "copy the original layer's bias"
             )
-        _assert_same_state(before, original, "quantplug_fold_into_zeros must leave the original layer unchanged")
+        _assert_same_state(
+            before, original, "quantplug_fold_into_zeros must leave the original layer unchanged"
+        )
         qp.unmerge(model)
         assert model.proj.base is original, "unmerge must restore the original module"
         _assert_same_state(before, original, "unmerge must restore the original storage bit for bit")
@@ -511,7 +562,9 @@ class BackendConformance:
         with torch.no_grad():
             fresh_linear.weight.copy_(ideal)
         fresh = self.dequantize(self.make_layer(fresh_linear, variant), self.backend).float()
-        fresh_error = ((fresh - ideal).norm() / (ideal - W).norm()).item()  # error / ‖ΔW‖ of quantizing W + ΔW
+        fresh_error = (
+            (fresh - ideal).norm() / (ideal - W).norm()
+        ).item()  # error / ‖ΔW‖ of quantizing W + ΔW
         fix = "quantize `weight` (W + ΔW) into the new layer with the original layer's parameters"
         assert not (torch.equal(merged, W) and not torch.equal(fresh, W)), _contract(
             "quantplug_requantize", "the new layer holds the original weights: the adapter was dropped", fix
@@ -540,7 +593,9 @@ class BackendConformance:
         qp.load_adapter(model, tmp_path)
         with torch.no_grad():
             got = model(x)
-        assert torch.equal(got, want), f"reloaded adapter changes the output by {relative_error(got, want):.2e}"
+        assert torch.equal(got, want), (
+            f"reloaded adapter changes the output by {relative_error(got, want):.2e}"
+        )
 
     # -- torch.compile ---------------------------------------------------------
 

@@ -299,7 +299,12 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     sym = bool(getattr(module, "sym", False))  # AutoAWQ layers are zero-point (asymmetric)
     scale_dtype = _scale_dtype(module)
     new_scales, zeros, on_grid = awq_params(
-        weight.detach().float().cpu(), bits_of(module), module.group_size, sym, scale_dtype, keep=own_params(module)
+        weight.detach().float().cpu(),
+        bits_of(module),
+        module.group_size,
+        sym,
+        scale_dtype,
+        keep=own_params(module),
     )
     return _build_like(module, new_scales, zeros, on_grid, scale_dtype)
 
@@ -399,7 +404,9 @@ def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
             "zero-point format) to merge QALoRA adapters into the zero points"
         )
     bits = bits_of(module)
-    codes, zeros = unpack_codes(module.qweight, module.qzeros, bits, module.out_features)  # (in, out), (groups, out)
+    codes, zeros = unpack_codes(
+        module.qweight, module.qzeros, bits, module.out_features
+    )  # (in, out), (groups, out)
     scales = module.scales.detach().float().T.cpu()  # (out, groups)
     step = torch.round(offsets.detach().float().cpu() / scales)
     new_zeros = (zeros.float().T.cpu() - step).clamp_(0, 2**bits - 1)

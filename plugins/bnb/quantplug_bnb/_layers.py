@@ -106,7 +106,9 @@ def keep_trainable_on_cpu(module: nn.Module) -> None:
 
     if is_cpu_packed(module):
         weight = module.weight
-        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, weight.quant_state)
+        weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+            weight.data, weight.quant_state
+        )
         module.quant_state = weight.quant_state
     module.support_avx512bf16_for_cpu = False
 

@@ -323,7 +323,12 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     if "TorchInt8Linear" in names or is_repacked(module):
         scale_dtype = torch.float16  # the dtype the packed (pre-conversion) scales have
     scales, zeros, on_grid = rtn_params(
-        weight.detach().float().cpu(), module.bits, module.sym, g_idx.long(), scale_dtype, keep=own_params(module)
+        weight.detach().float().cpu(),
+        module.bits,
+        module.sym,
+        g_idx.long(),
+        scale_dtype,
+        keep=own_params(module),
     )
     return _build_like(module, scales, zeros, on_grid, g_idx, scale_dtype)
 
@@ -433,6 +438,8 @@ def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
     group = g_idx.long()
     on_grid = scales[:, group] * (codes - new_zeros[:, group])
     new = _build_like(module, scales, new_zeros, on_grid, g_idx, module.scales.dtype)
-    if not torch.equal(new.qweight.cpu(), module.qweight.cpu()):  # pack_original re-derives codes from on_grid
+    if not torch.equal(
+        new.qweight.cpu(), module.qweight.cpu()
+    ):  # pack_original re-derives codes from on_grid
         raise RuntimeError("packing the moved zero points changed the GPTQ codes; please report this")
     return new

@@ -258,7 +258,9 @@ def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:
     shift = offsets.detach().to(device=zero.device, dtype=torch.float32).reshape(zero.shape)
     moved = zero.float() - shift / torch.where(scale == 0, 1.0, scale.float())
     new_zero = torch.where(scale == 0, zero.float(), moved).to(zero.dtype)
-    return _assemble(module, _empty_like(module), module.W_q.detach().clone(), scale.detach().clone(), new_zero)
+    return _assemble(
+        module, _empty_like(module), module.W_q.detach().clone(), scale.detach().clone(), new_zero
+    )
 
 
 # -- quantize -------------------------------------------------------------------
