@@ -97,8 +97,25 @@ BACKENDS: dict[str, Backend] = {
             too_old="2.6",
             pip_name="neural-compressor[pt]",
         ),
-        Backend("gptq", "gptqmodel", ("7.0.0", "7.3.6", "7.4.0", "7.5.0", "7.6.0", "7.7.0"), too_old="6.0.3"),
-        Backend("awq", "gptqmodel", ("7.0.0", "7.5.0", "7.6.0")),
+        # gptqmodel 7.3-7.5 import requests without declaring it, 7.0 needs transformers<5: variants show
+        # whether the plugin works with them once that is fixed beside them
+        Backend(
+            "gptq",
+            "gptqmodel",
+            (
+                "7.0.0",
+                "7.0.0/requests,transformers<5",
+                "7.3.6",
+                "7.3.6/requests",
+                "7.4.0",
+                "7.5.0",
+                "7.5.0/requests",
+                "7.6.0",
+                "7.7.0",
+            ),
+            too_old="6.0.3",
+        ),
+        Backend("awq", "gptqmodel", ("7.0.0", "7.5.0", "7.5.0/requests", "7.6.0")),
         # PyPI has only a CPython 3.10 CUDA wheel of eetq 1.0.0 and no sdist: a "cannot install" row here
         Backend("eetq", "eetq", ("1.0.0",)),
     )

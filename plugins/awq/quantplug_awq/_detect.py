@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import re
 
+from quantplug_gptq._gptqmodel import declares_method
+from quantplug_gptq._gptqmodel import parse_variant as _parse_variant
+
 AWQ_METHOD = "awq"
 
 VARIANT_RE = re.compile(r"^int(?P<bits>[2-8])-g(?P<group>\d+|all)-(?P<sym>sym|asym)$")
@@ -16,32 +19,6 @@ VARIANTS = (
 )
 
 
-def mro_names(module) -> frozenset[str]:
-    """The class names along ``type(module).__mro__``, cached per class (the adapter layer asks on every call)."""
-    cls = type(module)
-    names = _CLASS_NAMES.get(cls)
-    if names is None:
-        names = _CLASS_NAMES[cls] = frozenset(klass.__name__ for klass in cls.__mro__)
-    return names
-
-
-_CLASS_NAMES: dict[type, frozenset[str]] = {}
-
-
-def is_gptqmodel_layer(module) -> bool:
-    """A subclass of gptqmodel's ``BaseQuantLinear``, told by name: gptqmodel need not be imported."""
-    return any(
-        cls.__name__ == "BaseQuantLinear" and cls.__module__.startswith("gptqmodel.")
-        for cls in type(module).__mro__
-    )
-
-
-def declared_methods(module) -> set[str]:
-    """The quantization methods the layer's class declares (``SUPPORTS_METHODS``), lower case."""
-    methods = getattr(type(module), "SUPPORTS_METHODS", None) or ()
-    return {str(getattr(method, "value", method)).lower() for method in methods}
-
-
 def is_autoawq_layer(module) -> bool:
     """AutoAWQ's ``WQLinear_GEMM``, ``WQLinear_GEMV``, ... (package ``awq``), by class name and module."""
     cls = type(module)
@@ -52,22 +29,14 @@ def is_autoawq_layer(module) -> bool:
 
 def is_awq_layer(module) -> bool:
     """gptqmodel's AWQ kernels (not ParoQuant's rotated ones, which declare METHOD.PARO) and AutoAWQ's."""
-    if is_autoawq_layer(module):
-        return True
-    return is_gptqmodel_layer(module) and AWQ_METHOD in declared_methods(module)
+    return is_autoawq_layer(module) or declares_method(module, AWQ_METHOD)
 
 
 def parse_variant(variant: str | None) -> dict:
-    variant = variant or VARIANTS[0]
-    match = VARIANT_RE.match(variant)
-    if match is None:
-        raise ValueError(
-            f"unknown awq variant {variant!r}; variants are 'int<bits>-g<group size>|gall-<sym|asym>' "
-            f"(bits 2-8 with gptqmodel 7.6, 4 before), e.g. {', '.join(VARIANTS)}"
-        )
-    group = match["group"]
-    return {
-        "bits": int(match["bits"]),
-        "group_size": -1 if group == "all" else int(group),
-        "sym": match["sym"] == "sym",
-    }
+    return _parse_variant(
+        variant,
+        VARIANT_RE,
+        VARIANTS,
+        "awq",
+        "'int<bits>-g<group size>|gall-<sym|asym>' (bits 2-8 with gptqmodel 7.6, 4 before)",
+    )

@@ -26,16 +26,24 @@ How gptqmodel 7.6.0 stores an AWQ layer (CPU, measured):
 from __future__ import annotations
 
 import torch
+from quantplug_gptq._gptqmodel import mro_names
+from quantplug_gptq._gptqmodel_torch import (
+    INT8,
+    OPAQUE,
+    REPACKED,
+    dequantize_kernel,
+    finish_like,
+    is_repacked,
+    whole_groups,
+)
+from quantplug_gptq._gptqmodel_torch import compute_dtype as _compute_dtype
 from torch import nn
 
-from quantplug_awq._detect import mro_names, parse_variant
+from quantplug_awq._detect import parse_variant
 
-IDENTITY_CHUNK = 1024  # rows of the identity matrix per forward when reading an opaque layout
-
+# layout kinds: GEMM, and INT8 (TorchInt8AwqLinear), REPACKED and OPAQUE (GEMV, Marlin, ExLlama) shared
+# with quantplug-gptq (quantplug_gptq/_gptqmodel_torch.py)
 GEMM = "gemm"  # AWQ GEMM buffers, read with the library's dequantize_gemm
-INT8 = "int8"  # TorchInt8AwqLinear: per-channel int8 copy, read with its own dequantize_weight
-REPACKED = "repacked"  # a CPU int4pack layout after the first inference forward
-OPAQUE = "opaque"  # any other kernel layout (GEMV, Marlin, ExLlama): read through the layer's forward
 
 # classes that keep the GEMM layout in memory (until a CPU repack)
 GEMM_CLASSES = {
@@ -52,15 +60,6 @@ DTYPE_FOLLOWERS = {"AwqTorchLinear", "AwqGEMMLinear", "TorchFusedAwqLinear"}
 
 def bits_of(module: nn.Module) -> int:
     return int(getattr(module, "bits", None) or module.w_bit)  # AutoAWQ calls it w_bit
-
-
-def _mode(module: nn.Module) -> str | None:
-    mode = getattr(module, "linear_mode", None)
-    return None if mode is None else str(getattr(mode, "value", mode)).lower()
-
-
-def is_repacked(module: nn.Module) -> bool:
-    return _mode(module) == "inference" and hasattr(module, "_fused_op_forward")
 
 
 def layout(module: nn.Module) -> str:
@@ -82,26 +81,9 @@ def layout(module: nn.Module) -> str:
     return OPAQUE
 
 
-def device_of(module: nn.Module) -> torch.device:
-    for name in ("qweight", "scales", "int8_weight_nk", "bias"):
-        tensor = getattr(module, name, None)
-        if isinstance(tensor, torch.Tensor):
-            return tensor.device
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of the layer's scales (what its forward computes in), else its bias, else fp16."""
-    if layout(module) != INT8:  # TorchInt8AwqLinear's scales are float32 internals
-        scales = getattr(module, "scales", None)
-        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
-            return scales.dtype
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
-        return bias.dtype
-    return torch.float16
+    return _compute_dtype(module, int8=layout(module) == INT8)  # TorchInt8AwqLinear's are float32 internals
 
 
 def follows_input_dtype(module: nn.Module) -> bool:
@@ -115,36 +97,15 @@ def follows_input_dtype(module: nn.Module) -> bool:
 def dequantize(module: nn.Module) -> torch.Tensor:
     """``(out, in)`` weight such that the layer's forward is ``x @ W.T + bias``; the layer is not changed."""
     kind = layout(module)
-    with torch.no_grad():
-        if kind == GEMM:
-            from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+    if kind == GEMM:
+        from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
 
+        with torch.no_grad():
             weight = dequantize_gemm(
                 module.qweight, module.qzeros, module.scales, bits_of(module), module.group_size
             )
             return weight.T.contiguous()
-        if kind == INT8:
-            return module.dequantize_weight().T.to(compute_dtype(module)).contiguous()
-        if kind == REPACKED:
-            return _through_forward(module, module._fused_op_forward, subtract_bias=False)
-        return _through_forward(module, module.forward, subtract_bias=True)
-
-
-def _through_forward(module: nn.Module, forward, subtract_bias: bool) -> torch.Tensor:
-    """Read ``W`` off the layer's own kernel: ``forward(I) = I @ W.T``, in chunks of the identity."""
-    dtype = compute_dtype(module)
-    device = device_of(module)
-    n = module.in_features
-    columns = []
-    for start in range(0, n, IDENTITY_CHUNK):
-        rows = min(IDENTITY_CHUNK, n - start)
-        eye = torch.zeros(rows, n, dtype=dtype, device=device)
-        eye[torch.arange(rows), torch.arange(start, start + rows)] = 1
-        out = forward(eye).float()
-        if subtract_bias and getattr(module, "bias", None) is not None:
-            out = out - module.bias.float()
-        columns.append(out)
-    return torch.cat(columns).T.to(dtype).contiguous()
+    return dequantize_kernel(module, kind, compute_dtype(module))
 
 
 def own_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -324,7 +285,6 @@ def _build_like(module: nn.Module, new_scales, zeros, on_grid, scale_dtype) -> n
     bits = bits_of(module)
     requested = getattr(module, "requested_group_size", module.group_size)
     sym = bool(getattr(module, "sym", False))
-    device = device_of(module)
     bias = getattr(module, "bias", None)
     packed = _pack_torch_awq(
         bits,
@@ -363,14 +323,7 @@ def _build_like(module: nn.Module, new_scales, zeros, on_grid, scale_dtype) -> n
             )
         for name in ("qweight", "qzeros", "scales"):
             setattr(new, name, getattr(packed, name))
-    if bias is not None:
-        new.bias = bias.detach().clone().cpu()  # bit for bit, in its own dtype
-    new = new.to(device)
-    if hasattr(new, "post_init"):
-        new.post_init()
-    if not module.training:
-        new.eval()
-    return new
+    return finish_like(module, new, bias)
 
 
 # -- QALoRA: group size and the zeros merge ----------------------------------------
@@ -378,12 +331,7 @@ def _build_like(module: nn.Module, new_scales, zeros, on_grid, scale_dtype) -> n
 
 def group_size(module: nn.Module) -> int | None:
     """The layer's input group (AWQ groups are always runs of consecutive columns)."""
-    if layout(module) == INT8:  # TorchInt8AwqLinear re-quantized itself per channel in post_init
-        return None
-    group, in_features = int(getattr(module, "group_size", -1) or -1), int(module.in_features)
-    if group <= 0 or group >= in_features or in_features % group:
-        return None
-    return group
+    return whole_groups(module, layout(module))  # None for TorchInt8AwqLinear (per channel)
 
 
 def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:

@@ -24,51 +24,20 @@ while the wrapper is in training mode; ``eval()`` drops it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from quantplug.lora import LoraLayer
+from quantplug_gptq._gptqmodel_torch import GptqmodelLoraLayer
 
 from quantplug_awq import _layers
 
 
-class AwqLoraLayer(LoraLayer):
+class AwqLoraLayer(GptqmodelLoraLayer):
     """``LoraLayer`` whose base call has a backward to the input and leaves the base's dtype alone."""
 
-    _dense_cache: tuple[object, torch.Tensor] | None = None
+    layers = _layers
+    cheap_layouts = (_layers.GEMM, _layers.INT8)  # dequantize is as cheap as the library's own forward
 
-    def train(self, mode: bool = True) -> AwqLoraLayer:
-        if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
-        self.training = mode
-        for child in self.children():
-            if child is not self.base:  # gptqmodel kernels without training support raise in train()
-                child.train(mode)
-        if not mode:
-            self._dense_cache = None
-        return self
+    def needs_dense(self, x: torch.Tensor) -> bool:
+        # the same math, without the forward's in-place dtype casts
+        return torch.compiler.is_compiling() and _layers.layout(self.base) == _layers.GEMM
 
-    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            return self._dense_forward(x)
-        if torch.compiler.is_compiling() and _layers.layout(self.base) == _layers.GEMM:
-            return self._dense_forward(x)  # the same math, without the forward's in-place dtype casts
-        if _layers.follows_input_dtype(self.base):
-            dtype = _layers.compute_dtype(self.base)
-            if x.dtype != dtype:
-                return self.base(x.to(dtype)).to(x.dtype)
-        return self.base(x)
-
-    def _dense_weight(self) -> torch.Tensor:
-        if _layers.layout(self.base) in (_layers.GEMM, _layers.INT8):
-            return _layers.dequantize(self.base)  # as cheap as the library's own forward
-        cached = self._dense_cache
-        if cached is not None and cached[0] is self.base:
-            return cached[1]
-        weight = _layers.dequantize(self.base)
-        if self.training:
-            self._dense_cache = (self.base, weight)
-        return weight
-
-    def _dense_forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._dense_weight().to(device=x.device, dtype=x.dtype)
-        bias = self.bias
-        return F.linear(x, weight, None if bias is None else bias.to(device=x.device, dtype=x.dtype))
+    def needs_own_dtype(self) -> bool:
+        return _layers.follows_input_dtype(self.base)

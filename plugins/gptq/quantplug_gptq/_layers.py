@@ -32,27 +32,22 @@ import torch
 from torch import nn
 
 from quantplug_gptq._detect import mro_names, parse_variant
+from quantplug_gptq._gptqmodel_torch import (
+    INT8,
+    OPAQUE,
+    REPACKED,
+    dequantize_kernel,
+    finish_like,
+    is_repacked,
+    whole_groups,
+)
+from quantplug_gptq._gptqmodel_torch import compute_dtype as _compute_dtype
 
-IDENTITY_CHUNK = 1024  # rows of the identity matrix per forward when reading an opaque layout
-
-# layout kinds
+# layout kinds: PACKED, and INT8 (TorchInt8Linear), REPACKED and OPAQUE shared with quantplug-awq
 PACKED = "packed"  # gptqmodel GPTQ buffers, read with the library's own dequantize_weight
-INT8 = "int8"  # TorchInt8Linear: per-channel int8 copy, read with its own dequantize_weight
-REPACKED = "repacked"  # a CPU int4pack layout after the first inference forward
-OPAQUE = "opaque"  # any other kernel layout: read through the layer's forward
 
 
 # -- layouts --------------------------------------------------------------------
-
-
-def _mode(module: nn.Module) -> str | None:
-    mode = getattr(module, "linear_mode", None)
-    return None if mode is None else str(getattr(mode, "value", mode)).lower()
-
-
-def is_repacked(module: nn.Module) -> bool:
-    """Whether a CPU-fused class already swapped its buffers for the int4pack layout."""
-    return _mode(module) == "inference" and hasattr(module, "_fused_op_forward")
 
 
 def layout(module: nn.Module) -> str:
@@ -98,26 +93,9 @@ def locks_input_dtype(module: nn.Module) -> bool:
     return "TorchFusedLinear" in mro_names(module)
 
 
-def device_of(module: nn.Module) -> torch.device:
-    for name in ("qweight", "scales", "int8_weight_nk", "bias"):
-        tensor = getattr(module, name, None)
-        if isinstance(tensor, torch.Tensor):
-            return tensor.device
-    for tensor in (*module.parameters(), *module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of the layer's scales (fp16 as gptqmodel packs them), else its bias, else fp16."""
-    if layout(module) != INT8:  # TorchInt8Linear's scales are float32 internals, not the activation dtype
-        scales = getattr(module, "scales", None)
-        if isinstance(scales, torch.Tensor) and scales.is_floating_point():
-            return scales.dtype
-    bias = getattr(module, "bias", None)
-    if isinstance(bias, torch.Tensor) and bias.is_floating_point():
-        return bias.dtype
-    return torch.float16
+    return _compute_dtype(module, int8=layout(module) == INT8)
 
 
 # -- reading the dense weight ---------------------------------------------------
@@ -126,43 +104,22 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
 def dequantize(module: nn.Module) -> torch.Tensor:
     """``(out, in)`` weight such that the layer's forward is ``x @ W.T + bias``; the layer is not changed."""
     kind = layout(module)
-    with torch.no_grad():
-        if kind == PACKED:
-            from gptqmodel.nn_modules.qlinear import PackableQuantLinear
+    if kind == PACKED:
+        from gptqmodel.nn_modules.qlinear import PackableQuantLinear
 
-            # the base class's method: TorchLinear.post_init replaces the instance's
-            # dequantize_weight by a torch.compile'd copy and keeps per-instance caches
+        # the base class's method: TorchLinear.post_init replaces the instance's
+        # dequantize_weight by a torch.compile'd copy and keeps per-instance caches
+        with torch.no_grad():
             return PackableQuantLinear.dequantize_weight(module).T.contiguous()
-        if kind == INT8:
-            return module.dequantize_weight().T.to(compute_dtype(module)).contiguous()
-        if kind == REPACKED:
-            if lost_zero_points(module):
-                raise ValueError(
-                    f"this {type(module).__name__} (sym=False) already ran a CPU inference forward, which in "
-                    "gptqmodel 7.6 replaced its zero points by zeros (TorchFusedLinear.transform_cpu), so its "
-                    "output is wrong and its true weight cannot be read back. Reload the model with "
-                    "backend=BACKEND.GPTQ_TORCH (TorchLinear) or BACKEND.GPTQ_TORCH_ATEN, or attach quantplug "
-                    "before the first forward: wrapped layers never take that path."
-                )
-            return _through_forward(module, module._fused_op_forward, subtract_bias=False)
-        return _through_forward(module, module.forward, subtract_bias=True)
-
-
-def _through_forward(module: nn.Module, forward, subtract_bias: bool) -> torch.Tensor:
-    """Read ``W`` off the layer's own kernel: ``forward(I) = I @ W.T``, in chunks of the identity."""
-    dtype = compute_dtype(module)
-    device = device_of(module)
-    n = module.in_features
-    columns = []
-    for start in range(0, n, IDENTITY_CHUNK):
-        rows = min(IDENTITY_CHUNK, n - start)
-        eye = torch.zeros(rows, n, dtype=dtype, device=device)
-        eye[torch.arange(rows), torch.arange(start, start + rows)] = 1
-        out = forward(eye).float()
-        if subtract_bias and getattr(module, "bias", None) is not None:
-            out = out - module.bias.float()
-        columns.append(out)
-    return torch.cat(columns).T.to(dtype).contiguous()
+    if kind == REPACKED and lost_zero_points(module):
+        raise ValueError(
+            f"this {type(module).__name__} (sym=False) already ran a CPU inference forward, which in "
+            "gptqmodel 7.6 replaced its zero points by zeros (TorchFusedLinear.transform_cpu), so its "
+            "output is wrong and its true weight cannot be read back. Reload the model with "
+            "backend=BACKEND.GPTQ_TORCH (TorchLinear) or BACKEND.GPTQ_TORCH_ATEN, or attach quantplug "
+            "before the first forward: wrapped layers never take that path."
+        )
+    return dequantize_kernel(module, kind, compute_dtype(module))
 
 
 # -- building layers ------------------------------------------------------------
@@ -337,7 +294,6 @@ def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -
     """A new layer of ``module``'s class, format and bias packing ``on_grid`` with these scales and zeros."""
     names = mro_names(module)
     cls = type(module)
-    device = device_of(module)
     bits, sym = module.bits, module.sym
     group_size = getattr(module, "requested_group_size", module.group_size)
     bias = getattr(module, "bias", None)
@@ -372,15 +328,9 @@ def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -
         new.scales = new.scales.to(scale_dtype)
         if hasattr(module, "qzero_format") and hasattr(new, "qzero_format"):
             new.qzero_format(format=module.qzero_format())  # what a gptqmodel save does with the zeros
-    if bias is not None:
-        new.bias = bias.detach().clone().cpu()  # bit for bit, in its own dtype
-    new = new.to(device)
     if "dequantize_weight" not in vars(module):  # the original skipped the torch.compile (see quantize)
         new.optimized = True
-    new.post_init()
-    if not module.training:
-        new.eval()
-    return new
+    return finish_like(module, new, bias)
 
 
 # -- QALoRA: group size and the zeros merge ----------------------------------------
@@ -388,11 +338,10 @@ def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -
 
 def group_size(module: nn.Module) -> int | None:
     """The layer's input group, where groups are runs of consecutive columns (no act-order permutation)."""
-    if layout(module) == INT8:  # TorchInt8Linear re-quantized itself per channel in post_init
+    group = whole_groups(module, layout(module))
+    if group is None:
         return None
-    group, in_features = int(getattr(module, "group_size", -1) or -1), int(module.in_features)
-    if group <= 0 or group >= in_features or in_features % group:
-        return None
+    in_features = int(module.in_features)
     g_idx = getattr(module, "g_idx", None)
     if isinstance(g_idx, torch.Tensor) and g_idx.numel() == in_features:
         contiguous = torch.arange(in_features, device=g_idx.device) // group
