@@ -76,8 +76,9 @@ class _Matrix:
         self.session = session
         self.started = time.perf_counter()
         location = Path(session.virtualenv.location)
-        cfg = location / "pyvenv.cfg"
-        self.venv_s = max(0.0, time.time() - cfg.stat().st_mtime) if cfg.exists() else 0.0
+        # the interpreter link is the first thing virtualenv writes: from then to now is the venv's creation
+        first = location / "bin" / "python"
+        self.venv_s = max(0.0, time.time() - os.lstat(first).st_mtime) if os.path.lexists(first) else 0.0
         self.envdir = Path(session.cache_dir).parent
         self.results = M.results_dir(self.envdir)
         self.python = location / "bin" / "python"
@@ -95,7 +96,15 @@ class _Matrix:
         return rc, out
 
     def plugin(self, backend: str) -> None:
-        rc, out = self.pip("--no-deps", "--no-build-isolation", "-e", str(M.plugin_dir(backend)))
+        # quantplug-awq imports quantplug-gptq's shared gptqmodel helpers
+        dirs = [str(M.plugin_dir("gptq"))] if backend == "awq" else []
+        rc, out = self.pip(
+            "--no-deps",
+            "--no-build-isolation",
+            *(a for d in dirs for a in ("-e", d)),
+            "-e",
+            str(M.plugin_dir(backend)),
+        )
         if rc:
             self.finish("error", f"cannot install plugin {backend}: {out[-300:]}")
             self.session.error(f"cannot install plugin {backend}")

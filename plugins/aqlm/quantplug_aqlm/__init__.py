@@ -33,7 +33,7 @@ def quantplug_backend_info():
         # grid apart (gemv_op) exists from 1.1.0. Tested: 1.1.7 only (2026-11).
         # Upper bound: the in-place code permutation is marked "TODO: fix this
         # thing" upstream; a 1.2 may change the layout this plugin reads.
-        requires=(Requirement("aqlm", ">=1.1.0,<1.2", module="aqlm"),),
+        requires=(Requirement("aqlm", ">=1.1.7,<1.2", module="aqlm"),),
         devices=("cpu", "cuda"),
         merge_modes=("requantize", "dense"),
         variants=VARIANTS,

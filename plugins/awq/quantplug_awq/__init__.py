@@ -15,7 +15,7 @@ NAME = "awq"
 # 7.0.0 renamed the kernel this plugin builds (AwqTorchQuantLinear -> AwqTorchLinear); its pack() and
 # dequantize_gemm read the same from v7.0.0 (4-bit only) to 7.6.0 (2-8 bits). 7.7.0 requires
 # torch >= 2.14.1 and is untested here; tested: 7.6.0.
-REQUIREMENT = Requirement("gptqmodel", ">=7.0,<7.7", module="gptqmodel")
+REQUIREMENT = Requirement("gptqmodel", ">=7.6,<7.7", module="gptqmodel")
 
 
 @hookimpl

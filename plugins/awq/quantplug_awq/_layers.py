@@ -26,17 +26,9 @@ How gptqmodel 7.6.0 stores an AWQ layer (CPU, measured):
 from __future__ import annotations
 
 import torch
+from quantplug_gptq import _gptqmodel_torch as shared
 from quantplug_gptq._gptqmodel import mro_names
-from quantplug_gptq._gptqmodel_torch import (
-    INT8,
-    OPAQUE,
-    REPACKED,
-    dequantize_kernel,
-    finish_like,
-    is_repacked,
-    whole_groups,
-)
-from quantplug_gptq._gptqmodel_torch import compute_dtype as _compute_dtype
+from quantplug_gptq._gptqmodel_torch import INT8, OPAQUE, REPACKED
 from torch import nn
 
 from quantplug_awq._detect import parse_variant
@@ -63,11 +55,10 @@ def bits_of(module: nn.Module) -> int:
 
 
 def layout(module: nn.Module) -> str:
+    kind = shared.common_layout(module, "TorchInt8AwqLinear")
+    if kind is not None:
+        return kind
     names = mro_names(module)
-    if is_repacked(module):
-        return REPACKED
-    if "TorchInt8AwqLinear" in names:
-        return INT8
     qweight, scales = getattr(module, "qweight", None), getattr(module, "scales", None)
     if (
         names & GEMM_CLASSES
@@ -83,7 +74,8 @@ def layout(module: nn.Module) -> str:
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of the layer's scales (what its forward computes in), else its bias, else fp16."""
-    return _compute_dtype(module, int8=layout(module) == INT8)  # TorchInt8AwqLinear's are float32 internals
+    # TorchInt8AwqLinear's scales are float32 internals
+    return shared.compute_dtype(module, int8=layout(module) == INT8)
 
 
 def follows_input_dtype(module: nn.Module) -> bool:
@@ -105,7 +97,7 @@ def dequantize(module: nn.Module) -> torch.Tensor:
                 module.qweight, module.qzeros, module.scales, bits_of(module), module.group_size
             )
             return weight.T.contiguous()
-    return dequantize_kernel(module, kind, compute_dtype(module))
+    return shared.dequantize_kernel(module, kind, compute_dtype(module))
 
 
 def own_params(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -243,9 +235,7 @@ def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
         linear.bias,
         scale_dtype,
     )
-    layer.post_init()
-    layer.eval()  # as gptqmodel hands out loaded models
-    return layer.to(linear.weight.device)
+    return shared.as_loaded(layer, linear.weight.device)
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -323,7 +313,7 @@ def _build_like(module: nn.Module, new_scales, zeros, on_grid, scale_dtype) -> n
             )
         for name in ("qweight", "qzeros", "scales"):
             setattr(new, name, getattr(packed, name))
-    return finish_like(module, new, bias)
+    return shared.finish_like(module, new, bias)
 
 
 # -- QALoRA: group size and the zeros merge ----------------------------------------
@@ -331,7 +321,7 @@ def _build_like(module: nn.Module, new_scales, zeros, on_grid, scale_dtype) -> n
 
 def group_size(module: nn.Module) -> int | None:
     """The layer's input group (AWQ groups are always runs of consecutive columns)."""
-    return whole_groups(module, layout(module))  # None for TorchInt8AwqLinear (per channel)
+    return shared.whole_groups(module, layout(module))  # None for TorchInt8AwqLinear (per channel)
 
 
 def fold_into_zeros(module: nn.Module, offsets: torch.Tensor) -> nn.Module:

@@ -13,7 +13,7 @@ NAME = "bnb"
 # 0.46.0 is the first release with CPU kernels for quantize_4bit/dequantize_4bit and the
 # int8_vectorwise_quant API used to requantize 8-bit layers; the CPU repack this plugin
 # reads (packing_format_for_cpu) is private and has the same layout from 0.49.0 to 0.50.2.
-REQUIREMENT = Requirement("bitsandbytes", ">=0.46,<0.51", module="bitsandbytes")
+REQUIREMENT = Requirement("bitsandbytes", ">=0.50,<0.51", module="bitsandbytes")
 
 
 @hookimpl

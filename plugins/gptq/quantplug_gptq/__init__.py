@@ -15,7 +15,7 @@ NAME = "gptq"
 # 7.0.0 renamed the kernels this plugin builds (TorchQuantLinear -> TorchLinear); the calls it makes
 # (PackableQuantLinear.dequantize_weight, pack_original, quantizer.Quantizer) read the same in the
 # v7.0.0 and v7.3.4 tags. 7.7.0 requires torch >= 2.14.1 and is untested here; tested: 7.6.0.
-REQUIREMENT = Requirement("gptqmodel", ">=7.0,<7.7", module="gptqmodel")
+REQUIREMENT = Requirement("gptqmodel", ">=7.6,<7.7", module="gptqmodel")
 
 
 @hookimpl

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from quantplug.lora import LoraLayer
 from torch import nn
 
+from quantplug_gptq._gptqmodel import mro_names
+
 IDENTITY_CHUNK = 1024  # rows of the identity matrix per forward when reading an opaque layout
 
 # layout kinds both plugins have (each adds its own packed one)
@@ -33,6 +35,15 @@ def _mode(module: nn.Module) -> str | None:
 def is_repacked(module: nn.Module) -> bool:
     """Whether a CPU-fused class already swapped its buffers for the int4pack layout."""
     return _mode(module) == "inference" and hasattr(module, "_fused_op_forward")
+
+
+def common_layout(module: nn.Module, int8_class: str) -> str | None:
+    """``REPACKED``, ``INT8`` (a subclass of ``int8_class``, by name) or ``None``: the plugin's own layouts."""
+    if is_repacked(module):
+        return REPACKED
+    if int8_class in mro_names(module):
+        return INT8
+    return None
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -98,6 +109,13 @@ def whole_groups(module: nn.Module, kind: str) -> int | None:
     if group <= 0 or group >= in_features or in_features % group:
         return None
     return group
+
+
+def as_loaded(layer: nn.Module, device: torch.device) -> nn.Module:
+    """A freshly packed ``layer`` as gptqmodel hands out loaded models: ``post_init`` run, in eval mode."""
+    layer.post_init()
+    layer.eval()
+    return layer.to(device)
 
 
 def finish_like(module: nn.Module, new: nn.Module, bias: torch.Tensor | None) -> nn.Module:

@@ -31,17 +31,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from quantplug_gptq import _gptqmodel_torch as shared
 from quantplug_gptq._detect import mro_names, parse_variant
-from quantplug_gptq._gptqmodel_torch import (
-    INT8,
-    OPAQUE,
-    REPACKED,
-    dequantize_kernel,
-    finish_like,
-    is_repacked,
-    whole_groups,
-)
-from quantplug_gptq._gptqmodel_torch import compute_dtype as _compute_dtype
+from quantplug_gptq._gptqmodel_torch import INT8, OPAQUE, REPACKED, is_repacked
 
 # layout kinds: PACKED, and INT8 (TorchInt8Linear), REPACKED and OPAQUE shared with quantplug-awq
 PACKED = "packed"  # gptqmodel GPTQ buffers, read with the library's own dequantize_weight
@@ -51,11 +43,10 @@ PACKED = "packed"  # gptqmodel GPTQ buffers, read with the library's own dequant
 
 
 def layout(module: nn.Module) -> str:
+    kind = shared.common_layout(module, "TorchInt8Linear")
+    if kind is not None:
+        return kind
     names = mro_names(module)
-    if is_repacked(module):
-        return REPACKED
-    if "TorchInt8Linear" in names:
-        return INT8
     qweight = getattr(module, "qweight", None)
     if (
         "PackableQuantLinear" in names
@@ -95,7 +86,7 @@ def locks_input_dtype(module: nn.Module) -> bool:
 
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The dtype of the layer's scales (fp16 as gptqmodel packs them), else its bias, else fp16."""
-    return _compute_dtype(module, int8=layout(module) == INT8)
+    return shared.compute_dtype(module, int8=layout(module) == INT8)
 
 
 # -- reading the dense weight ---------------------------------------------------
@@ -119,7 +110,7 @@ def dequantize(module: nn.Module) -> torch.Tensor:
             "backend=BACKEND.GPTQ_TORCH (TorchLinear) or BACKEND.GPTQ_TORCH_ATEN, or attach quantplug "
             "before the first forward: wrapped layers never take that path."
         )
-    return dequantize_kernel(module, kind, compute_dtype(module))
+    return shared.dequantize_kernel(module, kind, compute_dtype(module))
 
 
 # -- building layers ------------------------------------------------------------
@@ -255,9 +246,7 @@ def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
     # TorchLinear.post_init torch.compile's its dequantize_weight, which then compiles on the first
     # forward of every new layer shape (4-6 s each on 2 CPU cores, measured); same numbers eager
     layer.optimized = True
-    layer.post_init()
-    layer.eval()  # as gptqmodel hands out loaded models
-    return layer.to(linear.weight.device)
+    return shared.as_loaded(layer, linear.weight.device)
 
 
 def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
@@ -330,7 +319,7 @@ def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -
             new.qzero_format(format=module.qzero_format())  # what a gptqmodel save does with the zeros
     if "dequantize_weight" not in vars(module):  # the original skipped the torch.compile (see quantize)
         new.optimized = True
-    return finish_like(module, new, bias)
+    return shared.finish_like(module, new, bias)
 
 
 # -- QALoRA: group size and the zeros merge ----------------------------------------
@@ -338,7 +327,7 @@ def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -
 
 def group_size(module: nn.Module) -> int | None:
     """The layer's input group, where groups are runs of consecutive columns (no act-order permutation)."""
-    group = whole_groups(module, layout(module))
+    group = shared.whole_groups(module, layout(module))
     if group is None:
         return None
     in_features = int(module.in_features)

@@ -8,9 +8,6 @@ holding the same packed buffers, as gptqmodel's loader fills them.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import quantplug as qp
 import quantplug_gptq
@@ -23,23 +20,11 @@ from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
 from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
 from quantplug.registry import hook, load_plugins
 from quantplug.testing import BackendConformance, relative_error
-from quantplug_gptq import _layers
+from quantplug_gptq import _layers, testing
+from quantplug_gptq.testing import IN, OUT, dense, inputs, reference, same_state, state, wrapped
 from torch import nn
 
-IN, OUT = 128, 64
-
-
 # -- building layers -----------------------------------------------------------
-
-
-def dense(seed: int = 0, bias: bool = True) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear
 
 
 def rtn(variant: str = "int4-g32-asym", seed: int = 0, bias: bool = True) -> nn.Module:
@@ -88,45 +73,7 @@ def as_kernel(source: nn.Module, cls) -> nn.Module:
 
 
 def dequant(layer: nn.Module) -> torch.Tensor:
-    return hook().quantplug_dequantize(module=layer, backend="gptq")
-
-
-def reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    out = x.double() @ weight.double().T
-    return out if bias is None else out + bias.double()
-
-
-def state(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def same_state(before: dict[str, torch.Tensor], module: nn.Module) -> bool:
-    after = module.state_dict()
-    return before.keys() == after.keys() and all(
-        before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before
-    )
-
-
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.proj = layer
-
-    def forward(self, x, **kwargs):
-        return self.proj(x, **kwargs)
-
-
-def wrapped(layer: nn.Module, **config) -> Holder:
-    model = Holder(layer)
-    settings = {"r": 8, "alpha": 16, "target_modules": ["proj"], "init": "random"}
-    settings.update(config)
-    qp.attach(model, qp.LoraConfig(**settings))
-    return model
-
-
-def inputs(rows: int = 4, dtype=torch.float16, seed: int = 1) -> torch.Tensor:
-    torch.manual_seed(seed)
-    return torch.randn(rows, IN).to(dtype)
+    return testing.dequant(layer, "gptq")
 
 
 KERNELS = {
@@ -143,24 +90,11 @@ KERNELS = {
 
 
 def test_import_and_backend_info_are_light():
-    code = (
-        "import sys, quantplug_gptq; quantplug_gptq.quantplug_backend_info(); "
-        "print(sorted(m for m in ('torch', 'gptqmodel') if m in sys.modules))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    testing.check_import_and_backend_info_are_light("quantplug_gptq")
 
 
 def test_version_probe():
-    from importlib.metadata import version
-
-    from packaging.specifiers import SpecifierSet
-
-    status = load_plugins().status("gptq")
-    assert status.ok, status.reason
-    assert status.found == version("gptqmodel")
-    assert status.found in SpecifierSet(quantplug_gptq.REQUIREMENT.specifier)
-    assert status.plugin_dist == "quantplug-gptq"
+    testing.check_version_probe("gptq", quantplug_gptq.REQUIREMENT, "quantplug-gptq")
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -212,15 +146,7 @@ def test_bf16_layer_keeps_bf16():
 @pytest.mark.parametrize("kernel", ["TorchAtenLinear", "TorchFusedLinear-sym", "TorchInt8Linear"])
 def test_dequantize_after_the_first_forward(kernel):
     """TorchAten/TorchFused repack into int4pack on their first CPU inference forward; read it anyway."""
-    layer = KERNELS[kernel]()
-    before = dequant(layer)
-    x = inputs(dtype=torch.bfloat16)
-    with torch.no_grad():
-        first = layer(x)
-    after = dequant(layer)
-    assert relative_error(after, before) < 1e-2  # bf16 rounding of the int4pack kernel
-    assert relative_error(first, reference(x, after, layer.bias)) < 1e-2
-    assert torch.equal(dequant(layer), after)  # reading it changes nothing
+    testing.check_dequantize_after_the_first_forward(KERNELS[kernel](), "gptq")
 
 
 def test_torch_fused_sym_false_zero_point_trap():
@@ -281,31 +207,7 @@ def test_calibrated_act_order_layer():
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_wrapped_forward_dora_and_mixed_batch(kernel):
-    model = wrapped(KERNELS[kernel]())
-    layer = model.proj
-    qp.attach(
-        model, qp.LoraConfig(r=4, alpha=8, target_modules=["proj"], init="random", use_dora=True), "dora"
-    )
-    with torch.no_grad():
-        layer.lora_magnitude["dora"].mul_(1.3)
-    x = inputs(dtype=torch.bfloat16)
-    W = dequant(layer.base).double()
-    with torch.no_grad():
-        qp.set_adapter(model, "default")
-        plain = model(x)
-        qp.set_adapter(model, "dora")
-        dora = model(x)
-        mixed = model(x, adapter_names=["default", "dora", "__base__", "dora"])
-        with qp.disable_adapters(model):
-            base = model(x)
-    assert relative_error(plain, reference(x, W + layer.delta_weight("default").double(), layer.bias)) < 2e-2
-    direction = W + layer.delta_weight("dora", magnitude=False).double()
-    dora_weight = (
-        layer.lora_magnitude["dora"].double().unsqueeze(1) * direction / direction.norm(dim=1, keepdim=True)
-    )
-    assert relative_error(dora, reference(x, dora_weight, layer.bias)) < 2e-2
-    for row, want in enumerate((plain, dora, base, dora)):
-        assert relative_error(mixed[row], want[row]) < 1e-2
+    testing.check_wrapped_forward_dora_and_mixed_batch(KERNELS[kernel](), "gptq")
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -315,20 +217,7 @@ def test_training_reaches_the_input(kernel):
     if kernel != "TorchFusedLinear-asym":  # that one would lose its zero points (see the trap test)
         with torch.no_grad():
             layer(inputs(dtype=torch.bfloat16))  # TorchAten/TorchFused switch to their no_grad int4pack path
-    model = wrapped(layer)
-    qp.prepare_for_training(model)  # TorchInt8Linear.train() would raise NotImplementedError
-    assert model.proj.training and not model.proj.base.training
-    x = inputs(dtype=torch.float32).requires_grad_(True)
-    grad_out = torch.randn(x.shape[0], OUT)
-    model(x).backward(grad_out)
-    W = dequant(model.proj.base).float() + model.proj.delta_weight("default")
-    assert x.grad is not None and relative_error(x.grad, grad_out @ W) < 1e-2
-    assert (
-        model.proj.lora_A["default"].grad.abs().sum() > 0
-        and model.proj.lora_B["default"].grad.abs().sum() > 0
-    )
-    model.eval()
-    assert model.proj._dense_cache is None
+    testing.check_training_reaches_the_input(layer, "gptq")  # TorchInt8Linear.train() would raise
 
 
 # -- merge -----------------------------------------------------------------------------
@@ -336,40 +225,14 @@ def test_training_reaches_the_input(kernel):
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
 def test_merge_requantize_dense_and_unmerge(kernel):
-    layer = KERNELS[kernel]()
-    model = wrapped(layer, alpha=4)  # an adapter about a third of W's size, as after some training
-    before = state(layer)
-    W = dequant(layer).float()
-    delta = model.proj.delta_weight("default")
-    ideal = W + delta
-    x = inputs(dtype=torch.bfloat16)
+    def same_format(new, layer):
+        for attr in ("bits", "group_size", "sym", "desc_act", "pack_dtype"):
+            assert getattr(new, attr) == getattr(layer, attr), attr
+        if isinstance(layer, PackableQuantLinear):
+            assert torch.equal(new.g_idx, layer.g_idx) and new.scales.dtype == layer.scales.dtype
 
-    report = qp.merge(model, mode="dense")
-    merged = model.proj.base.weight.float()
-    assert report.layers[0].error == pytest.approx(relative_error(merged, ideal), rel=1e-3, abs=1e-6)
-    assert report.layers[0].adapter_error < 0.01  # dense keeps the whole adapter (fp16/bf16 rounding)
-    qp.unmerge(model)
-    assert model.proj.base is layer and same_state(before, layer)
-
-    report = qp.merge(model, mode="requantize")
-    new = model.proj.base
-    assert type(new) is type(layer)
-    for attr in ("bits", "group_size", "sym", "desc_act", "pack_dtype"):
-        assert getattr(new, attr) == getattr(layer, attr), attr
-    if isinstance(layer, PackableQuantLinear):
-        assert torch.equal(new.g_idx, layer.g_idx) and new.scales.dtype == layer.scales.dtype
-    assert torch.equal(new.bias, layer.bias)
-    got = dequant(new).float()
-    assert report.layers[0].error == pytest.approx(relative_error(got, ideal), rel=1e-3, abs=1e-6)
-    assert report.layers[0].adapter_error == pytest.approx(
-        (got - ideal).norm().item() / delta.norm().item(), rel=1e-3
-    )
-    # 4-bit rounding is ~7% of W; the merged layer must be no worse a quantization of W+dW than RTN
-    assert report.layers[0].error < 0.1
-    with torch.no_grad():
-        assert relative_error(model(x), reference(x, got, new.bias)) < 2e-2
-    qp.unmerge(model)
-    assert model.proj.base is layer and same_state(before, layer)
+    # 4-bit rounding is ~7% of W
+    testing.check_merge_requantize_dense_and_unmerge(KERNELS[kernel](), "gptq", same_format, max_error=0.1)
 
 
 def test_requantize_leaves_the_original_alone():

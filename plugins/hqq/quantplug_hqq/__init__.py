@@ -21,7 +21,7 @@ NAME = "hqq"
 # run here on 0.2.8.post1 only. 0.2.2 made HQQLinear ignore quant_zero/quant_scale
 # (older layers quantized their scales by default) and 0.2.3 fixed from_weights'
 # shapes. The plugin reads HQQLinear.meta, an internal dict: a 0.3 may change it.
-SPECIFIER = ">=0.2.3,<0.3"
+SPECIFIER = ">=0.2.7,<0.3"
 REQUIREMENT = Requirement("hqq", SPECIFIER, module="hqq")
 LAYER_CLASSES = frozenset({"HQQLinear"})
 # name -> BaseQuantizeConfig keywords; the first is the default. axis=1 (groups

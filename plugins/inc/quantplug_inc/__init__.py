@@ -17,7 +17,7 @@ NAME = "inc"
 # INCWeightOnlyLinear, unpack()/pack()/recover() and RTNConfig(use_sym=...) with
 # prepare/convert are unchanged from 3.0 (2024-08) to 3.10 (read at the v3.0..v3.9
 # tags, run on 3.10); 2.x had another torch API (adaptor.torch_utils).
-SPECIFIER = ">=3.0,<4"
+SPECIFIER = ">=3.8.1,<4"
 REQUIREMENT = Requirement(
     "neural-compressor",
     SPECIFIER,

@@ -117,19 +117,19 @@ def test_probe_reports_missing_torch_extra(monkeypatch):
     monkeypatch.setattr(probe, "installed_version", lambda d: None if d == "py-cpuinfo" else real(d))
     status = probe.check(info)
     assert status.status is Status.BROKEN and "py-cpuinfo" in status.reason
-    assert status.fix == "pip install 'neural-compressor[pt]>=3.0,<4'"
+    assert status.fix == "pip install 'neural-compressor[pt]>=3.8.1,<4'"
 
 
 def test_probe_accepts_torch_only_dist(monkeypatch):
     """INC's PyTorch API also ships as `neural-compressor-pt`, with no extras."""
     info = qp.load_plugins().status(NAME).info
-    versions = {"neural-compressor": None, "neural-compressor-pt": "3.4"}
+    versions = {"neural-compressor": None, "neural-compressor-pt": "3.9"}
     real = probe.installed_version
     monkeypatch.setattr(probe, "installed_version", lambda d: versions[d] if d in versions else real(d))
     monkeypatch.setattr("quantplug.versions.installed_version", probe.installed_version)
     monkeypatch.setattr(probe.metadata, "requires", lambda dist: ["torch", "psutil"])
     status = probe.check(info)
-    assert status.status is Status.OK and status.found == "3.4", status
+    assert status.status is Status.OK and status.found == "3.9", status
     versions["neural-compressor-pt"] = "2.6"
     assert probe.check(info).status is Status.TOO_OLD
 
