@@ -47,14 +47,9 @@ def _usable(backend: str) -> bool:
 
 def build(backend: str, variant: str | None, adapter: bool = True, dora: bool = False) -> nn.Module:
     """A 2-block LLaMA, fp32, every linear but the head quantized, LoRA on all of them: the same on every rank."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from quantplug.models import tiny_llama
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=128, max_position_embeddings=SEQ,
-    )  # fmt: skip
-    model = qp.quantize(LlamaForCausalLM(config), backend, variant)
+    model = qp.quantize(tiny_llama(0, max_position_embeddings=SEQ).train(), backend, variant)
     if adapter:
         torch.manual_seed(1)
         qp.attach(model, qp.LoraConfig(r=4, alpha=8, target_modules="all-linear", use_dora=dora))

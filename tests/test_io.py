@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import quantplug as qp
 import torch
+from quantplug.models import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -37,22 +38,6 @@ IN_FEATURES = {"q_proj": 64, "v_proj": 64}
 OUT_FEATURES = {"q_proj": 64, "v_proj": 32}
 Q0 = "model.layers.0.self_attn.q_proj"
 V1 = "model.layers.1.self_attn.v_proj"
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ import copy
 import pytest
 import quantplug as qp
 import torch
+from quantplug.models import tiny_llama
 
 peft = pytest.importorskip("peft")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
@@ -32,22 +33,6 @@ bnb_functional = pytest.importorskip("bitsandbytes.functional")
 TARGETS = ["q_proj", "v_proj"]
 R = 4
 ATOL = 1e-5  # fp32: the same math in another order
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

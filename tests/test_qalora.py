@@ -24,6 +24,7 @@ import pytest
 import quantplug as qp
 import torch
 from quantplug.lora import qalora_pool
+from quantplug.models import tiny_llama
 from quantplug.registry import hook
 from quantplug.testing.conformance import Holder, _assert_same_state, _state, relative_error
 from torch import nn
@@ -369,22 +370,6 @@ def test_zeros_merge_over_a_model_and_unload():
 
 
 # -- PEFT interop (GPTQ) ----------------------------------------------------------------
-
-
-def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.fixture(scope="module")

@@ -561,14 +561,12 @@ LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def _llama(backend: str, variant: str | None, device: str, dtype, quick: bool, seed: int = 0):
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     import quantplug as qp
+    from quantplug.models import tiny_llama
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(**(QUICK_LLAMA if quick else TINYLLAMA), torch_dtype=dtype)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = tiny_llama(seed, **(QUICK_LLAMA if quick else TINYLLAMA), torch_dtype=dtype).to(dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, 0, 0.02)

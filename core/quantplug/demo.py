@@ -33,22 +33,16 @@ def corpus_bytes() -> torch.Tensor:
 
 def tiny_llama(seed: int):
     """A 2-layer LLaMA over bytes (vocabulary 256), random weights, float32."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from quantplug.models import tiny_llama as build
 
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    return build(
+        seed,
         vocab_size=256,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         max_position_embeddings=SEQ_LEN,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    model.eval()
-    return model
 
 
 def quantized_model(backend: str, variant: str | None, seed: int):

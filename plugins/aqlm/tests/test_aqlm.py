@@ -555,17 +555,11 @@ def test_requantize_progress_bar(capfd):
 def test_transformers_aqlm_checkpoint_end_to_end(tmp_path):
     """A tiny LLaMA saved with an AqlmConfig and loaded back by transformers, as users get AQLM models."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
+    from quantplug.models import tiny_llama
+
+    model = qp.quantize(
+        tiny_llama(0, vocab_size=96, num_hidden_layers=1, max_position_embeddings=32), "aqlm", "2x8-g8"
     )
-    torch.manual_seed(0)
-    model = qp.quantize(transformers.LlamaForCausalLM(config).eval(), "aqlm", "2x8-g8")
     model.config.quantization_config = transformers.AqlmConfig(
         in_group_size=8,
         out_group_size=1,

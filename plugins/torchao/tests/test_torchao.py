@@ -441,17 +441,11 @@ def test_compile_fullgraph_wrapped(variant):
 
 def test_transformers_torchaoconfig_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    from quantplug.models import tiny_llama
+
+    tiny_llama(0, vocab_size=64, num_hidden_layers=1, max_position_embeddings=32).to(
+        torch.bfloat16
+    ).save_pretrained(tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path,
         quantization_config=transformers.TorchAoConfig(q.Int8WeightOnlyConfig()),
