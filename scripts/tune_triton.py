@@ -21,7 +21,7 @@ from triton.testing import do_bench_cudagraph
 
 dtype = torch.bfloat16
 R = 16
-results = {"fused": [], "bgmv": [], "paths": [], "eager": []}
+results = {"paths": [], "eager": []}
 
 
 def bench(fn):
@@ -41,7 +41,6 @@ for (N, K), M in itertools.product([(4096, 4096), (11008, 4096), (4096, 11008)],
         "cublas": bench(lambda: tk.lora_add_cublas(y, x, A, B, 2.0)),
         "y+1 (one elementwise launch)": bench(lambda: y + 1),
     }
-    paths["fused"] = bench(lambda: tk.lora_add_fused(y, x, A, B, 2.0))
     paths["splitk"] = bench(lambda: tk.lora_add_splitk(y, x, A, B, 2.0))
     out = tk.lora_add_splitk(y, x, A, B, 2.0)
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -79,7 +78,6 @@ B = torch.randn(4096, R, device="cuda", dtype=dtype)
 for name, fn in [
     ("reference", lambda: lora_add_reference(y, x, A, B, 2.0)),
     ("triton lora_add (dispatch)", lambda: tk.lora_add(y, x, A, B, 2.0)),
-    ("triton fused launch", lambda: tk.lora_add_fused(y, x, A, B, 2.0)),
     ("triton splitk launch", lambda: tk.lora_add_splitk(y, x, A, B, 2.0)),
     ("cublas path", lambda: tk.lora_add_cublas(y, x, A, B, 2.0)),
     ("custom op (compile path)", lambda: tk._lora_add_splitk_op(y, x, A, B, 2.0)),

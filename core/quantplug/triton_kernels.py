@@ -18,9 +18,9 @@ it never changes a result beyond rounding.
     makes one round trip. On an H100 at r=16 this takes about 4 us of GPU
     time against 9 us for cuBLAS' two products and 10.5 us for the
     reference's five kernels (``scripts/tune_triton.py``). A single-launch
-    variant that recomputes the whole shrink in every program
-    (:func:`lora_add_fused`) took 7-15 us: each program's serial read of all
-    of ``A`` is latency-bound. Run eagerly, or above that many tokens, the
+    variant that recomputed the whole shrink in every program took 7-15 us
+    (each program's serial read of all of ``A`` is latency-bound) and was
+    dropped. Run eagerly, or above that many tokens, the
     op takes cuBLAS' ``x @ A.T`` then ``addmm(y, ., B.T, alpha=scale)``: at
     decode an eager step waits on the host, and two ATen calls cost the host
     less than two Triton launches from Python.
@@ -72,49 +72,8 @@ def _fast_ok(y, x, tensors) -> bool:
 
 
 # --------------------------------------------------------------------------
-# lora_add: fused shrink + expand + add
+# lora_add: split-K shrink, then expand + add
 # --------------------------------------------------------------------------
-
-
-@triton.jit
-def _lora_fused_kernel(
-    y_ptr, x_ptr, a_ptr, b_ptr, out_ptr,
-    M, N, K, R, scale,
-    stride_ym, stride_xm, stride_ar, stride_bn, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, BLOCK_K)
-    m_mask = rm < M
-    r_mask = rr < R
-    # shrink: (BLOCK_M, K) @ (K, R) in float32
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        k_mask = kk < K
-        xt = tl.load(
-            x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        at = tl.load(
-            a_ptr + rr[None, :] * stride_ar + kk[:, None], mask=r_mask[None, :] & k_mask[:, None], other=0.0
-        )
-        acc = tl.dot(xt, at, acc)
-    # the reference rounds x @ A.T to the compute dtype before the expand
-    t = acc.to(out_ptr.dtype.element_ty)
-    # expand and add into this program's block of outputs
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = rn < N
-    bt = tl.load(
-        b_ptr + rn[None, :] * stride_bn + rr[:, None], mask=r_mask[:, None] & n_mask[None, :], other=0.0
-    )
-    delta = tl.dot(t, bt) * scale
-    mn_mask = m_mask[:, None] & n_mask[None, :]
-    yt = tl.load(y_ptr + rm[:, None] * stride_ym + rn[None, :], mask=mn_mask, other=0.0)
-    out = yt.to(tl.float32) + delta.to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
 @triton.jit
@@ -216,44 +175,6 @@ def lora_add_splitk(y, x, A, B, scale):
 
 def _pow2_at_least(n: int, floor: int) -> int:
     return max(floor, triton.next_power_of_2(n))
-
-
-def fused_config(M: int, N: int, K: int, R: int = 16) -> dict:
-    """Block sizes for the fused kernel (the best of a sweep on an H100 at r=16)."""
-    config = dict(FUSED_CONFIG)
-    if R > 16:  # the (BLOCK_K, r) tile of A must fit in shared memory: 1024 x 64 did not (2026-11-25)
-        config["BLOCK_K"] = max(128, 16384 // _pow2_at_least(R, 16))
-    return config
-
-
-# BLOCK_N outputs per program; BLOCK_K of the input dimension per step of the shrink
-FUSED_CONFIG = {"BLOCK_N": 128, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 3}
-
-
-def _launch_fused(kernel, y, x, A, B, scale, config=None):
-    K = x.shape[-1]
-    N = y.shape[-1]
-    R = A.shape[0]
-    x2 = x.reshape(-1, K).contiguous()
-    y2 = y.reshape(-1, N).contiguous()
-    A = A.contiguous()
-    B = B.contiguous()
-    M = x2.shape[0]
-    out = torch.empty((M, N), device=y.device, dtype=y.dtype)
-    config = config or fused_config(M, N, K, R)
-    grid = (triton.cdiv(M, 16), triton.cdiv(N, config["BLOCK_N"]))
-    kernel[grid](
-        y2, x2, A, B, out,
-        M, N, K, R, scale,
-        y2.stride(0), x2.stride(0), A.stride(0), B.stride(0), out.stride(0),
-        BLOCK_M=16, BLOCK_R=_pow2_at_least(R, 16), **config,
-    )  # fmt: skip
-    return out.view(y.shape)
-
-
-def lora_add_fused(y, x, A, B, scale, config=None):
-    """One launch: ``y + scale * (x @ A.T) @ B.T`` for few tokens (any count works)."""
-    return _launch_fused(_lora_fused_kernel, y, x, A, B, float(scale), config)
 
 
 def lora_add_cublas(
@@ -435,7 +356,7 @@ def lora_mixed_add(y, x, As, Bs, scales, rows):
 
 
 # --------------------------------------------------------------------------
-# torch.compile: the fused kernel as a custom op inductor can see into
+# torch.compile: the split-K kernels as a custom op inductor can see into
 # --------------------------------------------------------------------------
 
 

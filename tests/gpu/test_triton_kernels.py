@@ -71,7 +71,7 @@ def test_lora_add_matches_reference(triton_kernels, dtype, shape):
         scale = [2.0, 0.37][trial]
         truth = lora_add_reference(y.double(), x.double(), A.double(), B.double(), scale)
         ref = lora_add_reference(y, x, A, B, scale)
-        for fn in (triton_kernels.lora_add_splitk, triton_kernels.lora_add_fused, triton_kernels.lora_add):
+        for fn in (triton_kernels.lora_add_splitk, triton_kernels.lora_add):
             poison((tokens, n), dtype)
             check_close(fn(y, x, A, B, scale), ref, truth, dtype)
 
@@ -82,7 +82,7 @@ def test_lora_add_every_path_on_3d_input(triton_kernels, dtype):
     y, x, A, B = adapter(7, 768, 1030, 16, dtype, lead=(3,))
     truth = lora_add_reference(y.double(), x.double(), A.double(), B.double(), 0.5)
     ref = lora_add_reference(y, x, A, B, 0.5)
-    for fn in (triton_kernels.lora_add_splitk, triton_kernels.lora_add_fused, triton_kernels.lora_add_cublas):
+    for fn in (triton_kernels.lora_add_splitk, triton_kernels.lora_add_cublas):
         poison((21, 1030), dtype)
         check_close(fn(y, x, A, B, 0.5), ref, truth, dtype)
 
