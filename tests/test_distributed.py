@@ -218,15 +218,14 @@ class Codes(nn.Module):
 
 
 def test_backend_declaring_not_shardable_refuses():
-    from types import SimpleNamespace
+    from types import ModuleType
 
     reason = "codes are int8 buffers, which FSDP2 does not shard"
-    plugin = SimpleNamespace(
-        quantplug_backend_info=qp.hookimpl(
-            lambda: qp.BackendInfo(name="codes", shardable=False, limits={"shardable": reason})
-        ),
-        quantplug_detect_layer=qp.hookimpl(lambda module: "codes" if isinstance(module, Codes) else None),
+    plugin = ModuleType("codes_plugin")
+    plugin.quantplug_backend_info = qp.hookimpl(
+        lambda: qp.BackendInfo(name="codes", shardable=False, limits={"shardable": reason})
     )
+    plugin.quantplug_detect_layer = qp.hookimpl(lambda module: "codes" if isinstance(module, Codes) else None)
     name = qp.register(plugin, name="codes-plugin")
     try:
         model = nn.Sequential(nn.Linear(8, 8), Codes())

@@ -35,7 +35,7 @@ def box_plugin(calls: list):
         return value
 
     mine = "box"
-    p = types.SimpleNamespace()
+    p = types.ModuleType("toy_plugin")
     p.quantplug_backend_info = qp.hookimpl(
         lambda: record("backend_info", BackendInfo(name=mine, variants=("int8",)))
     )
@@ -190,7 +190,7 @@ class ZBox(nn.Module):
 @pytest.fixture
 def zbox():
     mine = "zbox"
-    p = types.SimpleNamespace()
+    p = types.ModuleType("toy_plugin")
     p.quantplug_backend_info = qp.hookimpl(
         lambda: BackendInfo(name=mine, merge_modes=("requantize", "dense", "zeros"))
     )

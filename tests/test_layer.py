@@ -183,7 +183,8 @@ def test_reference_kernels_can_be_forced():
 
     import types
 
-    plugin = types.SimpleNamespace(quantplug_register_kernels=quantplug_register_kernels)
+    plugin = types.ModuleType("kernel_plugin")
+    plugin.quantplug_register_kernels = quantplug_register_kernels
     name = qp.register(plugin, name="spy-kernels")
     try:
         model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))

@@ -25,7 +25,7 @@ class Rounded(nn.Module):
 
 
 def toy_plugin(name, modes=("requantize", "dense")):
-    plugin = types.SimpleNamespace()
+    plugin = types.ModuleType("toy_plugin")
     plugin.quantplug_backend_info = qp.hookimpl(
         lambda: BackendInfo(
             name=name,

@@ -197,3 +197,76 @@ def test_trace_env_prints_hook_calls(fake_entry_points, monkeypatch, capsys):
 def test_unknown_backend_lists_installed(fake_entry_points):
     with pytest.raises(KeyError, match="linear"):
         registry.load_plugins().status("nope")
+
+
+class Stored:
+    """A 'quantized' layer holding its weight as is: which plugin answers is all these tests look at."""
+
+    def __init__(self, kind):
+        self.kind = kind
+
+
+def careless_backend(name):
+    """A plugin whose dispatch hooks never check ``backend``: right only if it sees its own layers alone."""
+    module = backend_module(name)
+    module.quantplug_detect_layer = qp.hookimpl(
+        lambda module: name if getattr(module, "kind", None) == name else None
+    )
+    module.quantplug_dequantize = qp.hookimpl(lambda module: f"{name} dequantized {module.kind}")
+    module.quantplug_compute_dtype = qp.hookimpl(lambda module: f"{name} dtype")
+    return module
+
+
+def test_a_call_naming_a_backend_asks_only_its_plugin(fake_entry_points):
+    # registered last, "beta" is asked first by pluggy: a plain firstresult call would let it answer for alpha
+    fake_entry_points.append(FakeEntryPoint("alpha", careless_backend("alpha"), "quantplug-alpha"))
+    fake_entry_points.append(FakeEntryPoint("beta", careless_backend("beta"), "quantplug-beta"))
+    for name in ("alpha", "beta"):
+        layer = Stored(name)
+        assert qp.detect(layer) == name
+        assert (
+            registry.hook().quantplug_dequantize(module=layer, backend=name) == f"{name} dequantized {name}"
+        )
+        assert registry.hook().quantplug_compute_dtype(module=layer, backend=name) == f"{name} dtype"
+    # what the plugin leaves out, the core's defaults answer (quantplug.builtin's wrap_layer)
+    wrap = registry.load_plugins().backend_caller("quantplug_wrap_layer", "alpha")
+    assert [impl.plugin_name for impl in wrap.get_hookimpls()] == ["quantplug.builtin"]
+    # hooks without a backend argument still ask everyone
+    assert registry.hook().quantplug_detect_layer is registry.load_plugins().pm.hook.quantplug_detect_layer
+
+
+def test_a_backend_call_needs_a_declared_backend(fake_entry_points):
+    fake_entry_points.append(FakeEntryPoint("alpha", careless_backend("alpha"), "quantplug-alpha"))
+    with pytest.raises(KeyError, match=r"no backend named 'nope'; installed: alpha, linear"):
+        registry.hook().quantplug_dequantize(module=Stored("alpha"), backend="nope")
+    with pytest.raises(TypeError, match=r"quantplug_dequantize\(\) needs backend=<name>"):
+        registry.hook().quantplug_dequantize(module=Stored("alpha"))
+
+
+def test_backend_calls_follow_register_and_unregister(fake_entry_points):
+    fake_entry_points.append(FakeEntryPoint("alpha", careless_backend("alpha"), "quantplug-alpha"))
+    layer = Stored("gamma")
+    assert registry.hook().quantplug_dequantize(module=layer, backend="alpha") == "alpha dequantized gamma"
+    name = qp.register(careless_backend("gamma"), name="gamma-plugin")
+    try:
+        assert (
+            registry.hook().quantplug_dequantize(module=layer, backend="gamma") == "gamma dequantized gamma"
+        )
+        assert (
+            registry.hook().quantplug_dequantize(module=layer, backend="alpha") == "alpha dequantized gamma"
+        )
+    finally:
+        qp.unregister(name)
+    with pytest.raises(KeyError, match="no backend named 'gamma'"):
+        registry.hook().quantplug_dequantize(module=layer, backend="gamma")
+
+
+def test_unhashable_plugin_is_refused_and_changes_nothing(fake_entry_points):
+    plugin = types.SimpleNamespace(quantplug_backend_info=backend_module("ns").quantplug_backend_info)
+    before = {row.name for row in qp.backends()}
+    with pytest.raises(
+        TypeError, match=r"plugin 'ns-plugin': a SimpleNamespace cannot be a plugin.*register a module"
+    ):
+        qp.register(plugin, name="ns-plugin")
+    assert {row.name for row in qp.backends()} == before
+    assert not registry.load_plugins().pm.has_plugin("ns-plugin")

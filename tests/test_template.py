@@ -100,9 +100,10 @@ def test_template_implements_every_hook_with_its_spec_arguments():
     for name in HOOKS:
         impl = getattr(template, name, None)
         assert impl is not None and hasattr(impl, "quantplug_impl"), f"the template has no @hookimpl {name}"
-        spec_args = list(inspect.signature(getattr(hookspecs, name)).parameters)
+        # every argument of the spec but ``backend``: quantplug asks a plugin only about its own backend
+        spec_args = [a for a in inspect.signature(getattr(hookspecs, name)).parameters if a != "backend"]
         assert list(inspect.signature(impl).parameters) == spec_args, (
-            f"{name}: arguments differ from the spec"
+            f"{name}: arguments differ from the spec's (less backend)"
         )
 
 

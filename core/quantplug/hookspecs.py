@@ -5,9 +5,13 @@ Every hook is prefixed ``quantplug_`` and implemented with
 the group ``quantplug.backends``.  A hookimpl may accept fewer arguments than
 its spec; new arguments are only ever added, so old plugins keep working.
 
-Dispatch hooks are ``firstresult``: the core asks every plugin and takes the
-first answer that is not ``None``, so an implementation must return ``None``
-for anything that is not its own (check ``backend == "<your name>"``).
+Dispatch hooks are ``firstresult``: the first answer that is not ``None``
+wins. ``quantplug_detect_layer`` asks every plugin, so it must return
+``None`` for layers that are not its own. The hooks that take ``backend``
+are called for one backend's layers at a time, on the plugin that declared
+that backend (then the core's defaults in :mod:`quantplug.builtin`), never
+on another plugin: an implementation needs no ``backend`` check unless its
+plugin declares several backends.
 
 Lifecycle (which hook fires when)::
 
@@ -127,7 +131,7 @@ def quantplug_compute_dtype(module: nn.Module, backend: str) -> torch.dtype | No
     Stops at the first non-None result.
 
     :param module: a layer this plugin claimed.
-    :param backend: the name that claimed it; return ``None`` if not yours.
+    :param backend: the backend that claimed it, always one of this plugin's.
     :returns: a floating dtype (``torch.bfloat16`` for a bnb layer built with
         ``compute_dtype=torch.bfloat16``), or ``None`` to let the core use
         the dtype of the layer's first floating parameter or buffer.
@@ -147,7 +151,7 @@ def quantplug_wrap_layer(module: nn.Module, config: LoraConfig, backend: str) ->
 
     :param module: a layer this plugin claimed.
     :param config: the :class:`quantplug.LoraConfig` being attached.
-    :param backend: the name that claimed it; return ``None`` if not yours.
+    :param backend: the backend that claimed it, always one of this plugin's.
     :returns: a :class:`quantplug.LoraLayer` (or a subclass) whose ``base``
         is ``module``, with no adapter yet: the core adds them.
 
@@ -190,7 +194,7 @@ def quantplug_group_size(module: nn.Module, backend: str) -> int | None:
     Stops at the first non-None result.
 
     :param module: a layer this plugin claimed (the ``base`` of a wrapped layer).
-    :param backend: the name that claimed it; return ``None`` if not yours.
+    :param backend: the backend that claimed it, always one of this plugin's.
     :returns: the group size ``g`` along the input dimension, such that in
         every output row the input columns ``k*g`` to ``k*g + g - 1`` share
         one scale (and one zero point, where the format stores them), for
@@ -230,7 +234,7 @@ def quantplug_dequantize(module: nn.Module, backend: str) -> torch.Tensor | None
     Stops at the first non-None result.
 
     :param module: a layer this plugin claimed (the ``base`` of a wrapped layer).
-    :param backend: the name that claimed it; return ``None`` if not yours.
+    :param backend: the backend that claimed it, always one of this plugin's.
     :returns: a new ``(out_features, in_features)`` tensor in the layer's
         compute dtype on the layer's device, such that the layer's forward is
         ``x @ W.T + bias`` up to the library's own rounding. The layer itself
@@ -259,7 +263,7 @@ def quantplug_requantize(module: nn.Module, weight: torch.Tensor, backend: str) 
         symmetry, grid, codebooks, layout, ``g_idx``, compute dtype, bias).
     :param weight: the merged dense weight, ``(out_features, in_features)``,
         finite, in the compute dtype.
-    :param backend: the name that claimed ``module``; return ``None`` if not yours.
+    :param backend: the backend that claimed ``module``, always one of this plugin's.
     :returns: a new module, on ``module``'s device, whose dequantized weight
         approximates ``weight`` and whose bias is ``module``'s bias.
         ``module`` must be left unchanged: ``qp.unmerge`` puts it back.
@@ -288,7 +292,7 @@ def quantplug_fold_into_zeros(module: nn.Module, offsets: torch.Tensor, backend:
     :param offsets: ``(out_features, in_features // g)`` float32 tensor on the
         layer's device: the amount to add to every weight of input group
         ``k`` in output row ``o``.
-    :param backend: the name that claimed ``module``; return ``None`` if not yours.
+    :param backend: the backend that claimed ``module``, always one of this plugin's.
     :returns: a new module of ``module``'s class and format, on its device,
         with ``module``'s quantized codes bit for bit and its bias, whose zero
         points (or per-group offsets) are moved so that its dequantized weight
@@ -326,7 +330,7 @@ def quantplug_quantize(linear: nn.Module, backend: str, variant: str | None) -> 
     Stops at the first non-None result.
 
     :param linear: a plain ``torch.nn.Linear`` (weight and optional bias).
-    :param backend: the backend asked for; return ``None`` if not yours.
+    :param backend: the backend asked for, always one of this plugin's.
     :param variant: one of ``BackendInfo.variants`` (``"nf4"``), or ``None``
         for the first (the default).
     :returns: a new quantized layer built by the library itself, without

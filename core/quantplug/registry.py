@@ -58,6 +58,42 @@ def _env_list(name: str) -> set[str] | None:
     return {item.strip() for item in value.split(",") if item.strip()}
 
 
+class HookRelay:
+    """The plugin manager's hooks, with each call that names a ``backend`` sent to that backend's plugin.
+
+    ``hook().quantplug_dequantize(module=layer, backend="hqq")`` asks only the
+    plugin that declared ``"hqq"``, then the core's defaults (the built-in
+    plugin, ``trylast``): a plugin never sees another backend's layers, so
+    its hookimpls need no ``backend`` check. Hooks without a ``backend``
+    argument (detect, prepare_for_training, ...) ask every plugin, as pluggy does.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getattr__(self, name: str) -> pluggy.HookCaller | _BackendCaller:
+        caller = getattr(self._registry.pm.hook, name)
+        if caller.spec is not None and "backend" in caller.spec.argnames:
+            return _BackendCaller(self._registry, name, caller)
+        return caller
+
+
+class _BackendCaller:
+    """One dispatch hook: call it with ``backend=`` and only that backend's plugin answers."""
+
+    def __init__(self, registry: Registry, name: str, caller: pluggy.HookCaller) -> None:
+        self._registry, self._name, self._caller = registry, name, caller
+
+    def __call__(self, **kwargs: object) -> object:
+        backend = kwargs.get("backend")
+        if not isinstance(backend, str):
+            raise TypeError(f"{self._name}() needs backend=<name>: the backend whose plugin should answer")
+        return self._registry.backend_caller(self._name, backend)(**kwargs)
+
+    def __getattr__(self, name: str) -> object:  # get_hookimpls(), spec, ...: pluggy's own
+        return getattr(self._caller, name)
+
+
 class Registry:
     """Everything loaded: the plugin manager, the backends, and what failed."""
 
@@ -66,6 +102,8 @@ class Registry:
         self.plugins: dict[str, Plugin] = {}
         self.backends: dict[str, BackendStatus] = {}
         self.failures: list[BackendStatus] = []
+        self._backend_callers: dict[tuple[str, str], pluggy.HookCaller] = {}
+        self.relay = HookRelay(self)
         from quantplug.kernels import KernelRegistry
 
         self.kernels = KernelRegistry()
@@ -117,6 +155,13 @@ class Registry:
     ) -> str:
         """Register one plugin object and describe its backend (if it declares one)."""
         name = name or getattr(module, "__name__", None) or repr(module)
+        try:
+            hash(module)
+        except TypeError:
+            raise TypeError(
+                f"plugin {name!r}: a {type(module).__name__} cannot be a plugin (it is unhashable); "
+                "register a module, a class, or an instance of a class that keeps object's __hash__"
+            ) from None
         if self.pm.is_registered(module) or self.pm.has_plugin(name):
             raise PluginConflictError(f"a plugin named {name!r} is already registered")
         self.pm.register(module, name=name)
@@ -174,7 +219,25 @@ class Registry:
 
         self.pm.hook.quantplug_register_kernels(register=KernelRegister(self.kernels))
 
+    def plugins_changed(self) -> None:
+        """Forget what was derived from the set of plugins (per-backend callers, kernels) and derive it again."""
+        self._backend_callers.clear()
+        self.kernels.clear()
+        self.load_kernels()
+
     # -- queries -----------------------------------------------------------
+
+    def backend_caller(self, hook_name: str, backend: str) -> pluggy.HookCaller:
+        """``hook_name`` as ``backend``'s layers see it: the plugin that declared it, then the core's defaults.
+
+        Raises ``KeyError`` naming the installed backends for a name no plugin declares.
+        """
+        caller = self._backend_callers.get((hook_name, backend))
+        if caller is None:
+            keep = {self.status(backend).plugin_name, *BUILTIN_PLUGINS}
+            others = [plugin for name, plugin in self.pm.list_name_plugin() if name not in keep]
+            caller = self._backend_callers[hook_name, backend] = self.pm.subset_hook_caller(hook_name, others)
+        return caller
 
     def statuses(self) -> list[BackendStatus]:
         rows = [*self.backends.values(), *self.failures]
@@ -219,8 +282,7 @@ def register(plugin: object, name: str | None = None) -> str:
     registry = load_plugins()
     with _lock:
         name = registry.add(plugin, name=name)
-        registry.kernels.clear()
-        registry.load_kernels()
+        registry.plugins_changed()
         return name
 
 
@@ -235,13 +297,12 @@ def unregister(name: str) -> None:
         for backend, status in list(registry.backends.items()):
             if status.plugin_name == name:
                 del registry.backends[backend]
-        registry.kernels.clear()
-        registry.load_kernels()
+        registry.plugins_changed()
 
 
-def hook() -> pluggy.HookRelay:
-    """The loaded plugin manager's hook relay (``hook().quantplug_dequantize(...)``)."""
-    return load_plugins().pm.hook
+def hook() -> HookRelay:
+    """The loaded plugins' hooks (``hook().quantplug_dequantize(module=..., backend=...)``; see :class:`HookRelay`)."""
+    return load_plugins().relay
 
 
 def backends() -> list[BackendStatus]:

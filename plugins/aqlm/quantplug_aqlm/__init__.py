@@ -90,44 +90,34 @@ def quantplug_detect_layer(module, model):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     # aqlm decodes into the codebooks' dtype and its kernels return it
     return module.codebooks.dtype
 
 
 @hookimpl
 def quantplug_wrap_layer(module, backend):
-    if backend != NAME:
-        return None
     from quantplug_aqlm.lora import AqlmLoraLayer
 
     return AqlmLoraLayer(module, backend)
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_aqlm import layout
 
     return layout.dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_aqlm import codec
 
     return codec.requantize(module, weight)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     from quantplug_aqlm import codec
 
     name = variant or VARIANTS[0]

@@ -57,9 +57,7 @@ def quantplug_detect_layer(module):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     from quantplug_bnb import _layers
 
     kind = _layers.bnb_kind(module)
@@ -71,9 +69,7 @@ def quantplug_compute_dtype(module, backend):
 
 
 @hookimpl
-def quantplug_wrap_layer(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_wrap_layer(module):
     from quantplug_bnb import _layers
 
     if _layers.bnb_kind(module) != _layers.LINEAR_4BIT:
@@ -84,9 +80,7 @@ def quantplug_wrap_layer(module, backend):
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_bnb import _layers
 
     kind = _layers.bnb_kind(module)
@@ -98,9 +92,7 @@ def quantplug_dequantize(module, backend):
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_bnb import _layers
 
     kind = _layers.bnb_kind(module)
@@ -112,9 +104,7 @@ def quantplug_requantize(module, weight, backend):
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     from quantplug_bnb import _layers
 
     return _layers.quantize(linear, variant)

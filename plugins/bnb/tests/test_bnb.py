@@ -28,6 +28,7 @@ import warnings
 import pytest
 import quantplug as qp
 import torch
+from quantplug.registry import hook
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -209,8 +210,6 @@ def test_detect_leaves_plain_linear_and_lookalikes():
     assert qp.detect(nn.Linear(4, 4)) == "linear"  # the core's own backend, not bnb
     lookalike = type("Linear4bit", (nn.Linear,), {"__module__": "peft.tuners.lora.bnb"})(4, 4)
     assert quantplug_bnb.quantplug_detect_layer(lookalike) is None
-    for hook in ("quantplug_dequantize", "quantplug_compute_dtype"):
-        assert getattr(quantplug_bnb, hook)(make_8bit(), backend="other") is None
 
 
 def test_quantize_variants():
@@ -225,7 +224,7 @@ def test_quantize_variants():
         if kind:
             assert layer.weight.quant_state.quant_type == kind and layer.weight.quant_state.nested
         assert torch.equal(layer.bias, lin.bias)
-        err = rel(qp.load_plugins().pm.hook.quantplug_dequantize(module=layer, backend="bnb"), lin.weight)
+        err = rel(hook().quantplug_dequantize(module=layer, backend="bnb"), lin.weight)
         assert err < (0.12 if kind else 0.01)  # 4-bit / int8 rounding of a Kaiming-uniform weight
     with pytest.raises(ValueError, match="nf4, fp4, int8"):
         qp.quantize(lin, "bnb", "int4")
@@ -235,8 +234,8 @@ def test_compute_dtype():
     import quantplug_bnb
 
     cd = quantplug_bnb.quantplug_compute_dtype
-    assert cd(make_4bit(compute_dtype=torch.bfloat16), "bnb") == torch.bfloat16
-    assert cd(make_4bit(compute_dtype=torch.float32), "bnb") == torch.float32
+    assert cd(make_4bit(compute_dtype=torch.bfloat16)) == torch.bfloat16
+    assert cd(make_4bit(compute_dtype=torch.float32)) == torch.float32
     # no compute_dtype yet: the dtype the weight was quantized from (bnb adopts the input's on the first call)
     unset = _layers.build_4bit(
         dense(dtype=torch.bfloat16).weight,
@@ -247,9 +246,9 @@ def test_compute_dtype():
         quant_storage=torch.uint8,
         compute_dtype=None,
     )
-    assert unset.compute_dtype is None and cd(unset, "bnb") == torch.bfloat16
-    assert cd(make_8bit(dtype=torch.bfloat16), "bnb") == torch.bfloat16  # the bias: the model's dtype
-    assert cd(make_8bit(bias=False), "bnb") == torch.float32
+    assert unset.compute_dtype is None and cd(unset) == torch.bfloat16
+    assert cd(make_8bit(dtype=torch.bfloat16)) == torch.bfloat16  # the bias: the model's dtype
+    assert cd(make_8bit(bias=False)) == torch.float32
 
 
 # --------------------------------------------------------------------------
@@ -385,7 +384,7 @@ def test_requantize_4bit_keeps_the_format(packed, quant_type, compute_dtype, nes
     before = snapshot(layer)
     weight = _layers.dequantize_4bit(layer)
     target = weight + 0.01 * torch.randn_like(weight)
-    new = qp.load_plugins().pm.hook.quantplug_requantize(module=layer, weight=target, backend="bnb")
+    new = hook().quantplug_requantize(module=layer, weight=target, backend="bnb")
     assert_same_storage(before, snapshot(layer))  # the original is untouched
     assert type(new) is bnb.nn.Linear4bit and new is not layer
     qs = new.weight.quant_state
@@ -504,9 +503,7 @@ def test_wrapped_forward_dora_and_mixed_batch(name):
     is_4bit = _layers.bnb_kind(base) == "Linear4bit"
     assert type(layer) is (Bnb4bitLoraLayer if is_4bit else qp.LoraLayer)  # quantplug_wrap_layer
     dtype = input_dtype(base)
-    assert layer.lora_A["a"].dtype == qp.load_plugins().pm.hook.quantplug_compute_dtype(
-        module=base, backend="bnb"
-    )
+    assert layer.lora_A["a"].dtype == hook().quantplug_compute_dtype(module=base, backend="bnb")
     x = torch.randn(3, IN, dtype=dtype)
     with torch.no_grad():
         base_y = base(x)  # on 4-bit: repacks, before the reference weight is read
@@ -559,7 +556,7 @@ def test_merge_dense_requantize_and_exact_unmerge(name):
     (entry,) = report.layers
     # a 4-bit requantize re-rounds the whole weight (NF4/FP4 noise ~9% of ||W||); int8 ~0.6%
     assert entry.error < (0.12 if _layers.bnb_kind(base) == "Linear4bit" else 0.01)
-    got = qp.load_plugins().pm.hook.quantplug_dequantize(module=merged, backend="bnb").float()
+    got = hook().quantplug_dequantize(module=merged, backend="bnb").float()
     assert abs(rel(got, ideal) - entry.error) < 1e-6
     with torch.no_grad():
         y_merged = net(x)

@@ -132,45 +132,35 @@ def quantplug_detect_layer(module, model):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     import torch
 
     return torch.float16  # w8_a16_gemm reads activations and scales as fp16, whatever their dtype
 
 
 @hookimpl
-def quantplug_wrap_layer(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_wrap_layer(module):
     from quantplug_eetq.lora import EetqLoraLayer
 
     return EetqLoraLayer.around(module, NAME)
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_eetq import layers
 
     return layers.dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_eetq import layers
 
     return layers.requantize(module, weight)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     from quantplug_eetq import layers
 
     return layers.quantize(linear, variant)

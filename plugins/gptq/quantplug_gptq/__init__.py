@@ -62,63 +62,49 @@ def quantplug_detect_layer(module):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     from quantplug_gptq import _layers
 
     return _layers.compute_dtype(module)
 
 
 @hookimpl
-def quantplug_wrap_layer(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_wrap_layer(module):
     from quantplug_gptq.lora import GptqLoraLayer
 
     return GptqLoraLayer(module, NAME)
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_gptq import _layers
 
     return _layers.dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_gptq import _layers
 
     return _layers.requantize(module, weight)
 
 
 @hookimpl
-def quantplug_group_size(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_group_size(module):
     from quantplug_gptq import _layers
 
     return _layers.group_size(module)
 
 
 @hookimpl
-def quantplug_fold_into_zeros(module, offsets, backend):
-    if backend != NAME:
-        return None
+def quantplug_fold_into_zeros(module, offsets):
     from quantplug_gptq import _layers
 
     return _layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     from quantplug_gptq import _layers
 
     return _layers.quantize(linear, variant)

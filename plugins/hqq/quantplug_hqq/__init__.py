@@ -83,52 +83,40 @@ def quantplug_detect_layer(module):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     return getattr(module, "compute_dtype", None)
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_hqq import layers
 
     return layers.dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_hqq import layers
 
     return layers.requantize(module, weight)
 
 
 @hookimpl
-def quantplug_group_size(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_group_size(module):
     from quantplug_hqq import layers
 
     return layers.group_size(module)
 
 
 @hookimpl
-def quantplug_fold_into_zeros(module, offsets, backend):
-    if backend != NAME:
-        return None
+def quantplug_fold_into_zeros(module, offsets):
     from quantplug_hqq import layers
 
     return layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     from quantplug_hqq import layers
 
     return layers.quantize(linear, variant)

@@ -149,7 +149,6 @@ def test_detect_ignores_other_layers():
 def test_quantplug_compute_dtype(dtype):
     layer = library_layer(dtype=dtype)
     assert hook().quantplug_compute_dtype(module=layer, backend=NAME) == dtype
-    assert hook().quantplug_compute_dtype(module=layer, backend="other") in (None, layer.W_q.dtype)
     model = attach(layer)
     # adapters live in the compute dtype, except fp16, where the core keeps them in fp32
     assert model.proj.lora_A["default"].dtype == (torch.float32 if dtype == torch.float16 else dtype)
@@ -179,13 +178,14 @@ def test_quantplug_dequantize(config, dtype):
     assert W.data_ptr() != layer.W_q.data_ptr()
 
 
-def test_dequantize_returns_none_for_other_backends():
-    assert layers.dequantize(library_layer()) is not None
-    import quantplug_hqq
-
-    assert quantplug_hqq.quantplug_dequantize(library_layer(), backend="bnb") is None
-    assert quantplug_hqq.quantplug_requantize(library_layer(), torch.zeros(64, 128), backend="bnb") is None
-    assert quantplug_hqq.quantplug_quantize(nn.Linear(128, 64), backend="bnb", variant=None) is None
+def test_hqq_hooks_are_asked_for_hqq_layers_only():
+    registry = qp.load_plugins()
+    for hook_name in ("quantplug_dequantize", "quantplug_requantize", "quantplug_quantize"):
+        asked = {impl.plugin_name for impl in registry.backend_caller(hook_name, "hqq").get_hookimpls()}
+        assert "hqq" in asked
+        for other in ("linear", "bnb"):
+            asked = {impl.plugin_name for impl in registry.backend_caller(hook_name, other).get_hookimpls()}
+            assert "hqq" not in asked, f"{hook_name} for {other!r} layers would ask the hqq plugin"
 
 
 def test_dequantize_uninitialised_layer_raises():

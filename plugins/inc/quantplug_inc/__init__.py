@@ -90,9 +90,7 @@ def quantplug_detect_layer(module):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     from quantplug_inc.layers import compute_dtype
 
     return compute_dtype(module)
@@ -100,53 +98,41 @@ def quantplug_compute_dtype(module, backend):
 
 @hookimpl
 def quantplug_wrap_layer(module, backend):
-    if backend != NAME:
-        return None
     from quantplug_inc.layers import IncLoraLayer
 
     return IncLoraLayer(module, backend)
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_inc.layers import dequantize
 
     return dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_inc.layers import requantize
 
     return requantize(module, weight)
 
 
 @hookimpl
-def quantplug_group_size(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_group_size(module):
     from quantplug_inc.layers import group_size
 
     return group_size(module)
 
 
 @hookimpl
-def quantplug_fold_into_zeros(module, offsets, backend):
-    if backend != NAME:
-        return None
+def quantplug_fold_into_zeros(module, offsets):
     from quantplug_inc.layers import fold_into_zeros
 
     return fold_into_zeros(module, offsets)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     if variant is None:
         variant = next(iter(VARIANTS))
     if variant not in VARIANTS:

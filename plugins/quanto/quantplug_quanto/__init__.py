@@ -80,9 +80,7 @@ def quantplug_detect_layer(module, model):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     # a frozen QTensor reports the float dtype it was quantized from, which
     # QLinear's forward returns; an unfrozen weight is that float tensor itself
     return module.weight.dtype
@@ -94,27 +92,21 @@ def quantplug_compute_dtype(module, backend):
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_quanto import layers
 
     return layers.dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_quanto import layers
 
     return layers.requantize(module, weight)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     variant = variant or VARIANTS[0]
     if variant not in VARIANTS:
         raise ValueError(f"unknown {NAME} variant {variant!r}; valid variants: {', '.join(VARIANTS)}")

@@ -7,8 +7,8 @@ point in ``pyproject.toml`` (group ``quantplug.backends``).
 Replace each marked block below, markers included, by your code
 (README.md has the steps). Until a block is filled the plugin is harmless:
 it claims no layer, and its hooks raise ``NotImplementedError`` naming the
-block only for its own backend, so the conformance suite (``pytest tests``)
-lists what is left to do.
+block (quantplug calls them only for this backend's layers), so the
+conformance suite (``pytest tests``) lists what is left to do.
 
 Keep this module cheap to import: quantplug imports it whenever it loads
 plugins, also for users who never touch your library. Import your library
@@ -88,9 +88,7 @@ def quantplug_detect_layer(module, model):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     # >>> TODO(compute-dtype): the floating dtype your layer computes in (adapters are kept in
     #     it), or None to let the core take the dtype of the layer's first floating tensor.
     return None
@@ -98,10 +96,8 @@ def quantplug_compute_dtype(module, backend):
 
 
 @hookimpl
-def quantplug_wrap_layer(module, config, backend):
+def quantplug_wrap_layer(module, config):
     """Optional: return a quantplug.LoraLayer subclass; None gives the core's LoraLayer."""
-    if backend != NAME:
-        return None
     # >>> TODO(wrap): optional. Return e.g. MyLoraLayer(module, NAME), a subclass of
     #     quantplug.LoraLayer overriding base_forward (a kernel with a backward pass while
     #     training, say). Return None for the core's LoraLayer, or delete this hookimpl.
@@ -127,9 +123,7 @@ def quantplug_prepare_for_training(model):
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     # >>> TODO(dequantize): return a NEW (out_features, in_features) tensor in the compute
     #     dtype, on the layer's device, computed exactly as your library dequantizes, so that
     #     module(x) == x @ W.T + module.bias up to your library's own rounding. Leave the
@@ -140,9 +134,7 @@ def quantplug_dequantize(module, backend):
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     # >>> TODO(requantize): return a NEW layer of the same class and format as `module`
     #     (its bits, group size, symmetry, grid...) holding `weight`, the merged dense weight,
     #     with a copy of module's bias, on module's device. Quantize `weight`: returning a
@@ -154,10 +146,8 @@ def quantplug_requantize(module, weight, backend):
 
 
 @hookimpl
-def quantplug_group_size(module, backend):
+def quantplug_group_size(module):
     """Optional: the input group of a group-wise format, which QALoRA adapters pool over."""
-    if backend != NAME:
-        return None
     # >>> TODO(group-size): optional. If your format shares one scale (and one zero point) among
     #     each run of g consecutive input columns of every row, return g for `module` (an int that
     #     divides in_features and is smaller than it); else None: per-channel scales, codebooks,
@@ -168,10 +158,8 @@ def quantplug_group_size(module, backend):
 
 
 @hookimpl
-def quantplug_fold_into_zeros(module, offsets, backend):
+def quantplug_fold_into_zeros(module, offsets):
     """Optional: merge mode "zeros", for formats that store a zero point per group."""
-    if backend != NAME:
-        return None
     # >>> TODO(fold-zeros): optional. If your format stores a zero point per (row, group) and you
     #     add "zeros" to merge_modes: return a NEW layer with module's codes, scales and bias bit
     #     for bit, each zero point moved so that the dequantized weight grows by offsets[o, k] over
@@ -184,9 +172,7 @@ def quantplug_fold_into_zeros(module, offsets, backend):
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     variant = variant or VARIANTS[0]
     if variant not in VARIANTS:
         raise ValueError(f"unknown {NAME} variant {variant!r}; valid variants: {', '.join(VARIANTS)}")

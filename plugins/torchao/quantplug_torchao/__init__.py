@@ -97,9 +97,7 @@ def quantplug_detect_layer(module):
 
 
 @hookimpl
-def quantplug_compute_dtype(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_compute_dtype(module):
     weight = torchao_weight(module)
     # every torchao weight reports the dtype it was quantized from (bf16 usually),
     # which is what its linear returns; scales may be float32 (Int8Tensor)
@@ -107,45 +105,35 @@ def quantplug_compute_dtype(module, backend):
 
 
 @hookimpl
-def quantplug_dequantize(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_dequantize(module):
     from quantplug_torchao import formats
 
     return formats.dequantize(module)
 
 
 @hookimpl
-def quantplug_requantize(module, weight, backend):
-    if backend != NAME:
-        return None
+def quantplug_requantize(module, weight):
     from quantplug_torchao import formats
 
     return formats.requantize(module, weight)
 
 
 @hookimpl
-def quantplug_group_size(module, backend):
-    if backend != NAME:
-        return None
+def quantplug_group_size(module):
     from quantplug_torchao import formats
 
     return formats.group_size(module)
 
 
 @hookimpl
-def quantplug_fold_into_zeros(module, offsets, backend):
-    if backend != NAME:
-        return None
+def quantplug_fold_into_zeros(module, offsets):
     from quantplug_torchao import formats
 
     return formats.fold_into_zeros(module, offsets)
 
 
 @hookimpl
-def quantplug_quantize(linear, backend, variant):
-    if backend != NAME:
-        return None
+def quantplug_quantize(linear, variant):
     from quantplug_torchao import formats
 
     return formats.quantize(linear, variant or VARIANTS[0])

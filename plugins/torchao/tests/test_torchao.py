@@ -155,7 +155,7 @@ def test_detect_claims_torchao_layers(variant):
     layer = qp.quantize(dense(), BACKEND, variant)
     assert type(layer) is nn.Linear  # torchao swaps the weight, not the module
     assert qp.detect(layer) == BACKEND
-    assert quantplug_torchao.quantplug_compute_dtype(layer, BACKEND) == torch.bfloat16
+    assert quantplug_torchao.quantplug_compute_dtype(layer) == torch.bfloat16
 
 
 def test_detect_leaves_plain_linears_to_the_core():
@@ -172,7 +172,7 @@ def test_detect_linear_subclass_and_fp32():
     layer = MyLinear(IN, OUT)
     quantize_(layer, q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32)))
     assert qp.detect(layer) == BACKEND
-    assert quantplug_torchao.quantplug_compute_dtype(layer, BACKEND) == torch.float32
+    assert quantplug_torchao.quantplug_compute_dtype(layer) == torch.float32
     new = formats.requantize(layer, formats.dequantize(layer))
     assert type(new) is MyLinear and new is not layer
     assert new.weight is not layer.weight
