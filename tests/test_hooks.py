@@ -233,6 +233,52 @@ def test_hook_fold_into_zeros(zbox):
     assert model[0].base is original
 
 
+class VBox(Box):
+    """A Box that knows which of two formats it is."""
+
+    def __init__(self, weight: torch.Tensor, variant: str):
+        super().__init__(weight)
+        self.variant = variant
+
+
+@pytest.mark.parametrize("names_variant", [True, False])
+def test_hook_layer_variant(names_variant):
+    from quantplug.distributed import ShardingError, check_shardable
+
+    p = types.ModuleType("vbox_plugin")
+    p.quantplug_backend_info = qp.hookimpl(
+        lambda: BackendInfo(
+            name="vbox",
+            variants=("int8", "int4"),
+            shardable=True,
+            limits={"shardable:int4": "int4 is packed"},
+        )
+    )
+    p.quantplug_detect_layer = qp.hookimpl(lambda module: "vbox" if isinstance(module, VBox) else None)
+    if names_variant:
+        p.quantplug_layer_variant = qp.hookimpl(lambda module: module.variant)
+    name = qp.register(p, name="vbox-plugin")
+    try:
+        int8 = nn.Sequential(VBox(torch.randn(4, 4), "int8"))
+        int4 = nn.Sequential(VBox(torch.randn(4, 4), "int4"))
+        if names_variant:
+            check_shardable(int8)  # int8 is not limited
+            with pytest.raises(
+                ShardingError, match=r"backend 'vbox', VBox \(1 layer: 0\): variant 'int4': int4 is packed"
+            ):
+                check_shardable(int4)
+        else:
+            for model in (int8, int4):
+                with pytest.raises(ShardingError, match=r"does not say which variant this layer is"):
+                    check_shardable(model)
+        assert qp.detect(int8[0]) == "vbox"
+    finally:
+        qp.unregister(name)
+    assert (
+        qp.load_plugins().pm.hook.quantplug_layer_variant(module=nn.Linear(2, 2), backend="linear") == "dense"
+    )
+
+
 def test_every_hook_has_a_test_named_after_it():
     names = {n for n in globals() if n.startswith("test_hook_")}
     missing = [h for h in HOOKS if f"test_hook_{h.removeprefix('quantplug_')}" not in names]

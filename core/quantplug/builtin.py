@@ -60,6 +60,11 @@ def quantplug_wrap_layer(module, backend):
 
 
 @hookimpl
+def quantplug_layer_variant(module, backend):
+    return "dense" if backend == NAME else None
+
+
+@hookimpl
 def quantplug_dequantize(module, backend):
     if backend == NAME:
         return module.weight.detach().clone()

@@ -34,7 +34,6 @@ unsharded model (one process, or rank 0) and merge there, see
 
 from __future__ import annotations
 
-import functools
 import warnings
 from collections.abc import Iterable
 
@@ -59,32 +58,6 @@ class ShardingError(ValueError):
 # --------------------------------------------------------------------------
 
 
-def _signature(module: nn.Module) -> tuple:
-    """The layer's class and the classes of its quantized parameters: what tells a backend's formats
-    apart (``Linear4bit`` vs ``Linear8bitLt``; torchao's ``NF4Tensor`` vs ``Int8Tensor`` weights in one
-    ``nn.Linear``). Plain parameters (a bias, present or not) do not count."""
-    kinds = frozenset(type(p) for p in module.parameters() if type(p) not in (nn.Parameter, torch.Tensor))
-    return type(module), kinds
-
-
-@functools.cache
-def _variant_signatures(registry: int, backend: str, variants: tuple[str, ...]) -> dict[tuple, str]:
-    """signature -> variant, from one tiny layer ``quantplug_quantize`` builds per variant.
-
-    Only asked for the variants a backend lists as unshardable; a backend without
-    ``quantplug_quantize``, or a variant that fails to build here, is left out.
-    """
-    out: dict[tuple, str] = {}
-    for variant in variants:
-        try:
-            layer = hook().quantplug_quantize(linear=nn.Linear(256, 256), backend=backend, variant=variant)
-        except Exception:  # a probe reports, never raises (a variant may need a GPU)
-            continue
-        if layer is not None:
-            out.setdefault(_signature(layer), variant)
-    return out
-
-
 def _refusal(module: nn.Module, backend: str) -> str | None:
     """Why ``module`` (a backend's quantized layer) cannot shard, or ``None`` if it can."""
     status = load_plugins().status(backend)
@@ -99,8 +72,13 @@ def _refusal(module: nn.Module, backend: str) -> str | None:
     limited.pop("", None)
     if not limited:
         return None
-    variant = _variant_signatures(id(load_plugins()), backend, tuple(sorted(limited))).get(_signature(module))
-    if variant is not None:
+    variant = hook().quantplug_layer_variant(module=module, backend=backend)
+    if variant is None:
+        return (
+            f"the backend limits FSDP2 to some variants ({', '.join(sorted(limited))} cannot shard) but does "
+            "not say which variant this layer is (quantplug_layer_variant returned None)"
+        )
+    if variant in limited:
         return f"variant {variant!r}: {limited[variant]}"
     return None
 

@@ -28,6 +28,7 @@ Lifecycle (which hook fires when)::
                             quantplug_dequantize again to measure the error
     qp.unmerge / qp.unload  no hook: the core restores the original module
     quantplug demo / bench  quantplug_quantize to build quantized layers
+    qp.distributed.shard    quantplug_layer_variant (variants a limit names)
 """
 
 from __future__ import annotations
@@ -184,6 +185,32 @@ def quantplug_prepare_for_training(model: nn.Module) -> None:
 
     Implementing in a backend plugin: optional. Called by
     ``qp.prepare_for_training(model)`` after the base is frozen.
+    """
+
+
+@hookspec(firstresult=True)
+def quantplug_layer_variant(module: nn.Module, backend: str) -> str | None:
+    """Which of this backend's variants ``module`` is.
+
+    Stops at the first non-None result.
+
+    :param module: a layer this plugin claimed (the ``base`` of a wrapped layer).
+    :param backend: the backend that claimed it, always one of this plugin's.
+    :returns: the entry of ``BackendInfo.variants`` that names the layer's
+        format (bitsandbytes: ``"nf4"``, ``"fp4"`` or ``"int8"``), the one
+        ``quantplug_quantize`` would have built it from; ``None`` when the
+        layer is in a format none of the variants names.
+
+    Read the layer's class and attributes; never dequantize. A layer built by
+    ``quantplug_quantize(linear, backend, variant)`` must come back as
+    ``variant`` (the conformance suite checks it).
+
+    .. versionadded:: 0.1
+
+    Implementing in a backend plugin: required when ``BackendInfo.limits``
+    has a ``"<capability>:<variant>"`` key (``"shardable:int8"``), optional
+    otherwise. Called by ``qp.distributed.shard`` to find the layers of
+    variants that cannot shard.
     """
 
 

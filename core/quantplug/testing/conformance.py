@@ -230,6 +230,27 @@ class BackendConformance:
                 "check the class (and, for tensor subclasses, the weight's class) before claiming",
             )
 
+    # -- quantplug_layer_variant ----------------------------------------------
+
+    def test_layer_variant(self, variant):
+        layer = self.layer(variant)
+        named = hook().quantplug_layer_variant(module=layer, backend=self.backend)
+        info = self.info()
+        per_variant = sorted(key for key in info.limits if key.partition(":")[2] in info.variants)
+        if named is None:
+            assert not per_variant, _contract(
+                "quantplug_layer_variant",
+                f"limits {per_variant} name variants, but a {type(layer).__name__} is no variant",
+                "implement quantplug_layer_variant: the core reads it to apply those limits",
+            )
+            return
+        expected = variant or next(iter(info.variants), None)
+        assert named == expected, _contract(
+            "quantplug_layer_variant",
+            f"a layer built as {expected!r} is named {named!r}",
+            "name the variant quantplug_quantize built the layer from",
+        )
+
     # -- quantplug_dequantize --------------------------------------------------
 
     def test_dequantize_matches_forward(self, variant):

@@ -57,6 +57,16 @@ def quantplug_detect_layer(module):
 
 
 @hookimpl
+def quantplug_layer_variant(module):
+    from quantplug_bnb import _layers
+
+    if _layers.bnb_kind(module) == _layers.LINEAR_8BIT:
+        return "int8"
+    quant_type = getattr(module.weight, "quant_type", None)  # Params4bit knows it before quantizing
+    return quant_type if quant_type in ("nf4", "fp4") else None
+
+
+@hookimpl
 def quantplug_compute_dtype(module):
     from quantplug_bnb import _layers
 

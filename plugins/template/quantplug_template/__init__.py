@@ -88,6 +88,17 @@ def quantplug_detect_layer(module, model):
 
 
 @hookimpl
+def quantplug_layer_variant(module):
+    """Which of VARIANTS ``module`` (one of your layers) is."""
+    # >>> TODO(variant): return the entry of VARIANTS that names module's format (read its class
+    #     and attributes, never dequantize), or None for a format none of them names. Required if
+    #     BackendInfo.limits has a "<capability>:<variant>" key, such as "shardable:int4": the
+    #     core reads the variant to apply that limit. Optional otherwise.
+    return None
+    # <<< TODO(variant)
+
+
+@hookimpl
 def quantplug_compute_dtype(module):
     # >>> TODO(compute-dtype): the floating dtype your layer computes in (adapters are kept in
     #     it), or None to let the core take the dtype of the layer's first floating tensor.
