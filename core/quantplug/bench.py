@@ -727,20 +727,7 @@ def table(rows: list[dict]) -> str:
         f"{'backend':8s} {'shape':>11s} {'tok':>5s} {'bare us':>8s} {'fast':>6s} {'fast/g':>6s} {'ref':>6s} "
         f"{'peft':>6s} {'peft/g':>6s} {'merged':>6s} {'GB/s':>6s} {'%copy':>5s}  kernel"
     ]
-    keys = []
-    for row in rows:
-        key = (row["backend"], row["shape"], row["tokens"])
-        if isinstance(row["tokens"], int) and key not in keys:
-            keys.append(key)
-    for key in keys:
-        group = [r for r in rows if (r["backend"], r["shape"], r["tokens"]) == key and "adapters" not in r]
-        fast = next((r for r in group if r["library"] == "quantplug" and r.get("kernels") == "fast"), None)
-        ref = next(
-            (r for r in group if r["library"] == "quantplug" and r.get("kernels") == "reference"), None
-        )
-        peft = next((r for r in group if r["library"] == "peft" and r.get("wrapped_us")), None)
-        if fast is None:
-            continue
+    for key, fast, ref, peft in _layer_groups(rows):
         merged = fast.get("merged_us")
         lines.append(
             f"{key[0]:8s} {key[1]:>11s} {key[2]:>5d} {fast['bare_us']:8.1f} {fast['wrapped_over_bare']:6.2f} "
@@ -923,7 +910,9 @@ def _render_body(rows: list[dict], json_path) -> str:
     return "\n".join(out) + "\n"
 
 
-def _layer_table_rows(rows):
+def _layer_groups(rows):
+    """Per (backend, shape, tokens) of the one-adapter layer rows: the key, then quantplug's fast-kernel,
+    reference-kernel and PEFT rows (``None`` where missing); keys without a fast row are skipped."""
     keys = []
     for r in rows:
         key = (r["backend"], r["shape"], r["tokens"])
@@ -935,9 +924,13 @@ def _layer_table_rows(rows):
         ref = next(
             (r for r in group if r["library"] == "quantplug" and r.get("kernels") == "reference"), None
         )
-        peft = next((r for r in group if r["library"] == "peft"), None)
-        if fast is None:
-            continue
+        peft = next((r for r in group if r["library"] == "peft" and r.get("wrapped_us")), None)
+        if fast is not None:
+            yield key, fast, ref, peft
+
+
+def _layer_table_rows(rows):
+    for key, fast, ref, peft in _layer_groups(rows):
         peft_ratio = _fmt(peft and peft.get("wrapped_over_bare"), ".2f", "n/a")
         bw = fast.get("wrapped_gbs")
         frac = fast.get("wrapped_bw_fraction")

@@ -358,21 +358,25 @@ class BackendConformance:
                 model(self.inputs(model.proj.base), adapter_names=["default"] * self.batch)
             return
         model = self.wrapped(variant)
+        self.check_mixed_batch(model, self.inputs(model.proj.base))
+
+    def check_mixed_batch(self, model: Holder, x: torch.Tensor) -> None:
+        """Attach a second adapter; each row of a ``default``/second/``__base__`` batch equals that adapter alone."""
         qp.attach(
             model,
             qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"),
-            "other",
+            "second",
         )
-        x = self.inputs(model.proj.base)
-        names = (["default", "other", "__base__"] * self.batch)[: self.batch]
+        names = (["default", "second", "__base__"] * self.batch)[: self.batch]
         with torch.no_grad():
             got = model(x, adapter_names=names)
             expected = {}
-            for name in ("default", "other"):
+            for name in ("default", "second"):
                 qp.set_adapter(model, name)
                 expected[name] = model(x)
             with qp.disable_adapters(model):
                 expected["__base__"] = model(x)
+        qp.set_adapter(model, "default")
         for row, name in enumerate(names):
             error = relative_error(got[row], expected[name][row])
             assert error < 1e-2, (
@@ -413,27 +417,8 @@ class BackendConformance:
         assert error < self.forward_tol + 2e-2, (
             f"QALoRA forward differs from x @ (W + ΔW).T + b by {error:.2e}"
         )
-        if self.info().mixed_batch:
-            qp.attach(
-                model,
-                qp.LoraConfig(r=self.rank // 2, alpha=self.rank, target_modules=["proj"], init="random"),
-                "lora",
-            )
-            names = (["default", "lora", "__base__"] * self.batch)[: self.batch]
-            with torch.no_grad():
-                mixed = model(x, adapter_names=names)
-                expected = {}
-                for name in ("default", "lora"):
-                    qp.set_adapter(model, name)
-                    expected[name] = model(x)
-                with qp.disable_adapters(model):
-                    expected["__base__"] = model(x)
-            for row, name in enumerate(names):
-                error = relative_error(mixed[row], expected[name][row])
-                assert error < 1e-2, (
-                    f"mixed batch row {row} ({name}) differs from running {name} alone by {error:.2e}"
-                )
-            qp.set_adapter(model, "default")
+        if self.info().mixed_batch:  # the QALoRA adapter beside a plain LoRA one, in one batch
+            self.check_mixed_batch(model, x)
         qp.prepare_for_training(model)
         model(self.inputs(layer.base)).float().square().mean().backward()
         for store in (layer.lora_A, layer.lora_B):
