@@ -596,6 +596,87 @@ def _decode_tps(model, prompt, new_tokens: int, device: str) -> float:
     return prompt.shape[0] * (out.shape[1] - prompt.shape[1]) / elapsed
 
 
+def _static_cache(model, length: int):
+    from transformers import StaticCache
+
+    try:  # transformers 5: the cache allocates on its first update
+        return StaticCache(config=model.config, max_cache_len=length)
+    except TypeError:  # transformers 4.x
+        param = next(model.parameters())
+        return StaticCache(
+            config=model.config,
+            max_batch_size=1,
+            max_cache_len=length,
+            device=param.device,
+            dtype=param.dtype,
+        )
+
+
+def _graph_decode_tps(model, vocab: int, position: int, replays: int = 50) -> float:
+    """Tokens/s of one-token decode steps of the whole model, captured once in a CUDA graph and replayed.
+
+    A static KV cache holds ``position`` earlier tokens; the step is the forward of one new
+    token (what a server running decode under CUDA graphs, or ``torch.compile(mode=
+    "reduce-overhead")``, replays), so the host's Python is out of the time. Raises if the
+    model cannot be captured.
+    """
+    import torch
+
+    # transformers 5's static cache writes each step at its own running count (a tensor the graph
+    # advances), not at cache_position: room for the warm-up, the capture and every replay
+    length = position + replays + 8
+    cache = _static_cache(model, length)
+    ids = torch.randint(0, vocab, (1, 1), device="cuda")
+    where = torch.tensor([position], device="cuda")
+    # a 4-D mask over the whole static cache: transformers then builds none (its checks sync the host);
+    # attention reads every slot whatever the mask says, so the step costs the same
+    mask = torch.zeros(1, 1, 1, length, device="cuda", dtype=next(model.parameters()).dtype)
+
+    def step():
+        return model(
+            input_ids=ids, attention_mask=mask, past_key_values=cache, cache_position=where, use_cache=True
+        ).logits
+
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: allocations, Triton compiles, lazy caches
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        graph.replay()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+    return replays / (start.elapsed_time(end) / 1e3)
+
+
+def _graph_decode_pair(model, disable, vocab: int, position: int, log) -> dict:
+    """Graph-replayed decode with the adapters on and under ``disable()``; empty where capture failed."""
+    if next(model.parameters()).device.type != "cuda":
+        return {}
+    try:
+        on = _graph_decode_tps(model, vocab, position)
+        with disable():
+            off = _graph_decode_tps(model, vocab, position)
+    except Exception as exc:  # a layer that cannot be captured: the eager numbers still stand
+        log(f"graph-captured decode failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return {"graph_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    log(f"graph-replayed decode: unmerged {on:.1f} tok/s, disabled {off:.1f} tok/s")
+    return {
+        "graph_tokens_per_s": on,
+        "graph_disabled_tokens_per_s": off,
+        "graph_unmerged_over_disabled": on / off,
+    }
+
+
 def _train_tps(model, params, batch, seq, steps: int, device: str, vocab: int) -> tuple[float, float | None]:
     import torch
 
@@ -652,6 +733,7 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     with qp.disable_adapters(model):
         disabled = _decode_tps(model, prompt, new_tokens, device)
     log(f"quantplug decode: unmerged {unmerged:.1f} tok/s, disabled {disabled:.1f} tok/s")
+    graphed = _graph_decode_pair(model, lambda: qp.disable_adapters(model), vocab, prompt.shape[1], log)
     qp.prepare_for_training(model)
     train_tps, train_peak = _train_tps(
         model, qp.trainable_parameters(model), batch, seq, steps, device, vocab
@@ -667,7 +749,7 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     # decode rows: times are microseconds per generated token; bare = adapter disabled
     add("decode", "quantplug", "unmerged", 1e6 / disabled, 1e6 / unmerged, tokens_per_s=unmerged,
         disabled_tokens_per_s=disabled, merged_tokens_per_s=merged,
-        unmerged_over_disabled=unmerged / disabled)  # fmt: skip
+        unmerged_over_disabled=unmerged / disabled, **graphed)  # fmt: skip
     qp_train = {"tokens_per_s": train_tps, "peak_gib": train_peak}
     del model
     if device == "cuda":
@@ -692,6 +774,7 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     with peft_model.disable_adapter():
         peft_disabled = _decode_tps(peft_model, prompt, new_tokens, device)
     log(f"PEFT decode: unmerged {peft_unmerged:.1f} tok/s, disabled {peft_disabled:.1f} tok/s")
+    peft_graphed = _graph_decode_pair(peft_model, peft_model.disable_adapter, vocab, prompt.shape[1], log)
     params = [p for p in peft_model.parameters() if p.requires_grad]
     peft_train_tps, peft_peak = _train_tps(peft_model, params, batch, seq, steps, device, vocab)
     log(f"PEFT train: {peft_train_tps:.0f} tok/s, peak {peft_peak} GiB")
@@ -703,7 +786,7 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         peft_merged = None
     add("decode", "peft", "unmerged", 1e6 / peft_disabled, 1e6 / peft_unmerged, tokens_per_s=peft_unmerged,
         disabled_tokens_per_s=peft_disabled, merged_tokens_per_s=peft_merged,
-        unmerged_over_disabled=peft_unmerged / peft_disabled)  # fmt: skip
+        unmerged_over_disabled=peft_unmerged / peft_disabled, **peft_graphed)  # fmt: skip
     # training rows: bare_us = PEFT's time per token, so wrapped_over_bare < 1 means faster than PEFT
     add("train", "quantplug", "qlora", 1e6 / peft_train_tps, 1e6 / train_tps, **qp_train, batch=batch, seq=seq,
         speedup_over_peft=train_tps / peft_train_tps, peft_peak_gib=peft_peak)  # fmt: skip
@@ -898,6 +981,17 @@ def _render_body(rows: list[dict], json_path) -> str:
                     f"(disabled: {r['disabled_tokens_per_s']:.1f}) | {r['tokens_per_s']:.1f} | "
                     f"{r['unmerged_over_disabled']:.2f}x | {_fmt(r.get('merged_tokens_per_s'))} | - |"
                 )
+                if r.get("graph_tokens_per_s"):
+                    out.append(
+                        f"| {r['backend']} {r['shape']} | {r['library']} | one-token decode step replayed in a "
+                        f"CUDA graph, adapter unmerged (disabled: {r['graph_disabled_tokens_per_s']:.1f}) | "
+                        f"{r['graph_tokens_per_s']:.1f} | {r['graph_unmerged_over_disabled']:.2f}x | - | - |"
+                    )
+                elif r.get("graph_error"):
+                    out.append(
+                        f"| {r['backend']} {r['shape']} | {r['library']} | decode step in a CUDA graph | "
+                        f"capture failed: {r['graph_error'][:120]} | - | - | - |"
+                    )
             else:
                 speed = r.get("speedup_over_peft")
                 out.append(
@@ -980,10 +1074,16 @@ def _targets(rows) -> list[str]:
     peft_model = next((r for r in rows if r["tokens"] == "decode" and r["library"] == "peft"), None)
     if model:
         out.append(
-            f"- Whole-model decode unmerged/disabled ≥ {TARGETS['model_ratio']}: "
+            f"- Whole-model decode unmerged/disabled ≥ {TARGETS['model_ratio']}, eager `generate`: "
             f"{_verdict(model['unmerged_over_disabled'], TARGETS['model_ratio'], lower_is_better=False)} "
             f"(PEFT in the same run: {_fmt(peft_model and peft_model['unmerged_over_disabled'], '.2f', 'n/a')})"
         )
+        if model.get("graph_unmerged_over_disabled"):
+            out.append(
+                f"- Whole-model decode unmerged/disabled ≥ {TARGETS['model_ratio']}, CUDA-graph replay: "
+                f"{_verdict(model['graph_unmerged_over_disabled'], TARGETS['model_ratio'], lower_is_better=False)}"
+                f" (PEFT: {_fmt(peft_model and peft_model.get('graph_unmerged_over_disabled'), '.2f', 'n/a')})"
+            )
     else:
         out.append("- Whole-model decode: not measured (no `--model` rows in this file).")
     train = next((r for r in rows if r["tokens"] == "train" and r["library"] == "quantplug"), None)
