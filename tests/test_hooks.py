@@ -10,6 +10,7 @@ import quantplug as qp
 import torch
 from quantplug import hookspecs
 from quantplug.info import BackendInfo, Status
+from quantplug.registry import hook
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,9 +275,7 @@ def test_hook_layer_variant(names_variant):
         assert qp.detect(int8[0]) == "vbox"
     finally:
         qp.unregister(name)
-    assert (
-        qp.load_plugins().pm.hook.quantplug_layer_variant(module=nn.Linear(2, 2), backend="linear") == "dense"
-    )
+    assert hook().quantplug_layer_variant(module=nn.Linear(2, 2), backend="linear") == "dense"
 
 
 def test_every_hook_has_a_test_named_after_it():

@@ -155,3 +155,18 @@ def test_report_as_dict(toy):
     data = report.as_dict()
     assert data["worst_layer"] in ("0", "2") and len(data["layers"]) == 2
     assert {"name", "backend", "error", "adapter_error", "delta_norm"} <= set(data["layers"][0])
+
+
+def test_merge_after_the_plugin_is_gone_names_the_layer():
+    name = qp.register(toy_plugin("gone"), name="gone-plugin")
+    try:
+        model = model_with(step=0.01)
+        originals = [model[0].base, model[2].base]
+    finally:
+        qp.unregister(name)
+    for mode in ("requantize", "dense"):
+        with pytest.raises(
+            qp.MergeError, match=r"layer '0' is a 'gone' layer, but no installed plugin declares"
+        ):
+            qp.merge(model, mode=mode)
+        assert [model[0].base, model[2].base] == originals and not model[0].merges

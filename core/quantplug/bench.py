@@ -378,7 +378,7 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                     if kernel == "triton-splitk":
                         path = (
                             "cublas-addmm"
-                            if tokens > _fused_max()
+                            if tokens > _splitk_max_tokens()
                             else "eager cublas-addmm, graph triton-splitk"
                         )
                     common = {"bare_us": bare_us, "bare_graph_us": bare_graph_us}
@@ -510,11 +510,11 @@ def _finish(row: dict, base_bytes: int, adapter_bytes: int, io_bytes: int, env: 
     return row
 
 
-def _fused_max() -> int:
+def _splitk_max_tokens() -> int:
     try:
-        from quantplug.triton_kernels import FUSED_MAX_TOKENS
+        from quantplug.triton_kernels import SPLITK_MAX_TOKENS
 
-        return FUSED_MAX_TOKENS
+        return SPLITK_MAX_TOKENS
     except Exception:
         return 64
 

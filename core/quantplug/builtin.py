@@ -1,8 +1,9 @@
 """The core's own plugin: the reference kernels, the default adapter layer, and plain linears.
 
 Registered through the same hooks as any backend ("builtins are plugins"),
-so the core's defaults can be read, overridden (``tryfirst``) and traced
-like everyone else's. The ``linear`` backend it declares handles plain
+so the core's defaults can be read and traced like everyone else's; a
+plugin replaces a default for its own backend's layers by implementing the
+hook (the defaults are ``trylast``). The ``linear`` backend it declares handles plain
 ``torch.nn.Linear`` layers, so LoRA works on unquantized models too; it
 claims only layers whose class and weight are exactly torch's own.
 """

@@ -10,8 +10,8 @@ wins. ``quantplug_detect_layer`` asks every plugin, so it must return
 ``None`` for layers that are not its own. The hooks that take ``backend``
 are called for one backend's layers at a time, on the plugin that declared
 that backend (then the core's defaults in :mod:`quantplug.builtin`), never
-on another plugin: an implementation needs no ``backend`` check unless its
-plugin declares several backends.
+on another plugin: an implementation needs no ``backend`` check (the
+argument is always the plugin's own backend, and may be left out).
 
 Lifecycle (which hook fires when)::
 

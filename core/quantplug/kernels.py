@@ -144,7 +144,7 @@ class KernelRegister:
 
         :param op: one of :data:`OPS`.
         :param fn: the callable, with the op's signature.
-        :param name: unique per op, shown by ``quantplug doctor`` (``"triton-fused"``).
+        :param name: unique per op, shown by ``quantplug doctor`` (``"triton-splitk"``).
         :param backend: the backend whose layers it serves, or ``"*"`` for all.
         :param device: ``"cuda"``, ``"cpu"`` or ``"*"``.
         :param dtypes: the input dtypes it handles; ``None`` for all.

@@ -102,9 +102,15 @@ class MergeReport:
 def _check_mode(layer_path: str, layer: LoraLayer, mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; choose one of {MODES}")
+    try:  # every mode dequantizes through the layer's plugin
+        info = load_plugins().status(layer.backend).info
+    except KeyError as exc:
+        raise MergeError(
+            f"layer {layer_path!r} is a {layer.backend!r} layer, but no installed plugin declares that "
+            f"backend ({exc.args[0]}); install or re-register its plugin"
+        ) from None
     if mode == "dense":
         return
-    info = load_plugins().status(layer.backend).info
     if info is not None and mode not in info.merge_modes:
         reason = info.limits.get(mode, "the backend does not declare it")
         raise MergeError(

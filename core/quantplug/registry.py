@@ -64,7 +64,8 @@ class HookRelay:
     ``hook().quantplug_dequantize(module=layer, backend="hqq")`` asks only the
     plugin that declared ``"hqq"``, then the core's defaults (the built-in
     plugin, ``trylast``): a plugin never sees another backend's layers, so
-    its hookimpls need no ``backend`` check. Hooks without a ``backend``
+    its hookimpls need no ``backend`` check, and no plugin can answer for
+    a backend it did not declare. Hooks without a ``backend``
     argument (detect, prepare_for_training, ...) ask every plugin, as pluggy does.
     """
 
@@ -164,6 +165,7 @@ class Registry:
             ) from None
         if self.pm.is_registered(module) or self.pm.has_plugin(name):
             raise PluginConflictError(f"a plugin named {name!r} is already registered")
+        self._backend_callers.clear()  # each excludes the plugins it knew of: rebuild with this one
         self.pm.register(module, name=name)
         plugin = self.plugins[name] = Plugin(name, module, dist, version)
         added: list[str] = []
@@ -234,9 +236,11 @@ class Registry:
         """
         caller = self._backend_callers.get((hook_name, backend))
         if caller is None:
-            keep = {self.status(backend).plugin_name, *BUILTIN_PLUGINS}
-            others = [plugin for name, plugin in self.pm.list_name_plugin() if name not in keep]
-            caller = self._backend_callers[hook_name, backend] = self.pm.subset_hook_caller(hook_name, others)
+            with _lock:  # built from the plugin set as register()/unregister() leave it, never mid-change
+                keep = {self.status(backend).plugin_name, *BUILTIN_PLUGINS}
+                others = [plugin for name, plugin in self.pm.list_name_plugin() if name not in keep]
+                caller = self.pm.subset_hook_caller(hook_name, others)
+                self._backend_callers[hook_name, backend] = caller
         return caller
 
     def statuses(self) -> list[BackendStatus]:
@@ -278,7 +282,10 @@ def reset() -> None:
 
 
 def register(plugin: object, name: str | None = None) -> str:
-    """Add an in-process plugin (a module or object with hookimpls); returns its name."""
+    """Add an in-process plugin (a module, or a hashable object, with hookimpls); returns its name.
+
+    For tests and notebooks: call it while no other thread is inside a quantplug call.
+    """
     registry = load_plugins()
     with _lock:
         name = registry.add(plugin, name=name)

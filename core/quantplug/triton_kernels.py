@@ -8,7 +8,7 @@ was not written for (autograd, mixed dtypes, CPU tensors), so registering
 it never changes a result beyond rounding.
 
 ``lora_add``
-    Up to :data:`FUSED_MAX_TOKENS` tokens (decode, small batches), when the
+    Up to :data:`SPLITK_MAX_TOKENS` tokens (decode, small batches), when the
     call is being captured in a CUDA graph or compiled: two short launches
     (:func:`lora_add_splitk`). The shrink ``x @ A.T`` is split over about 32
     slices of the input dimension, so every SM reads its slice of ``A`` at
@@ -48,7 +48,7 @@ from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
 DTYPES = (torch.bfloat16, torch.float16)
 # At and below this many tokens (decode, small batches) the split-K kernels beat
 # cuBLAS' two products on the GPU; above it the shrink is a real matrix product.
-FUSED_MAX_TOKENS = 64
+SPLITK_MAX_TOKENS = 64
 
 
 def _compiling() -> bool:
@@ -196,7 +196,7 @@ def lora_add(y, x, A, B, scale):
     width = x.shape[-1]
     if (
         width
-        and x.numel() // width <= FUSED_MAX_TOKENS
+        and x.numel() // width <= SPLITK_MAX_TOKENS
         and (_compiling() or torch.cuda.is_current_stream_capturing())
         and not _needs_grad(y, x, A, B)
     ):

@@ -11,7 +11,7 @@ import torch
 from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
 
 DTYPES = [torch.bfloat16, torch.float16]
-# (tokens, in, out, r): decode, small batches on both sides of the fused/cuBLAS switch, odd sizes
+# (tokens, in, out, r): decode, small batches on both sides of the split-K/cuBLAS switch, odd sizes
 ADD_SHAPES = [
     (1, 4096, 4096, 16),
     (1, 4096, 11008, 16),
