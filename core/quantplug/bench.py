@@ -1070,24 +1070,42 @@ def _targets(rows) -> list[str]:
             )
     else:
         out.append("- Decode wrapped/bare: not measured in this file.")
-    model = next((r for r in rows if r["tokens"] == "decode" and r["library"] == "quantplug"), None)
-    peft_model = next((r for r in rows if r["tokens"] == "decode" and r["library"] == "peft"), None)
-    if model:
+    decodes = [r for r in rows if r["tokens"] == "decode" and r["library"] == "quantplug"]
+    if decodes:
         out.append(
-            f"- Whole-model decode unmerged/disabled ≥ {TARGETS['model_ratio']}, eager `generate`: "
-            f"{_verdict(model['unmerged_over_disabled'], TARGETS['model_ratio'], lower_is_better=False)} "
-            f"(PEFT in the same run: {_fmt(peft_model and peft_model['unmerged_over_disabled'], '.2f', 'n/a')})"
+            f"- Whole-model decode unmerged/disabled ≥ {TARGETS['model_ratio']} (PEFT in the same run):"
         )
-        if model.get("graph_unmerged_over_disabled"):
-            out.append(
-                f"- Whole-model decode unmerged/disabled ≥ {TARGETS['model_ratio']}, CUDA-graph replay: "
-                f"{_verdict(model['graph_unmerged_over_disabled'], TARGETS['model_ratio'], lower_is_better=False)}"
-                f" (PEFT: {_fmt(peft_model and peft_model.get('graph_unmerged_over_disabled'), '.2f', 'n/a')})"
-            )
-    else:
+    for model in decodes:
+        peft_model = next(
+            (
+                r
+                for r in rows
+                if r["tokens"] == "decode" and r["library"] == "peft" and r["backend"] == model["backend"]
+            ),
+            {},
+        )
+        graph = model.get("graph_unmerged_over_disabled")
+        graph_verdict = (
+            f"; CUDA-graph replay {graph:.2f}: {_verdict(graph, TARGETS['model_ratio'], lower_is_better=False)} "
+            f"(PEFT {_fmt(peft_model.get('graph_unmerged_over_disabled'), '.2f', 'n/a')})"
+            if graph
+            else ""
+        )
+        out.append(
+            f"  - {model['backend']} {model.get('variant') or ''}: eager `generate` {model['unmerged_over_disabled']:.2f}: "
+            f"{_verdict(model['unmerged_over_disabled'], TARGETS['model_ratio'], lower_is_better=False)} "
+            f"(PEFT {_fmt(peft_model.get('unmerged_over_disabled'), '.2f', 'n/a')}){graph_verdict}"
+        )
+    if not decodes:
         out.append("- Whole-model decode: not measured (no `--model` rows in this file).")
-    train = next((r for r in rows if r["tokens"] == "train" and r["library"] == "quantplug"), None)
-    if train and train.get("speedup_over_peft"):
+    trains = [
+        r
+        for r in rows
+        if r["tokens"] == "train" and r["library"] == "quantplug" and r.get("speedup_over_peft")
+    ]
+    if trains:
+        out.append(f"- QLoRA training tokens/s ≥ {TARGETS['training_speedup']}x PEFT, at no more memory:")
+    for train in trains:
         mem = ""
         if train.get("peak_gib") and train.get("peft_peak_gib"):
             more = train["peak_gib"] > train["peft_peak_gib"]
@@ -1096,10 +1114,10 @@ def _targets(rows) -> list[str]:
                 f" ({'more: missed' if more else 'no more: met'})"
             )
         out.append(
-            f"- QLoRA training tokens/s ≥ {TARGETS['training_speedup']}x PEFT: "
+            f"  - {train['backend']} {train.get('variant') or ''}: {train['speedup_over_peft']:.2f}x: "
             f"{_verdict(train['speedup_over_peft'], TARGETS['training_speedup'], lower_is_better=False)}{mem}"
         )
-    else:
+    if not trains:
         out.append("- QLoRA training vs PEFT: not measured (no `--model` training rows in this file).")
     mixed = [r for r in rows if "mixed_over_single" in r and r.get("kernels") == "fast"]
     if mixed:
