@@ -220,3 +220,34 @@ def test_to_moves_the_bases_kept_for_unmerge():
     model.to(torch.float64)
     qp.unmerge(model)
     assert model.q_proj.base is original and original.weight.dtype == torch.float64
+
+
+def test_a_lora_linear_kernel_gets_the_base_call_and_the_first_adapter():
+    calls = []
+
+    @qp.hookimpl
+    def quantplug_register_kernels(register):
+        def overlap(base, x, xa, A, B, scale):
+            calls.append((A.shape[0], xa is x))
+            return base(x) + (xa @ A.T) @ B.T * scale
+
+        register.kernel("lora_linear", overlap, name="spy-linear", priority=50)
+
+    import types
+
+    plugin = types.ModuleType("linear_kernel_plugin")
+    plugin.quantplug_register_kernels = quantplug_register_kernels
+    name = qp.register(plugin, name="spy-linear-kernels")
+    try:
+        model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))
+        qp.attach(model, qp.LoraConfig(r=2, target_modules=["q_proj"], init="random"), "second")
+        qp.set_adapter(model, ["default", "second"])
+        x = torch.randn(2, 32)
+        layer = model.q_proj
+        with torch.no_grad():
+            got = layer(x)
+        assert calls == [(4, True)], "lora_linear serves the first active adapter only, with the base"
+        weight = layer.base.weight + layer.delta_weight("default") + layer.delta_weight("second")
+        assert relative_error(got, x @ weight.T + layer.base.bias) < 1e-5
+    finally:
+        qp.unregister(name)

@@ -13,6 +13,13 @@ not require grad):
 
 ``lora_add(y, x, A, B, scale) -> Tensor``
     ``y + scale * (x @ A.T) @ B.T`` with ``A`` ``(r, in)`` and ``B`` ``(out, r)``.
+``lora_linear(base, x, xa, A, B, scale) -> Tensor``
+    ``lora_add(base(x), xa, A, B, scale)``: the base layer's call (``base``,
+    a callable) and one adapter whose input is ``xa`` (``x`` after dropout,
+    or pooled for QALoRA), so that a kernel can run the adapter beside the
+    base (on another CUDA stream) rather than after it. The core composes it
+    from the base and the registered ``lora_add`` unless a kernel other than
+    the reference serves it.
 ``lora_mixed_add(y, x, As, Bs, scales, rows) -> Tensor``
     one adapter per row of the leading (batch) dimension: row ``i`` gets
     adapter ``rows[i]`` (an index into the lists ``As``, ``Bs``, ``scales``),
@@ -26,7 +33,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-OPS = ("lora_add", "lora_mixed_add")
+OPS = ("lora_add", "lora_linear", "lora_mixed_add")
 ANY = "*"
 
 
@@ -166,6 +173,10 @@ class KernelRegister:
 
 def lora_add_reference(y, x, A, B, scale):
     return y + ((x.to(A.dtype) @ A.T) @ B.T * scale).to(y.dtype)
+
+
+def lora_linear_reference(base, x, xa, A, B, scale):
+    return lora_add_reference(base(x), xa, A, B, scale)
 
 
 def lora_mixed_add_reference(y, x, As, Bs, scales, rows):

@@ -187,24 +187,29 @@ class LoraLayer(nn.Module):
         return self.base_forward(x)
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
-        y = self._call_base(x)
-        if self.disabled:
-            return y
-        if adapter_names is not None:
-            return self._mixed_forward(y, x, adapter_names)
+        if self.disabled or adapter_names is not None:
+            y = self._call_base(x)
+            return y if self.disabled else self._mixed_forward(y, x, adapter_names)
+        y = None
         for name in self._compute:
             if name in self.lora_magnitude:
+                y = self._call_base(x) if y is None else y
                 y = y + self._dora_delta(y, x, name)
-            else:
-                kernel = self._kernels.resolve("lora_add", self.backend, x.device.type, x.dtype)
-                y = kernel.fn(
-                    y,
-                    self._adapter_input(name, self.lora_dropout[name](x)),
-                    self.lora_A[name],
-                    self.lora_B[name],
-                    self.scaling[name],
-                )
-        return y
+                continue
+            args = (
+                self._adapter_input(name, self.lora_dropout[name](x)),
+                self.lora_A[name],
+                self.lora_B[name],
+                self.scaling[name],
+            )
+            if y is None:  # the first adapter goes with the base call: a kernel may run them side by side
+                linear = self._kernels.resolve("lora_linear", self.backend, x.device.type, x.dtype)
+                if linear.priority > 0:
+                    y = linear.fn(self._call_base, x, *args)
+                    continue
+                y = self._call_base(x)
+            y = self._kernels.resolve("lora_add", self.backend, x.device.type, x.dtype).fn(y, *args)
+        return self._call_base(x) if y is None else y
 
     def _mixed_forward(self, y: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         if len(adapter_names) != x.shape[0]:

@@ -25,6 +25,13 @@ it never changes a result beyond rounding.
     decode an eager step waits on the host, and two ATen calls cost the host
     less than two Triton launches from Python.
 
+``lora_linear``
+    The base layer's call and the first adapter together: captured in a CUDA
+    graph with few tokens, the split-K shrink runs on a side stream beside
+    the base layer (the base GEMV of a decode step leaves most SMs idle), and
+    only the expand-and-add waits for both. Otherwise the base, then
+    ``lora_add``.
+
 ``lora_mixed_add``
     BGMV-style (Punica's batched gather matrix-vector product): all rows,
     all adapters, two launches (shrink into a float32 workspace of
@@ -137,34 +144,46 @@ def _expand_splitk_kernel(
     tl.store(out_ptr + rm[:, None] * stride_om + rn[None, :], out.to(out_ptr.dtype.element_ty), mask=mn_mask)
 
 
-def _launch_splitk(shrink, expand, y, x, A, B, scale):
+def _splitk_shrink(shrink, x, A):
+    """Launch the partial shrinks of ``x @ A.T``: float32 partials ``(rows, slices, r)`` and their layout."""
     K = x.shape[-1]
-    N = y.shape[-1]
     R = A.shape[0]
     x2 = x.reshape(-1, K).contiguous()
-    y2 = y.reshape(-1, N).contiguous()
     A = A.contiguous()
-    B = B.contiguous()
     M = x2.shape[0]
-    out = torch.empty((M, N), device=y.device, dtype=y.dtype)
     # about 32 slices of the input dimension, each at least 128 wide
     k_per_split = max(128, triton.next_power_of_2(triton.cdiv(K, 32)))
     splits = triton.cdiv(K, k_per_split)
     block_s = triton.next_power_of_2(splits)
     block_r = _pow2_at_least(R, 16)
     m_blocks = triton.cdiv(M, 16)
-    part = torch.empty((m_blocks * 16, block_s, block_r), device=y.device, dtype=torch.float32)
+    part = torch.empty((m_blocks * 16, block_s, block_r), device=x.device, dtype=torch.float32)
     shrink[(splits, m_blocks)](
         x2, A, part, M, K, R, x2.stride(0), A.stride(0),
         K_PER_SPLIT=k_per_split, BLOCK_M=16, BLOCK_K=min(k_per_split, 256), BLOCK_R=block_r, BLOCK_S=block_s,
         num_warps=4,
     )  # fmt: skip
+    return part, (M, R, splits, m_blocks, block_r, block_s)
+
+
+def _splitk_expand(expand, y, part, layout, B, scale):
+    """Sum the partials, expand against ``B`` and add to ``y``: a new tensor shaped like ``y``."""
+    M, R, splits, m_blocks, block_r, block_s = layout
+    N = y.shape[-1]
+    y2 = y.reshape(-1, N).contiguous()
+    B = B.contiguous()
+    out = torch.empty((M, N), device=y.device, dtype=y.dtype)
     block_n = 64 if N <= 4096 else 128
     expand[(m_blocks, triton.cdiv(N, block_n))](
         y2, part, B, out, M, N, R, splits, scale, y2.stride(0), B.stride(0), out.stride(0),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
     return out.view(y.shape)
+
+
+def _launch_splitk(shrink, expand, y, x, A, B, scale):
+    part, layout = _splitk_shrink(shrink, x, A)
+    return _splitk_expand(expand, y, part, layout, B, scale)
 
 
 def lora_add_splitk(y, x, A, B, scale):
@@ -207,6 +226,45 @@ def lora_add(y, x, A, B, scale):
     # host, 2026-11-25: ~60 us for this path vs ~100 us for the two launches from Python), and
     # at decode an eager step waits on the host, not the GPU. Autograd works through it.
     return lora_add_cublas(y, x, A, B, scale)
+
+
+_side_streams: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _side_streams.get(device)
+    if stream is None:
+        stream = _side_streams[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
+def lora_linear(base, x, xa, A, B, scale):
+    """The registered ``lora_linear`` for CUDA. Captured in a CUDA graph with few tokens, the adapter's
+    split-K shrink runs on a side stream while the base layer runs, and only the expand-and-add waits
+    for both: on replay the two branches run at once. Otherwise the base, then :func:`lora_add`."""
+    width = xa.shape[-1]
+    if not (
+        not _compiling()  # first: dynamo cannot trace is_current_stream_capturing()
+        and torch.cuda.is_current_stream_capturing()
+        and xa.is_cuda
+        and xa.dtype in DTYPES
+        and A.dtype == xa.dtype
+        and B.dtype == xa.dtype
+        and width
+        and xa.numel() // width <= SPLITK_MAX_TOKENS
+        and not _needs_grad(xa, A, B)
+    ):
+        return lora_add(base(x), xa, A, B, scale)
+    main = torch.cuda.current_stream(xa.device)
+    side = _side_stream(xa.device)
+    side.wait_stream(main)  # xa is ready; the next layer's side work also waits for this layer's expand
+    with torch.cuda.stream(side):
+        part, layout = _splitk_shrink(_shrink_splitk_kernel, xa, A)
+    y = base(x)
+    main.wait_stream(side)
+    if y.dtype != xa.dtype or not y.is_cuda or _needs_grad(y):
+        return lora_add(y, xa, A, B, scale)
+    return _splitk_expand(_expand_splitk_kernel, y, part, layout, B, float(scale))
 
 
 # --------------------------------------------------------------------------
@@ -388,4 +446,7 @@ def register(register) -> None:
     register.kernel("lora_add", lora_add, name="triton-splitk", device="cuda", dtypes=DTYPES, priority=10)
     register.kernel(
         "lora_mixed_add", lora_mixed_add, name="triton-bgmv", device="cuda", dtypes=DTYPES, priority=10
+    )
+    register.kernel(
+        "lora_linear", lora_linear, name="triton-overlap", device="cuda", dtypes=DTYPES, priority=10
     )

@@ -96,3 +96,39 @@ def test_training_step_on_cuda_uses_autograd_path():
     out.float().square().mean().backward()
     assert layer.lora_A["default"].grad is not None
     assert layer.lora_B["default"].grad is not None
+
+
+@pytest.mark.parametrize(("backend", "variant"), BACKENDS)
+def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(backend, variant):
+    """A chain of three adapter layers (the middle one with two adapters) captured in one graph: the
+    first adapter's shrink goes to the side stream (lora_linear), and the replay equals the references."""
+    from quantplug import kernels, triton_kernels
+
+    layers = [wrapped_layer(backend, variant, 2048, 2048) for _ in range(3)]
+    model = torch.nn.Sequential(*layers)
+    torch.manual_seed(1)
+    layers[1].add_adapter("second", qp.LoraConfig(r=8, alpha=8, target_modules=["x"], init="random"), DTYPE)
+    qp.set_adapter(model, ["default", "second"])
+    static_x = torch.randn(1, 2048, device="cuda", dtype=DTYPE)
+    with torch.no_grad():
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                model(static_x)
+        torch.cuda.current_stream().wait_stream(stream)
+        triton_kernels._side_streams.clear()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = model(static_x)
+        assert triton_kernels._side_streams, "lora_linear did not take the side-stream path under capture"
+        for _ in range(2):
+            fresh = torch.randn_like(static_x)
+            static_x.copy_(fresh)
+            graph.replay()
+            kernels.use_reference_kernels(True)
+            try:
+                expected = model(fresh)
+            finally:
+                kernels.use_reference_kernels(False)
+            torch.testing.assert_close(static_y, expected, rtol=2e-2, atol=2e-2)
