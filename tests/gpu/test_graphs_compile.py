@@ -35,6 +35,21 @@ def wrapped_layer(backend, variant=None, out_features=1024, in_features=2048):
 BACKENDS = [("linear", None), ("bnb", "nf4")]
 
 
+def capture(fn, before_capture=lambda: None):
+    """Warm ``fn()`` up on a side stream (Triton compiles, caches fill), then capture it: (graph, output)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    before_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 @pytest.mark.parametrize(("backend", "variant"), BACKENDS)
 @pytest.mark.parametrize("tokens", [1, 16])
 def test_forward_never_synchronizes(backend, variant, tokens):
@@ -60,15 +75,7 @@ def test_cuda_graph_capture_replays_the_eager_result(backend, variant, tokens):
     layer = wrapped_layer(backend, variant)
     static_x = torch.randn(tokens, layer.in_features, device="cuda", dtype=DTYPE)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                layer(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = layer(static_x)
+        graph, static_y = capture(lambda: layer(static_x))
         for _ in range(2):
             fresh = torch.randn_like(static_x)
             static_x.copy_(fresh)
@@ -111,16 +118,7 @@ def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(backend
     qp.set_adapter(model, ["default", "second"])
     static_x = torch.randn(1, 2048, device="cuda", dtype=DTYPE)
     with torch.no_grad():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                model(static_x)
-        torch.cuda.current_stream().wait_stream(stream)
-        triton_kernels._side_streams.clear()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_y = model(static_x)
+        graph, static_y = capture(lambda: model(static_x), before_capture=triton_kernels._side_streams.clear)
         assert triton_kernels._side_streams, "lora_linear did not take the side-stream path under capture"
         for _ in range(2):
             fresh = torch.randn_like(static_x)
