@@ -31,7 +31,7 @@ if not torch.cuda.is_available():
 
 import quantplug as qp
 from quantplug.registry import hook, load_plugins
-from quantplug.testing import BackendConformance
+from quantplug.testing import BackendConformance, random_linear
 from quantplug.testing.conformance import Holder, relative_error
 
 RESULTS: dict[str, object] = {}
@@ -55,13 +55,7 @@ def record():
 
 
 def dense(in_features, out_features, seed=0, bias=True):
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias, device="cuda")
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear
+    return random_linear(in_features, out_features, bias=bias, seed=seed, device="cuda")
 
 
 def reference(x, weight, bias):

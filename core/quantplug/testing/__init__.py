@@ -14,6 +14,6 @@ your plugin builds through ``quantplug_quantize`` (override
 variant you declare. A failure message names the broken contract and the fix.
 """
 
-from quantplug.testing.conformance import BackendConformance, relative_error
+from quantplug.testing.conformance import BackendConformance, random_linear, relative_error
 
-__all__ = ["BackendConformance", "relative_error"]
+__all__ = ["BackendConformance", "random_linear", "relative_error"]

@@ -20,6 +20,20 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return diff / norm if norm > 0 else diff
 
 
+def random_linear(
+    in_features: int, out_features: int, *, bias: bool = True, seed: int = 0, device=None
+) -> nn.Linear:
+    """A float32 ``nn.Linear`` with weights ~ N(0, 0.05) and bias ~ N(0, 0.1), drawn after
+    ``torch.manual_seed(seed)``: the dense layer every backend's tests quantize."""
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias, device=device)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05)
+        if bias:
+            linear.bias.normal_(0, 0.1)
+    return linear
+
+
 def _contract(hook_name: str, what: str, fix: str) -> str:
     return f"contract {hook_name}: {what}. Fix: {fix}"
 
@@ -132,13 +146,7 @@ class BackendConformance:
         return qp.quantize(linear, self.backend, variant)
 
     def dense(self) -> nn.Linear:
-        torch.manual_seed(self.seed)
-        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias)
-        with torch.no_grad():
-            linear.weight.normal_(0, 0.05)
-            if self.bias:
-                linear.bias.normal_(0, 0.1)
-        return linear
+        return random_linear(self.in_features, self.out_features, bias=self.bias, seed=self.seed)
 
     def layer(self, variant: str | None) -> nn.Module:
         return self.make_layer(self.dense(), variant)

@@ -21,7 +21,7 @@ from aqlm.inference_kernels.dequantization import dequantize_gemm
 from aqlm.utils import _dequantize_weight, pack_int_data, unpack_int_data
 from packaging.specifiers import SpecifierSet
 from quantplug.registry import hook, load_plugins
-from quantplug.testing import BackendConformance, relative_error
+from quantplug.testing import BackendConformance, random_linear, relative_error
 from quantplug_aqlm import codec, layout
 from quantplug_aqlm.lora import AqlmLoraLayer
 from torch import nn
@@ -47,13 +47,7 @@ class Holder(nn.Module):
 
 
 def dense(out_features: int = 64, in_features: int = 128, bias: bool = True, seed: int = 0) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear
+    return random_linear(in_features, out_features, bias=bias, seed=seed)
 
 
 def small(variant: str) -> tuple[int, int]:

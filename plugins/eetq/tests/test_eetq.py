@@ -21,7 +21,7 @@ import quantplug_eetq_standin as standin  # loaded by conftest.py
 import torch
 from quantplug.info import Status
 from quantplug.registry import hook, load_plugins
-from quantplug.testing.conformance import Holder, relative_error
+from quantplug.testing.conformance import Holder, random_linear, relative_error
 from quantplug_eetq import layers
 from quantplug_eetq.lora import EetqLoraLayer
 from torch import nn
@@ -30,13 +30,7 @@ IN, OUT, R = 128, 64, 8
 
 
 def dense(seed=0, bias=True, in_features=IN, out_features=OUT):
-    torch.manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear
+    return random_linear(in_features, out_features, bias=bias, seed=seed)
 
 
 def standin_layer(seed=0, bias=True, **sizes):

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import quantplug as qp
 import torch
 from quantplug.registry import hook, load_plugins
-from quantplug.testing import relative_error
+from quantplug.testing import random_linear, relative_error
 from quantplug.testing.conformance import Holder
 from torch import nn
 
@@ -24,13 +24,7 @@ IN, OUT = 128, 64
 
 
 def dense(seed: int = 0, bias: bool = True) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear
+    return random_linear(IN, OUT, bias=bias, seed=seed)
 
 
 def inputs(rows: int = 4, dtype=torch.float16, seed: int = 1) -> torch.Tensor:

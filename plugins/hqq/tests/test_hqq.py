@@ -16,7 +16,7 @@ import quantplug as qp
 import torch
 from packaging.specifiers import SpecifierSet
 from quantplug.registry import hook, load_plugins
-from quantplug.testing import BackendConformance, relative_error
+from quantplug.testing import BackendConformance, random_linear, relative_error
 from torch import nn
 
 hqq_quantize = pytest.importorskip("hqq.core.quantize")
@@ -41,12 +41,7 @@ def library_layer(
 ):
     """An HQQLinear built the way users build them: HQQLinear(nn.Linear, BaseQuantizeConfig(...))."""
     nbits, group_size, axis = CONFIGS[config]
-    torch.manual_seed(seed)
-    linear = nn.Linear(inp, out, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
+    linear = random_linear(inp, out, bias=bias, seed=seed)
     linear.requires_grad_(trainable)
     cfg = BaseQuantizeConfig(nbits=nbits, group_size=group_size, axis=axis)
     return HQQLinear(linear, cfg, compute_dtype=dtype, device="cpu")

@@ -10,7 +10,7 @@ import pytest
 import quantplug as qp
 import torch
 from quantplug.info import Status
-from quantplug.testing import BackendConformance, relative_error
+from quantplug.testing import BackendConformance, random_linear, relative_error
 from quantplug_inc import NAME, VARIANTS, layers, probe
 from torch import nn
 
@@ -21,13 +21,7 @@ DEFAULT = next(iter(VARIANTS))
 
 
 def dense(seed: int = 0, bias: bool = True) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear
+    return random_linear(IN, OUT, bias=bias, seed=seed)
 
 
 def inc_layer(variant: str = DEFAULT, seed: int = 0, bias: bool = True) -> nn.Module:

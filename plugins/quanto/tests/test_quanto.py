@@ -20,7 +20,7 @@ import quantplug as qp
 import torch
 from optimum.quanto import Calibration, QLinear, QTensor, freeze, qint4, qint8, quantize
 from quantplug.registry import hook
-from quantplug.testing import relative_error
+from quantplug.testing import random_linear, relative_error
 from quantplug_quanto import NAME, VARIANTS
 from torch import nn
 
@@ -30,12 +30,7 @@ IN, OUT = 256, 64
 
 
 def dense(dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        linear.bias.normal_(0, 0.1)
-    return linear.to(dtype)
+    return random_linear(IN, OUT, seed=seed).to(dtype)
 
 
 def quanto_layer(weights=qint8, dtype=torch.float32, activations=None, frozen=True) -> QLinear:

@@ -20,7 +20,7 @@ torchao = pytest.importorskip("torchao")
 import quantplug as qp  # noqa: E402
 import quantplug_torchao  # noqa: E402
 from quantplug.info import Requirement, Status  # noqa: E402
-from quantplug.testing import BackendConformance, conformance, relative_error  # noqa: E402
+from quantplug.testing import BackendConformance, conformance, random_linear, relative_error  # noqa: E402
 from quantplug.versions import probe  # noqa: E402
 from quantplug_torchao import formats  # noqa: E402
 from torchao import quantization as q  # noqa: E402
@@ -34,13 +34,7 @@ DYNAMIC = {"int8dq", "int8dq-int4-g32"}  # quantize activations: forward != x @ 
 
 
 def dense(dtype=torch.bfloat16, bias=True, seed=0) -> nn.Linear:
-    torch.manual_seed(seed)
-    linear = nn.Linear(IN, OUT, bias=bias)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.05)
-        if bias:
-            linear.bias.normal_(0, 0.1)
-    return linear.to(dtype)
+    return random_linear(IN, OUT, bias=bias, seed=seed).to(dtype)
 
 
 def layer_for(config, dtype=torch.bfloat16, seed=0) -> nn.Linear:
