@@ -71,6 +71,24 @@ TARGETS = {
 # --------------------------------------------------------------------------
 
 
+def capture_graph(fn: Callable[[], object], repeat: int = 1):
+    """``fn`` warmed up three times on a side stream (Triton compiles, allocations, lazy caches),
+    then ``repeat`` calls of it captured in one CUDA graph, which is returned."""
+    import torch
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    return graph
+
+
 class Timer:
     """Median time per call of ``fn`` in microseconds, on ``device``."""
 
@@ -122,20 +140,9 @@ class Timer:
         if not self.cuda:
             return None
         torch = self.torch
+        repeat = max(1, 32 // len(fns))
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(3):
-                    for fn in fns:
-                        fn()
-            torch.cuda.current_stream().wait_stream(stream)
-            repeat = max(1, 32 // len(fns))
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                for _ in range(repeat):
-                    for fn in fns:
-                        fn()
+            graph = capture_graph(lambda: [fn() for fn in fns], repeat)
         except Exception as exc:  # a base that cannot be captured: say so in the row
             self.last_graph_error = f"{type(exc).__name__}: {str(exc)[:160]}"
             torch.cuda.synchronize()
@@ -638,15 +645,7 @@ def _graph_decode_tps(model, vocab: int, position: int, replays: int = 50) -> fl
         ).logits
 
     with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture: allocations, Triton compiles, lazy caches
-            for _ in range(3):
-                step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            step()
+        graph = capture_graph(step)
         graph.replay()
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -7,6 +7,7 @@ and its plugin are installed on the device.
 import pytest
 import quantplug as qp
 import torch
+from quantplug.bench import capture_graph
 
 DTYPE = torch.bfloat16
 
@@ -35,19 +36,11 @@ def wrapped_layer(backend, variant=None, out_features=1024, in_features=2048):
 BACKENDS = [("linear", None), ("bnb", "nf4")]
 
 
-def capture(fn, before_capture=lambda: None):
-    """Warm ``fn()`` up on a side stream (Triton compiles, caches fill), then capture it: (graph, output)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    before_capture()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
-    return graph, out
+def capture(fn):
+    """``fn()`` captured in a CUDA graph after a warm-up (quantplug.bench.capture_graph): (graph, output)."""
+    outputs = []
+    graph = capture_graph(lambda: outputs.append(fn()))
+    return graph, outputs[-1]  # the last call is the captured one
 
 
 @pytest.mark.parametrize(("backend", "variant"), BACKENDS)
@@ -118,7 +111,8 @@ def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(backend
     qp.set_adapter(model, ["default", "second"])
     static_x = torch.randn(1, 2048, device="cuda", dtype=DTYPE)
     with torch.no_grad():
-        graph, static_y = capture(lambda: model(static_x), before_capture=triton_kernels._side_streams.clear)
+        triton_kernels._side_streams.clear()  # the warm-up runs uncaptured: only the capture adds one
+        graph, static_y = capture(lambda: model(static_x))
         assert triton_kernels._side_streams, "lora_linear did not take the side-stream path under capture"
         for _ in range(2):
             fresh = torch.randn_like(static_x)
