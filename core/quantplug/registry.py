@@ -165,7 +165,6 @@ class Registry:
             ) from None
         if self.pm.is_registered(module) or self.pm.has_plugin(name):
             raise PluginConflictError(f"a plugin named {name!r} is already registered")
-        self._backend_callers.clear()  # each excludes the plugins it knew of: rebuild with this one
         self.pm.register(module, name=name)
         plugin = self.plugins[name] = Plugin(name, module, dist, version)
         added: list[str] = []
@@ -222,7 +221,8 @@ class Registry:
         self.pm.hook.quantplug_register_kernels(register=KernelRegister(self.kernels))
 
     def plugins_changed(self) -> None:
-        """Forget what was derived from the set of plugins (per-backend callers, kernels) and derive it again."""
+        """Forget what was derived from the set of plugins and derive it again: the kernels, and the
+        per-backend callers (each excludes only the plugins it knew of when it was built)."""
         self._backend_callers.clear()
         self.kernels.clear()
         self.load_kernels()
