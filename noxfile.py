@@ -129,7 +129,7 @@ class _Matrix:
 
     def doctor(self) -> list[dict]:
         out = subprocess.run(
-            [str(self.python), "-m", "quantplug.cli", "doctor", "--json"], capture_output=True, text=True
+            [str(self.python), "-m", "quantplug.apps.cli", "doctor", "--json"], capture_output=True, text=True
         )
         self.session.log(f"quantplug doctor --json: exit {out.returncode}")
         if out.returncode:

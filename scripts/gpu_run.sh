@@ -22,7 +22,7 @@ $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
     $(for p in bnb hqq torchao; do [ -f plugins/$p/pyproject.toml ] && echo -e plugins/$p; done) \
     >"$OUT/install.log" 2>&1 || { echo "install failed:"; tail -20 "$OUT/install.log"; }
 
-qp() { $PY -c 'import sys; from quantplug.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
+qp() { $PY -c 'import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }
 
 for stage in $STAGES; do
   case $stage in
@@ -55,8 +55,8 @@ PY
     tests)
       timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests/gpu -q --no-header -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     bench)
-      timeout ${BENCH_TIMEOUT:-420} $PY -c "import sys; from quantplug.cli import main; sys.exit(main(sys.argv[1:]))" bench --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
+      timeout ${BENCH_TIMEOUT:-420} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     model)
-      timeout ${MODEL_TIMEOUT:-400} $PY -c "import sys; from quantplug.cli import main; sys.exit(main(sys.argv[1:]))" bench --model --no-layers --out "$OUT/model.json" $MODEL_ARGS 2>&1 | tee "$OUT/model.log" | tail -30 ;;
+      timeout ${MODEL_TIMEOUT:-400} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --model --no-layers --out "$OUT/model.json" $MODEL_ARGS 2>&1 | tee "$OUT/model.log" | tail -30 ;;
   esac
 done

@@ -15,8 +15,8 @@ import sys
 import time
 
 import torch
-from quantplug import triton_kernels as tk
-from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
+from quantplug import _triton as tk
+from quantplug._kernels import lora_add_reference, lora_mixed_add_reference
 from triton.testing import do_bench_cudagraph
 
 dtype = torch.bfloat16

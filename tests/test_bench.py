@@ -3,8 +3,8 @@
 import json
 
 import pytest
-from quantplug import bench
-from quantplug.cli import main
+from quantplug.apps import bench
+from quantplug.apps.cli import main
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from quantplug.cli import main
+from quantplug.apps.cli import main
 
 
 def test_doctor_table(capsys):
@@ -25,7 +25,8 @@ def test_doctor_json(capsys):
 
 def test_doctor_reports_a_missing_library_with_the_fix(monkeypatch, capsys):
     """Blocking every plugin but one, then making its library look absent: a row, not a crash."""
-    from quantplug import registry, versions
+    from quantplug import _registry as registry
+    from quantplug import _versions as versions
 
     real = versions.installed_version
     monkeypatch.setattr(
@@ -52,7 +53,17 @@ def test_help_explains_each_command(command, capsys):
 def test_demo_end_to_end(tmp_path):
     """A short demo run: the loss falls, both merges report, the adapter reloads."""
     out = subprocess.run(
-        [sys.executable, "-m", "quantplug.cli", "demo", "--steps", "25", "--out", str(tmp_path), "--json"],
+        [
+            sys.executable,
+            "-m",
+            "quantplug.apps.cli",
+            "demo",
+            "--steps",
+            "25",
+            "--out",
+            str(tmp_path),
+            "--json",
+        ],
         capture_output=True,
         text=True,
         timeout=600,

@@ -47,7 +47,7 @@ def _usable(backend: str) -> bool:
 
 def build(backend: str, variant: str | None, adapter: bool = True, dora: bool = False) -> nn.Module:
     """A 2-block LLaMA, fp32, every linear but the head quantized, LoRA on all of them: the same on every rank."""
-    from quantplug.models import tiny_llama
+    from quantplug.testing.models import tiny_llama
 
     model = qp.quantize(tiny_llama(0, max_position_embeddings=SEQ).train(), backend, variant)
     if adapter:
@@ -259,7 +259,7 @@ def test_find_blocks_takes_transformers_decoder_layers():
 
 
 def test_doctor_shows_fsdp2_per_backend(capsys):
-    from quantplug.cli import main
+    from quantplug.apps.cli import main
 
     assert main(["doctor"]) == 0
     lines = capsys.readouterr().out.splitlines()

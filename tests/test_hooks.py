@@ -9,8 +9,8 @@ import pytest
 import quantplug as qp
 import torch
 from quantplug import hookspecs
-from quantplug.info import BackendInfo, Status
-from quantplug.registry import hook
+from quantplug._info import BackendInfo, Status
+from quantplug._registry import hook
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent

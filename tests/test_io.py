@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import quantplug as qp
 import torch
-from quantplug.models import tiny_llama
+from quantplug.testing.models import tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import quantplug as qp
 import torch
-from quantplug import registry
-from quantplug.info import BackendInfo, Requirement, Status
+from quantplug import _registry as registry
+from quantplug._info import BackendInfo, Requirement, Status
 from torch import nn
 
 REPO = Path(__file__).resolve().parent.parent
@@ -197,7 +197,7 @@ def test_too_old_and_broken_are_reported_not_raised(fresh_registry, capsys):
     assert found in rows["tooold"].reason and ">=999" in rows["tooold"].reason
     assert rows["broken"].status is Status.BROKEN and "--force-reinstall" in rows["broken"].fix
     # doctor lists them with the fix, exits 0
-    from quantplug.cli import main
+    from quantplug.apps.cli import main
 
     assert main(["doctor", "--json"]) == 0
     listed = {row["name"]: row for row in json.loads(capsys.readouterr().out)}

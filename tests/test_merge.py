@@ -6,7 +6,7 @@ import warnings
 import pytest
 import quantplug as qp
 import torch
-from quantplug.info import BackendInfo
+from quantplug._info import BackendInfo
 from quantplug.testing import relative_error
 from torch import nn
 

@@ -25,7 +25,7 @@ import copy
 import pytest
 import quantplug as qp
 import torch
-from quantplug.models import tiny_llama
+from quantplug.testing.models import tiny_llama
 
 peft = pytest.importorskip("peft")
 bnb_functional = pytest.importorskip("bitsandbytes.functional")

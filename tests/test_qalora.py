@@ -23,10 +23,10 @@ import json
 import pytest
 import quantplug as qp
 import torch
-from quantplug.lora import qalora_pool
-from quantplug.models import tiny_llama
-from quantplug.registry import hook
+from quantplug._lora import qalora_pool
+from quantplug._registry import hook
 from quantplug.testing.conformance import Holder, _assert_same_state, _state, relative_error
+from quantplug.testing.models import tiny_llama
 from torch import nn
 
 IN, OUT, R = 128, 64, 4
@@ -456,7 +456,7 @@ def test_load_rejects_a_qalora_file_that_does_not_fit(gptq_llama, tmp_path):
 
 def test_demo_qalora_shows_zeros_beside_requantize_and_dense(tmp_path, capsys):
     need("hqq")
-    from quantplug.cli import main
+    from quantplug.apps.cli import main
 
     assert (
         main(["demo", "--backend", "hqq", "--qalora", "--steps", "25", "--json", "--out", str(tmp_path)]) == 0
@@ -475,7 +475,7 @@ def test_demo_qalora_shows_zeros_beside_requantize_and_dense(tmp_path, capsys):
 
 def test_demo_qalora_on_a_backend_without_groups_says_so(tmp_path, capsys):
     need("bnb")
-    from quantplug.cli import main
+    from quantplug.apps.cli import main
 
     assert main(["demo", "--backend", "bnb", "--qalora", "--out", str(tmp_path)]) == 2
     assert "reports no quantization groups" in capsys.readouterr().out

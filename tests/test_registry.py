@@ -5,8 +5,8 @@ import types
 import pluggy
 import pytest
 import quantplug as qp
-from quantplug import registry
-from quantplug.info import BackendInfo, Requirement, Status
+from quantplug import _registry as registry
+from quantplug._info import BackendInfo, Requirement, Status
 
 
 class FakeDist:
@@ -228,9 +228,9 @@ def test_a_call_naming_a_backend_asks_only_its_plugin(fake_entry_points):
             registry.hook().quantplug_dequantize(module=layer, backend=name) == f"{name} dequantized {name}"
         )
         assert registry.hook().quantplug_compute_dtype(module=layer, backend=name) == f"{name} dtype"
-    # what the plugin leaves out, the core's defaults answer (quantplug.builtin's wrap_layer)
+    # what the plugin leaves out, the core's defaults answer (quantplug._builtin's wrap_layer)
     wrap = registry.load_plugins().backend_caller("quantplug_wrap_layer", "alpha")
-    assert [impl.plugin_name for impl in wrap.get_hookimpls()] == ["quantplug.builtin"]
+    assert [impl.plugin_name for impl in wrap.get_hookimpls()] == ["quantplug._builtin"]
     # hooks without a backend argument still ask everyone
     assert registry.hook().quantplug_detect_layer is registry.load_plugins().pm.hook.quantplug_detect_layer
 

@@ -22,7 +22,7 @@ import pytest
 import quantplug as qp
 import torch
 from quantplug import hookspecs
-from quantplug.registry import ENTRY_POINT_GROUP, hook
+from quantplug._registry import ENTRY_POINT_GROUP, hook
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]

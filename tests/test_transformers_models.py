@@ -50,7 +50,7 @@ KINDS = {
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from quantplug.models import tiny_llama
+    from quantplug.testing.models import tiny_llama
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     tiny_llama(0).save_pretrained(folder)

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 from quantplug import BackendInfo, Requirement, Status
-from quantplug.versions import probe, probe_backend
+from quantplug._versions import probe, probe_backend
 
 
 def test_ok():

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from quantplug.config import LoraConfig
-from quantplug.info import BackendInfo, BackendStatus, Requirement, Status
+from quantplug._config import LoraConfig
+from quantplug._info import BackendInfo, BackendStatus, Requirement, Status
 
 __version__ = "0.1.0"
 
@@ -20,30 +20,31 @@ hookimpl = pluggy.HookimplMarker("quantplug")
 
 # public name -> module that defines it, imported on first access
 _LAZY = {
-    "LoraLayer": "quantplug.lora",
-    "attach": "quantplug.model",
-    "detect": "quantplug.model",
-    "set_adapter": "quantplug.model",
-    "adapter_batch": "quantplug.model",
-    "disable_adapters": "quantplug.model",
-    "prepare_for_training": "quantplug.model",
-    "trainable_parameters": "quantplug.model",
-    "lora_layers": "quantplug.model",
-    "quantize": "quantplug.model",
-    "merge": "quantplug.merging",
-    "unmerge": "quantplug.merging",
-    "unload": "quantplug.merging",
-    "MergeReport": "quantplug.merging",
-    "MergeError": "quantplug.merging",
-    "save_adapter": "quantplug.io",
-    "load_adapter": "quantplug.io",
-    "AdapterFileError": "quantplug.io",
-    "register": "quantplug.registry",
-    "unregister": "quantplug.registry",
-    "backends": "quantplug.registry",
-    "load_plugins": "quantplug.registry",
-    "PluginConflictError": "quantplug.registry",
-    "use_reference_kernels": "quantplug.kernels",
+    "LoraLayer": "quantplug._lora",
+    "attach": "quantplug._model",
+    "detect": "quantplug._model",
+    "set_adapter": "quantplug._model",
+    "adapter_batch": "quantplug._model",
+    "disable_adapters": "quantplug._model",
+    "prepare_for_training": "quantplug._model",
+    "trainable_parameters": "quantplug._model",
+    "lora_layers": "quantplug._model",
+    "quantize": "quantplug._model",
+    "merge": "quantplug._merging",
+    "unmerge": "quantplug._merging",
+    "unload": "quantplug._merging",
+    "MergeReport": "quantplug._merging",
+    "MergeError": "quantplug._merging",
+    "save_adapter": "quantplug._io",
+    "load_adapter": "quantplug._io",
+    "AdapterFileError": "quantplug._io",
+    "register": "quantplug._registry",
+    "unregister": "quantplug._registry",
+    "backends": "quantplug._registry",
+    "load_plugins": "quantplug._registry",
+    "PluginConflictError": "quantplug._registry",
+    "PluginError": "quantplug._errors",
+    "use_reference_kernels": "quantplug._kernels",
 }
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "MergeError",
     "MergeReport",
     "PluginConflictError",
+    "PluginError",
     "Requirement",
     "Status",
     "__version__",
@@ -103,11 +105,12 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from quantplug import distributed as distributed
-    from quantplug.io import AdapterFileError, load_adapter, save_adapter
-    from quantplug.kernels import use_reference_kernels
-    from quantplug.lora import LoraLayer
-    from quantplug.merging import MergeError, MergeReport, merge, unload, unmerge
-    from quantplug.model import (
+    from quantplug._errors import PluginError
+    from quantplug._io import AdapterFileError, load_adapter, save_adapter
+    from quantplug._kernels import use_reference_kernels
+    from quantplug._lora import LoraLayer
+    from quantplug._merging import MergeError, MergeReport, merge, unload, unmerge
+    from quantplug._model import (
         adapter_batch,
         attach,
         detect,
@@ -118,4 +121,4 @@ if TYPE_CHECKING:
         set_adapter,
         trainable_parameters,
     )
-    from quantplug.registry import PluginConflictError, backends, load_plugins, register, unregister
+    from quantplug._registry import PluginConflictError, backends, load_plugins, register, unregister

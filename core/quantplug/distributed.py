@@ -40,9 +40,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from quantplug.lora import LoraLayer
-from quantplug.model import detect, lora_layers, trainable_parameters
-from quantplug.registry import hook, load_plugins
+from quantplug._lora import LoraLayer
+from quantplug._model import detect, lora_layers, trainable_parameters
+from quantplug._registry import hook, load_plugins
 
 __all__ = ["ShardingError", "check_shardable", "find_blocks", "full_tensor", "is_main_process", "shard"]
 

@@ -9,7 +9,7 @@ Dispatch hooks are ``firstresult``: the first answer that is not ``None``
 wins. ``quantplug_detect_layer`` asks every plugin, so it must return
 ``None`` for layers that are not its own. The hooks that take ``backend``
 are called for one backend's layers at a time, on the plugin that declared
-that backend (then the core's defaults in :mod:`quantplug.builtin`), never
+that backend (then the core's defaults in :mod:`quantplug._builtin`), never
 on another plugin: an implementation needs no ``backend`` check (the
 argument is always the plugin's own backend, and may be left out).
 
@@ -41,10 +41,10 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from quantplug.config import LoraConfig
-    from quantplug.info import BackendInfo, BackendStatus
-    from quantplug.kernels import KernelRegister
-    from quantplug.lora import LoraLayer
+    from quantplug._config import LoraConfig
+    from quantplug._info import BackendInfo, BackendStatus
+    from quantplug._kernels import KernelRegister
+    from quantplug._lora import LoraLayer
 
 hookspec = pluggy.HookspecMarker("quantplug")
 
@@ -67,7 +67,7 @@ def quantplug_backend_info() -> BackendInfo:
     Must be cheap and must not import the backend's library: the core calls
     it for ``quantplug doctor`` even when the library is missing or broken.
     The core turns ``requires`` into a status with
-    :func:`quantplug.versions.probe`, so most plugins need no
+    :func:`quantplug._versions.probe`, so most plugins need no
     ``quantplug_check_backend``.
 
     .. versionadded:: 0.1

@@ -25,6 +25,6 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture
 def triton_kernels():
     pytest.importorskip("triton", reason="needs Triton for the fast CUDA kernels")
-    from quantplug import triton_kernels
+    from quantplug import _triton as triton_kernels
 
     return triton_kernels

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA device", allow_module_level=True)
 
 import quantplug as qp
-from quantplug.registry import hook, load_plugins
+from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, random_linear
 from quantplug.testing.conformance import Holder, relative_error
 

@@ -7,7 +7,7 @@ and its plugin are installed on the device.
 import pytest
 import quantplug as qp
 import torch
-from quantplug.bench import capture_graph
+from quantplug.apps.bench import capture_graph
 
 DTYPE = torch.bfloat16
 
@@ -37,7 +37,7 @@ BACKENDS = [("linear", None), ("bnb", "nf4")]
 
 
 def capture(fn):
-    """``fn()`` captured in a CUDA graph after a warm-up (quantplug.bench.capture_graph): (graph, output)."""
+    """``fn()`` captured in a CUDA graph after a warm-up (quantplug.apps.bench.capture_graph): (graph, output)."""
     outputs = []
     graph = capture_graph(lambda: outputs.append(fn()))
     return graph, outputs[-1]  # the last call is the captured one
@@ -102,7 +102,8 @@ def test_training_step_on_cuda_uses_autograd_path():
 def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(backend, variant):
     """A chain of three adapter layers (the middle one with two adapters) captured in one graph: the
     first adapter's shrink goes to the side stream (lora_linear), and the replay equals the references."""
-    from quantplug import kernels, triton_kernels
+    from quantplug import _kernels as kernels
+    from quantplug import _triton as triton_kernels
 
     layers = [wrapped_layer(backend, variant, 2048, 2048) for _ in range(3)]
     model = torch.nn.Sequential(*layers)

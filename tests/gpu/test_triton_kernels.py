@@ -8,7 +8,7 @@ the reference's own size (both round to the compute dtype).
 
 import pytest
 import torch
-from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
+from quantplug._kernels import lora_add_reference, lora_mixed_add_reference
 
 DTYPES = [torch.bfloat16, torch.float16]
 # (tokens, in, out, r): decode, small batches on both sides of the split-K/cuBLAS switch, odd sizes
@@ -52,7 +52,7 @@ def check_close(fast, ref, truth, dtype):
 
 
 def test_registered_for_cuda_half_types(triton_kernels):
-    from quantplug.registry import load_plugins
+    from quantplug._registry import load_plugins
 
     kernels = load_plugins().kernels
     for dtype in DTYPES:

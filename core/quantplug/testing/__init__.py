@@ -1,6 +1,6 @@
-"""Conformance suite for backend plugins: subclass :class:`BackendConformance` in your tests.
+"""Test helpers for plugin authors and for quantplug's own tests.
 
-::
+Conformance suite: subclass :class:`BackendConformance` in your tests::
 
     from quantplug.testing import BackendConformance
 
@@ -12,8 +12,42 @@ Every contract of ``quantplug/hookspecs.py`` becomes a test, run on layers
 your plugin builds through ``quantplug_quantize`` (override
 :meth:`BackendConformance.make_layer` to build them another way), for every
 variant you declare. A failure message names the broken contract and the fix.
+
+Also: :func:`random_linear` (a seeded dense layer), :func:`relative_error`,
+:class:`Holder` (a one-layer model to attach to), and :func:`tiny_llama` (a
+tiny LLaMA built from a config, no download). Names load on first access, so
+``tiny_llama`` needs transformers but not pytest.
 """
 
-from quantplug.testing.conformance import BackendConformance, random_linear, relative_error
+from __future__ import annotations
 
-__all__ = ["BackendConformance", "random_linear", "relative_error"]
+import importlib
+from typing import TYPE_CHECKING
+
+_LAZY = {
+    "BackendConformance": "quantplug.testing.conformance",
+    "Holder": "quantplug.testing.conformance",
+    "random_linear": "quantplug.testing.conformance",
+    "relative_error": "quantplug.testing.conformance",
+    "tiny_llama": "quantplug.testing.models",
+}
+
+__all__ = ["BackendConformance", "Holder", "random_linear", "relative_error", "tiny_llama"]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'quantplug.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:
+    from quantplug.testing.conformance import BackendConformance, Holder, random_linear, relative_error
+    from quantplug.testing.models import tiny_llama

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 import quantplug as qp
-from quantplug.builtin import NAME as DENSE_BACKEND
-from quantplug.info import DEFAULT_MERGE_MODES, MERGE_MODES, Status
-from quantplug.registry import hook, load_plugins
+from quantplug._builtin import NAME as DENSE_BACKEND
+from quantplug._info import DEFAULT_MERGE_MODES, MERGE_MODES, Status
+from quantplug._registry import hook, load_plugins
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:

@@ -25,7 +25,7 @@ it calls the layer itself, with aqlm's CUDA/Triton kernels.
 from __future__ import annotations
 
 import torch
-from quantplug.lora import LoraLayer
+from quantplug.plugin import LoraLayer
 
 from quantplug_aqlm import layout
 

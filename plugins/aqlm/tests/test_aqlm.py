@@ -20,7 +20,7 @@ import torch
 from aqlm.inference_kernels.dequantization import dequantize_gemm
 from aqlm.utils import _dequantize_weight, pack_int_data, unpack_int_data
 from packaging.specifiers import SpecifierSet
-from quantplug.registry import hook, load_plugins
+from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, random_linear, relative_error
 from quantplug_aqlm import codec, layout
 from quantplug_aqlm.lora import AqlmLoraLayer
@@ -549,7 +549,7 @@ def test_requantize_progress_bar(capfd):
 def test_transformers_aqlm_checkpoint_end_to_end(tmp_path):
     """A tiny LLaMA saved with an AqlmConfig and loaded back by transformers, as users get AQLM models."""
     transformers = pytest.importorskip("transformers")
-    from quantplug.models import tiny_llama
+    from quantplug.testing.models import tiny_llama
 
     model = qp.quantize(
         tiny_llama(0, vocab_size=96, num_hidden_layers=1, max_position_embeddings=32), "aqlm", "2x8-g8"

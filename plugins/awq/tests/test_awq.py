@@ -20,7 +20,7 @@ from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 from gptqmodel.nn_modules.qlinear.torch_fused_awq import TorchFusedAwqLinear
 from gptqmodel.nn_modules.qlinear.torch_int8_awq import TorchInt8AwqLinear
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
-from quantplug.registry import hook, load_plugins
+from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, relative_error
 from quantplug_awq import _layers
 from quantplug_gptq import testing

@@ -14,7 +14,7 @@ registered"), so every adapter below that layer stops learning.
 from __future__ import annotations
 
 import torch
-from quantplug.lora import LoraLayer
+from quantplug.plugin import LoraLayer
 
 from quantplug_bnb import _layers
 

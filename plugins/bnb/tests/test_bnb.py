@@ -28,7 +28,7 @@ import warnings
 import pytest
 import quantplug as qp
 import torch
-from quantplug.registry import hook
+from quantplug._registry import hook
 from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")

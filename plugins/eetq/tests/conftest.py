@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from quantplug.info import Status
-from quantplug.registry import load_plugins
+from quantplug._info import Status
+from quantplug._registry import load_plugins
 
 _spec = importlib.util.spec_from_file_location(
     "quantplug_eetq_standin", Path(__file__).with_name("standin.py")

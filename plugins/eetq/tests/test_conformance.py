@@ -13,8 +13,8 @@ import importlib.util
 import pytest
 import quantplug_eetq
 import quantplug_eetq_standin as standin  # loaded by conftest.py
-from quantplug.info import Status
-from quantplug.registry import load_plugins
+from quantplug._info import Status
+from quantplug._registry import load_plugins
 from quantplug.testing import BackendConformance
 
 
@@ -36,7 +36,7 @@ class TestEetqStandinConformance(BackendConformance):
         real = quantplug_eetq.REQUIREMENT
         status = load_plugins().status(self.backend)
         # the fixture marked it usable; the registry's real answer for this machine is "missing"
-        from quantplug.versions import probe
+        from quantplug._versions import probe
 
         assert probe(real).status is Status.MISSING
         assert status.info.requires == (real,) and real.install_line().startswith("pip install")

@@ -19,8 +19,8 @@ import quantplug as qp
 import quantplug_eetq
 import quantplug_eetq_standin as standin  # loaded by conftest.py
 import torch
-from quantplug.info import Status
-from quantplug.registry import hook, load_plugins
+from quantplug._info import Status
+from quantplug._registry import hook, load_plugins
 from quantplug.testing.conformance import Holder, random_linear, relative_error
 from quantplug_eetq import layers
 from quantplug_eetq.lora import EetqLoraLayer
@@ -80,7 +80,7 @@ def test_doctor_reports_eetq_missing(capsys):
     assert "git+https://github.com/NetEase-FuXi/EETQ.git" in status.fix and "nvcc" in status.fix
     if sys.version_info[:2] != (3, 10):
         assert f"no EETQ wheel for Python {sys.version_info[0]}.{sys.version_info[1]}" in status.fix
-    from quantplug.cli import main
+    from quantplug.apps.cli import main
 
     main(["doctor"])
     out = capsys.readouterr().out

@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from quantplug.lora import LoraLayer
+from quantplug.plugin import LoraLayer
 from torch import nn
 
 from quantplug_gptq._gptqmodel import mro_names

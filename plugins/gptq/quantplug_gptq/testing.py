@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import quantplug as qp
 import torch
-from quantplug.registry import hook, load_plugins
+from quantplug._registry import hook, load_plugins
 from quantplug.testing import random_linear, relative_error
 from quantplug.testing.conformance import Holder
 from torch import nn

@@ -18,7 +18,7 @@ from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
 from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
-from quantplug.registry import hook, load_plugins
+from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, relative_error
 from quantplug_gptq import _layers, testing
 from quantplug_gptq.testing import IN, OUT, dense, inputs, reference, same_state, state, wrapped

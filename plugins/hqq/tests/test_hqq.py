@@ -15,7 +15,7 @@ import pytest
 import quantplug as qp
 import torch
 from packaging.specifiers import SpecifierSet
-from quantplug.registry import hook, load_plugins
+from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, random_linear, relative_error
 from torch import nn
 

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from quantplug.lora import LoraLayer
+from quantplug.plugin import LoraLayer
 from torch import nn
 from torch.nn import functional as F
 

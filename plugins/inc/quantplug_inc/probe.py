@@ -15,8 +15,7 @@ import importlib_metadata as metadata
 from packaging.markers import UndefinedEnvironmentName
 from packaging.requirements import InvalidRequirement
 from packaging.requirements import Requirement as Req
-from quantplug.info import BackendStatus, Requirement, Status
-from quantplug.versions import installed_version, probe, probe_backend
+from quantplug.plugin import BackendStatus, Requirement, Status, installed_version, probe, probe_backend
 
 TORCH_ONLY_DIST = "neural-compressor-pt"
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import quantplug as qp
 import torch
-from quantplug.info import Status
+from quantplug._info import Status
 from quantplug.testing import BackendConformance, random_linear, relative_error
 from quantplug_inc import NAME, VARIANTS, layers, probe
 from torch import nn
@@ -120,7 +120,7 @@ def test_probe_accepts_torch_only_dist(monkeypatch):
     versions = {"neural-compressor": None, "neural-compressor-pt": "3.9"}
     real = probe.installed_version
     monkeypatch.setattr(probe, "installed_version", lambda d: versions[d] if d in versions else real(d))
-    monkeypatch.setattr("quantplug.versions.installed_version", probe.installed_version)
+    monkeypatch.setattr("quantplug._versions.installed_version", probe.installed_version)
     monkeypatch.setattr(probe.metadata, "requires", lambda dist: ["torch", "psutil"])
     status = probe.check(info)
     assert status.status is Status.OK and status.found == "3.9", status

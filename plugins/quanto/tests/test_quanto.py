@@ -19,7 +19,7 @@ import pytest
 import quantplug as qp
 import torch
 from optimum.quanto import Calibration, QLinear, QTensor, freeze, qint4, qint8, quantize
-from quantplug.registry import hook
+from quantplug._registry import hook
 from quantplug.testing import random_linear, relative_error
 from quantplug_quanto import NAME, VARIANTS
 from torch import nn

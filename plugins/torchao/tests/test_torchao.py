@@ -19,9 +19,9 @@ torchao = pytest.importorskip("torchao")
 
 import quantplug as qp  # noqa: E402
 import quantplug_torchao  # noqa: E402
-from quantplug.info import Requirement, Status  # noqa: E402
+from quantplug._info import Requirement, Status  # noqa: E402
+from quantplug._versions import probe  # noqa: E402
 from quantplug.testing import BackendConformance, conformance, random_linear, relative_error  # noqa: E402
-from quantplug.versions import probe  # noqa: E402
 from quantplug_torchao import formats  # noqa: E402
 from torchao import quantization as q  # noqa: E402
 from torchao.quantization import PerAxis, PerGroup, PerRow, PerTensor, quantize_  # noqa: E402
@@ -435,7 +435,7 @@ def test_compile_fullgraph_wrapped(variant):
 
 def test_transformers_torchaoconfig_llama(tmp_path):
     transformers = pytest.importorskip("transformers")
-    from quantplug.models import tiny_llama
+    from quantplug.testing.models import tiny_llama
 
     tiny_llama(0, vocab_size=64, num_hidden_layers=1, max_position_embeddings=32).to(
         torch.bfloat16

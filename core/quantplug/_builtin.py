@@ -11,7 +11,7 @@ claims only layers whose class and weight are exactly torch's own.
 from __future__ import annotations
 
 from quantplug import hookimpl
-from quantplug.info import BackendInfo
+from quantplug._info import BackendInfo
 
 NAME = "linear"
 
@@ -55,7 +55,7 @@ def quantplug_compute_dtype(module):
 
 @hookimpl(trylast=True)
 def quantplug_wrap_layer(module, backend):
-    from quantplug.lora import LoraLayer
+    from quantplug._lora import LoraLayer
 
     return LoraLayer(module, backend)
 
@@ -100,14 +100,14 @@ def dense_linear(weight, bias):
 
 @hookimpl
 def quantplug_register_kernels(register):
-    from quantplug import kernels
+    from quantplug import _kernels as kernels
 
     register.kernel("lora_add", kernels.lora_add_reference, name="reference", priority=0)
     register.kernel("lora_linear", kernels.lora_linear_reference, name="reference", priority=0)
     register.kernel("lora_mixed_add", kernels.lora_mixed_add_reference, name="reference", priority=0)
     if _triton_usable():
         try:
-            from quantplug import triton_kernels
+            from quantplug import _triton as triton_kernels
         except Exception:  # a Triton that cannot build for this torch: the references serve CUDA too
             return
         triton_kernels.register(register)

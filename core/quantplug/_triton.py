@@ -1,9 +1,9 @@
 """Triton kernels for the LoRA ops on CUDA, in bf16 and fp16.
 
-Registered by :mod:`quantplug.builtin` for device ``"cuda"`` only when a
+Registered by :mod:`quantplug._builtin` for device ``"cuda"`` only when a
 CUDA device and Triton are both importable; nothing here is imported
 otherwise. Each function has exactly the signature of its op in
-:mod:`quantplug.kernels`, and falls back to the reference for any call it
+:mod:`quantplug._kernels`, and falls back to the reference for any call it
 was not written for (autograd, mixed dtypes, CPU tensors), so registering
 it never changes a result beyond rounding.
 
@@ -50,7 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
-from quantplug.kernels import lora_add_reference, lora_mixed_add_reference
+from quantplug._kernels import lora_add_reference, lora_mixed_add_reference
 
 DTYPES = (torch.bfloat16, torch.float16)
 # At and below this many tokens (decode, small batches) the split-K kernels beat
@@ -442,7 +442,7 @@ except Exception:  # a torch whose custom-op API differs: the plain launch still
 
 
 def register(register) -> None:
-    """Register the kernels above (``register`` is a :class:`quantplug.kernels.KernelRegister`)."""
+    """Register the kernels above (``register`` is a :class:`quantplug._kernels.KernelRegister`)."""
     register.kernel("lora_add", lora_add, name="triton-splitk", device="cuda", dtypes=DTYPES, priority=10)
     register.kernel(
         "lora_mixed_add", lora_mixed_add, name="triton-bgmv", device="cuda", dtypes=DTYPES, priority=10

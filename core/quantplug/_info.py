@@ -2,7 +2,7 @@
 
 These are plain data: a plugin returns a :class:`BackendInfo` from
 ``quantplug_backend_info`` and the core turns its requirements into a
-:class:`BackendStatus` per backend (see :mod:`quantplug.versions`).
+:class:`BackendStatus` per backend (see :mod:`quantplug._versions`).
 """
 
 from __future__ import annotations

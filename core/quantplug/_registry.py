@@ -21,11 +21,11 @@ import importlib_metadata as metadata
 import pluggy
 
 from quantplug import hookspecs
-from quantplug.info import BackendInfo, BackendStatus, Status
-from quantplug.versions import probe_backend
+from quantplug._info import BackendInfo, BackendStatus, Status
+from quantplug._versions import probe_backend
 
 ENTRY_POINT_GROUP = "quantplug.backends"
-BUILTIN_PLUGINS = ("quantplug.builtin",)
+BUILTIN_PLUGINS = ("quantplug._builtin",)
 
 
 class PluginConflictError(RuntimeError):
@@ -105,7 +105,7 @@ class Registry:
         self.failures: list[BackendStatus] = []
         self._backend_callers: dict[tuple[str, str], pluggy.HookCaller] = {}
         self.relay = HookRelay(self)
-        from quantplug.kernels import KernelRegistry
+        from quantplug._kernels import KernelRegistry
 
         self.kernels = KernelRegistry()
         for name in BUILTIN_PLUGINS:
@@ -216,7 +216,7 @@ class Registry:
         return info.name
 
     def load_kernels(self) -> None:
-        from quantplug.kernels import KernelRegister
+        from quantplug._kernels import KernelRegister
 
         self.pm.hook.quantplug_register_kernels(register=KernelRegister(self.kernels))
 

@@ -33,7 +33,7 @@ def corpus_bytes() -> torch.Tensor:
 
 def tiny_llama(seed: int):
     """A 2-layer LLaMA over bytes (vocabulary 256), random weights, float32."""
-    from quantplug.models import tiny_llama as build
+    from quantplug.testing.models import tiny_llama as build
 
     return build(
         seed,
@@ -102,7 +102,7 @@ def qalora_variant(backend: str, asked: str | None, info) -> tuple[str | None, i
     import transformers  # noqa: F401  before any backend: INC 3.10's RTN refers to it only if imported first
     from torch import nn
 
-    from quantplug.registry import hook
+    from quantplug._registry import hook
 
     pm = hook()
     candidates = [asked] if asked else list(info.variants or [None])

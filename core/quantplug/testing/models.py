@@ -3,7 +3,7 @@
 Plugin authors can use them too, to test a backend on a whole transformers
 model rather than one layer::
 
-    from quantplug.models import tiny_llama
+    from quantplug.testing.models import tiny_llama
 
     model = qp.quantize(tiny_llama(), "mybackend")
 """

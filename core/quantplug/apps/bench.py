@@ -299,7 +299,7 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
     import torch
 
     import quantplug as qp
-    from quantplug.registry import load_plugins
+    from quantplug._registry import load_plugins
 
     shapes = _parse_shapes(args.shapes or ("64x128,96x256" if args.quick else "4096x4096,11008x4096"))
     tokens_list = [int(t) for t in (args.tokens or ("1,16,64" if args.quick else "1,16,2048")).split(",")]
@@ -519,7 +519,7 @@ def _finish(row: dict, base_bytes: int, adapter_bytes: int, io_bytes: int, env: 
 
 def _splitk_max_tokens() -> int:
     try:
-        from quantplug.triton_kernels import SPLITK_MAX_TOKENS
+        from quantplug._triton import SPLITK_MAX_TOKENS
 
         return SPLITK_MAX_TOKENS
     except Exception:
@@ -570,7 +570,7 @@ def _llama(backend: str, variant: str | None, device: str, dtype, quick: bool, s
     import torch
 
     import quantplug as qp
-    from quantplug.models import tiny_llama
+    from quantplug.testing.models import tiny_llama
 
     with torch.device(device):
         model = tiny_llama(seed, **(QUICK_LLAMA if quick else TINYLLAMA), torch_dtype=dtype).to(dtype)
@@ -1182,7 +1182,7 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:  # pragma: no cover - convenience for python -m
-    from quantplug.cli import main as cli_main
+    from quantplug.apps.cli import main as cli_main
 
     return cli_main(["bench", *(argv if argv is not None else sys.argv[1:])])
 

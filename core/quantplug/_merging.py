@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from quantplug.builtin import NAME as DENSE_BACKEND
-from quantplug.builtin import dense_linear
-from quantplug.lora import LoraLayer
-from quantplug.model import lora_layers
-from quantplug.registry import hook, load_plugins
+from quantplug._builtin import NAME as DENSE_BACKEND
+from quantplug._builtin import dense_linear
+from quantplug._lora import LoraLayer
+from quantplug._model import lora_layers
+from quantplug._registry import hook, load_plugins
 
 MODES = ("requantize", "dense", "zeros")
 DROPPED_MOST = 0.5  # warn when the merge error exceeds half of the adapter's own size

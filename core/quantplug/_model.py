@@ -9,10 +9,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from quantplug.builtin import is_plain_linear
-from quantplug.config import LoraConfig
-from quantplug.lora import BASE, GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
-from quantplug.registry import hook, load_plugins
+from quantplug._builtin import is_plain_linear
+from quantplug._config import LoraConfig
+from quantplug._lora import BASE, GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
+from quantplug._registry import hook, load_plugins
 
 
 def detect(module: nn.Module, model: nn.Module | None = None) -> str | None:

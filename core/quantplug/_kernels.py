@@ -66,7 +66,7 @@ def use_reference_kernels(enabled: bool = True) -> None:
     """Force (or stop forcing) the plain-PyTorch reference kernels, process-wide."""
     global _forced_reference
     _forced_reference = enabled
-    from quantplug.registry import load_plugins
+    from quantplug._registry import load_plugins
 
     load_plugins().kernels.clear_cache()
 
@@ -167,7 +167,7 @@ class KernelRegister:
 
 
 # --------------------------------------------------------------------------
-# References: always correct, registered by quantplug.builtin at priority 0
+# References: always correct, registered by quantplug._builtin at priority 0
 # --------------------------------------------------------------------------
 
 

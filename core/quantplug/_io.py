@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quantplug.config import LoraConfig
-from quantplug.lora import GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
-from quantplug.model import _plan, attach, lora_layers
+from quantplug._config import LoraConfig
+from quantplug._lora import GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
+from quantplug._model import _plan, attach, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -20,7 +20,7 @@ trains them, and merges them back.
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from quantplug.registry import backends
+    from quantplug._registry import backends
 
     rows = backends()
     if args.json:
@@ -79,13 +79,13 @@ def _fsdp2(info) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from quantplug.demo import run_demo
+    from quantplug.apps.demo import run_demo
 
     return run_demo(args)
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from quantplug.bench import run_bench
+    from quantplug.apps.bench import run_bench
 
     return run_bench(args)
 

@@ -15,7 +15,7 @@ import importlib_metadata as metadata
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from quantplug.info import BackendInfo, BackendStatus, Requirement, Status
+from quantplug._info import BackendInfo, BackendStatus, Requirement, Status
 
 
 def installed_version(dist: str) -> str | None:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from quantplug.config import LoraConfig
+from quantplug._config import LoraConfig
 
 BASE = "__base__"  # adapter_names entry for rows that get no adapter (PEFT's name too)
 
@@ -35,7 +35,7 @@ def qalora_group_size(base: nn.Module, backend: str, in_features: int, config: L
     """The pooling group a QALoRA ``config`` gets on a layer: its own, else the layer's quantization group."""
     group = config.qalora_group_size
     if group is None:
-        from quantplug.registry import hook
+        from quantplug._registry import hook
 
         group = hook().quantplug_group_size(module=base, backend=backend)
         if group is None:
@@ -68,7 +68,7 @@ class LoraLayer(nn.Module):
         self, base: nn.Module, backend: str, in_features: int | None = None, out_features: int | None = None
     ):
         super().__init__()
-        from quantplug.registry import load_plugins
+        from quantplug._registry import load_plugins
 
         self.base = base
         self.backend = backend
@@ -218,7 +218,7 @@ class LoraLayer(nn.Module):
             )
         if self.merges:
             raise ValueError("adapter_names batches need unmerged adapters: call qp.unmerge first")
-        from quantplug.registry import load_plugins
+        from quantplug._registry import load_plugins
 
         info = load_plugins().status(self.backend).info
         if info is not None and not info.mixed_batch:
@@ -304,7 +304,7 @@ class LoraLayer(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The base's dense weight, through the backend's ``quantplug_dequantize``."""
-        from quantplug.registry import hook
+        from quantplug._registry import hook
 
         weight = hook().quantplug_dequantize(module=self.base, backend=self.backend)
         if weight is None:
