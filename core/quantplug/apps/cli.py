@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from quantplug.apps.bench.command import DESCRIPTION as BENCH_DESCRIPTION
+from quantplug.apps.bench.command import add_arguments as add_bench_arguments
+
 DESCRIPTION = """\
 quantplug attaches LoRA adapters to already-quantized layers (bitsandbytes,
 GPTQ, AWQ, HQQ, TorchAO, AQLM, INC, quanto, EETQ and third-party backends),
@@ -20,9 +23,9 @@ trains them, and merges them back.
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from quantplug._registry import backends
+    import quantplug as qp
 
-    rows = backends()
+    rows = qp.backends()
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
         return 0
@@ -85,7 +88,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from quantplug.apps.bench import run_bench
+    from quantplug.apps.bench.command import run_bench
 
     return run_bench(args)
 
@@ -143,36 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench",
         help="time bare, adapter and merged layers per backend, beside PEFT (JSON out)",
-        description="Times each backend's bare quantized layer, the same layer with an unmerged adapter "
-        "(reference and fast kernels) and merged, at 1, 16 and 2048 tokens, and PEFT's LoRA layer on the same "
-        "base in the same run where PEFT supports the backend. Ratios (wrapped/bare, quantplug/PEFT) are the "
-        "numbers to read; absolute times on shared machines are noise.",
+        description=BENCH_DESCRIPTION,
     )
-    bench.add_argument(
-        "--backends",
-        default=None,
-        help="comma-separated backends (default: linear, bnb, hqq, torchao where ok here)",
-    )
-    bench.add_argument(
-        "--shapes", default=None, help="comma-separated OUTxIN shapes (default: 4096x4096,11008x4096)"
-    )
-    bench.add_argument("--tokens", default=None, help="comma-separated token counts (default: 1,16,2048)")
-    bench.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    bench.add_argument("--dtype", default="bfloat16", help="compute dtype (default: bfloat16)")
-    bench.add_argument("--rank", type=int, default=16)
-    bench.add_argument("--no-peft", action="store_true", help="skip PEFT's columns")
-    bench.add_argument(
-        "--model", action="store_true", help="also run the whole-model decode/training comparison"
-    )
-    bench.add_argument(
-        "--out", default="bench.json", help="JSON output path (a PNG chart is written beside it)"
-    )
-    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
-    bench.add_argument("--no-layers", action="store_true", help="skip the per-layer timings (with --model)")
-    bench.add_argument(
-        "--render", metavar="JSON", default=None,
-        help="write the Markdown report beside JSON (docs/performance.json -> docs/performance.md) and exit",
-    )  # fmt: skip
+    add_bench_arguments(bench)
     bench.set_defaults(func=_bench)
     return parser
 
