@@ -47,3 +47,37 @@ class PluginError(RuntimeError):
             self.layer = layer
             self.args = (self._message(),)
         return self
+
+
+class PluginWarning(UserWarning):
+    """A plugin misbehaved and was skipped for the call, or a plugin setting names nothing installed."""
+
+
+# A plugin that raises ValueError / TypeError / NotImplementedError is saying "not this layer" the way
+# the hook specs document (quantplug_quantize: unknown variant; quantplug_fold_into_zeros: no zero
+# points): the PluginError it becomes is also one of those, so ``except ValueError`` keeps working.
+class PluginValueError(PluginError, ValueError):
+    """A :class:`PluginError` whose cause is a ``ValueError``."""
+
+
+class PluginTypeError(PluginError, TypeError):
+    """A :class:`PluginError` whose cause is a ``TypeError``."""
+
+
+class PluginNotImplementedError(PluginError, NotImplementedError):
+    """A :class:`PluginError` whose cause is a ``NotImplementedError``."""
+
+
+_KINDS = (
+    (ValueError, PluginValueError),
+    (TypeError, PluginTypeError),
+    (NotImplementedError, PluginNotImplementedError),
+)
+
+
+def plugin_error(cause: BaseException, problem: str, **where: str | None) -> PluginError:
+    """The :class:`PluginError` for a plugin's exception ``cause``: also a ValueError, TypeError or
+    NotImplementedError when ``cause`` is one, so callers that catch those keep catching it.
+    Raise it ``from cause``."""
+    cls = next((cls for kind, cls in _KINDS if isinstance(cause, kind)), PluginError)
+    return cls(problem, **where)

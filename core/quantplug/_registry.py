@@ -1,13 +1,29 @@
-"""The plugin manager: lazy entry-point discovery, allow/block lists, statuses.
+"""The plugin manager: lazy entry-point discovery, allow/block lists, statuses, and the hook relay.
 
 Plugins are found in the entry-point group ``quantplug.backends`` the first
-time anything needs them, never at import. A plugin that fails to import is
-recorded as broken (``quantplug doctor`` shows why) and every other backend
-keeps working. Environment variables:
+time anything needs them, never at import. A plugin that fails to import, or
+whose ``quantplug_backend_info`` fails, is recorded as broken (``quantplug
+doctor`` shows why) and every other backend keeps working. Environment
+variables:
 
 - ``QUANTPLUG_LOAD_PLUGINS=a,b`` loads only those entry points (empty: none);
 - ``QUANTPLUG_BLOCK_PLUGINS=a`` skips those;
 - ``QUANTPLUG_TRACE_PLUGINS=1`` prints every hook call to stderr.
+
+A name in either list that no installed entry point has gives a
+:class:`~quantplug._errors.PluginWarning` naming the ones there are. An entry
+point's name is its backend's name (``hqq = "quantplug_hqq"`` declares
+backend ``"hqq"``), so both lists work by backend name; a plugin whose entry
+point and backend disagree is not loaded, and ``quantplug doctor`` says why.
+
+Every hook call the core makes goes through :class:`HookRelay`, which calls
+the hookimpls one at a time in pluggy's order (``tryfirst`` first,
+``trylast`` last) so that it knows who answered: a plugin's exception comes
+out as a :class:`~quantplug.PluginError` naming the plugin, its
+distribution, the hook and the backend, chained to the original; a
+``quantplug_detect_layer`` that raises is reported once per plugin and
+skipped, so the other backends keep working. The core's own plugin
+(:mod:`quantplug._builtin`) raises the core's errors as they are.
 """
 
 from __future__ import annotations
@@ -15,31 +31,46 @@ from __future__ import annotations
 import os
 import sys
 import threading
+import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import importlib_metadata as metadata
 import pluggy
 
 from quantplug import hookspecs
+from quantplug._errors import PluginError, PluginWarning, plugin_error
 from quantplug._info import BackendInfo, BackendStatus, Status
+from quantplug._kernels import KernelRegister, KernelRegistry
 from quantplug._versions import probe_backend
 
 ENTRY_POINT_GROUP = "quantplug.backends"
 BUILTIN_PLUGINS = ("quantplug._builtin",)
+DETECT = "quantplug_detect_layer"
+LOAD_ENV, BLOCK_ENV = "QUANTPLUG_LOAD_PLUGINS", "QUANTPLUG_BLOCK_PLUGINS"
 
 
 class PluginConflictError(RuntimeError):
     """Two plugins claim the same backend name."""
 
 
+class _NotLoaded(Exception):
+    """An entry point's plugin cannot be loaded: recorded as a broken row, never raised to users."""
+
+    def __init__(self, reason: str, fix: str) -> None:
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
+
+
 @dataclass
 class Plugin:
-    """A loaded plugin and where it came from."""
+    """A loaded plugin and where it came from (``entry_point``: its name there, if it came from one)."""
 
     name: str
     module: object
     dist: str | None = None
     version: str | None = None
+    entry_point: str | None = None
 
 
 def get_plugin_manager() -> pluggy.PluginManager:
@@ -59,44 +90,60 @@ def _env_list(name: str) -> set[str] | None:
 
 
 class HookRelay:
-    """The plugin manager's hooks, with each call that names a ``backend`` sent to that backend's plugin.
+    """The plugin manager's hooks as the core calls them: one plugin at a time, failures attributed.
 
-    ``hook().quantplug_dequantize(module=layer, backend="hqq")`` asks only the
+    ``relay.quantplug_dequantize(module=layer, backend="hqq")`` asks only the
     plugin that declared ``"hqq"``, then the core's defaults (the built-in
     plugin, ``trylast``): a plugin never sees another backend's layers, so
     its hookimpls need no ``backend`` check, and no plugin can answer for
-    a backend it did not declare. Hooks without a ``backend``
-    argument (detect, prepare_for_training, ...) ask every plugin, as pluggy does.
+    a backend it did not declare. Hooks without a ``backend`` argument
+    (detect, prepare_for_training, ...) ask every plugin, as pluggy does.
+    Either way a plugin's exception is re-raised as a ``PluginError`` (see
+    :meth:`Registry.call`).
     """
 
     def __init__(self, registry: Registry) -> None:
         self._registry = registry
 
-    def __getattr__(self, name: str) -> pluggy.HookCaller | _BackendCaller:
+    def __getattr__(self, name: str) -> _Caller:
+        if name.startswith("_"):
+            raise AttributeError(name)
         caller = getattr(self._registry.pm.hook, name)
         if caller.spec is not None and "backend" in caller.spec.argnames:
             return _BackendCaller(self._registry, name, caller)
-        return caller
+        return _Caller(self._registry, name, caller)
 
 
-class _BackendCaller:
-    """One dispatch hook: call it with ``backend=`` and only that backend's plugin answers."""
+class _Caller:
+    """One hook, called through :meth:`Registry.call`; pluggy's own attributes pass through."""
 
     def __init__(self, registry: Registry, name: str, caller: pluggy.HookCaller) -> None:
         self._registry, self._name, self._caller = registry, name, caller
 
     def __call__(self, **kwargs: object) -> object:
-        backend = kwargs.get("backend")
-        if not isinstance(backend, str):
-            raise TypeError(f"{self._name}() needs backend=<name>: the backend whose plugin should answer")
-        return self._registry.backend_caller(self._name, backend)(**kwargs)
+        return self._registry.call(self._name, self._caller.get_hookimpls(), kwargs)
 
     def __getattr__(self, name: str) -> object:  # get_hookimpls(), spec, ...: pluggy's own
         return getattr(self._caller, name)
 
 
+class _BackendCaller(_Caller):
+    """One dispatch hook: call it with ``backend=`` and only that backend's plugin answers."""
+
+    def __call__(self, **kwargs: object) -> object:
+        backend = kwargs.get("backend")
+        if not isinstance(backend, str):
+            raise TypeError(f"{self._name}() needs backend=<name>: the backend whose plugin should answer")
+        impls = self._registry.backend_caller(self._name, backend).get_hookimpls()
+        return self._registry.call(self._name, impls, kwargs, backend=backend)
+
+
 class Registry:
-    """Everything loaded: the plugin manager, the backends, and what failed."""
+    """Everything loaded: the plugin manager, the backends, the kernels, and what failed.
+
+    It owns the one :class:`KernelRegistry` (``kernels``) and the one
+    :class:`HookRelay` (``relay``) it hands to the layers it wraps.
+    """
 
     def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
         self.pm = pm or get_plugin_manager()
@@ -104,9 +151,8 @@ class Registry:
         self.backends: dict[str, BackendStatus] = {}
         self.failures: list[BackendStatus] = []
         self._backend_callers: dict[tuple[str, str], pluggy.HookCaller] = {}
+        self._warned: set[tuple[str, str]] = set()  # (plugin, hook): reported once
         self.relay = HookRelay(self)
-        from quantplug._kernels import KernelRegistry
-
         self.kernels = KernelRegistry()
         for name in BUILTIN_PLUGINS:
             module = self.pm.get_plugin(name)
@@ -114,16 +160,20 @@ class Registry:
             for impl in self.pm.hook.quantplug_backend_info.get_hookimpls():
                 if impl.plugin is module:
                     self._add_backend(impl.function(), plugin)
+        self._trace = None
         if os.environ.get("QUANTPLUG_TRACE_PLUGINS", "") not in ("", "0"):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
+            self._trace = self.pm.trace.root.get("hook")
 
     # -- discovery ---------------------------------------------------------
 
     def load_entry_points(self) -> None:
-        allow = _env_list("QUANTPLUG_LOAD_PLUGINS")
-        block = _env_list("QUANTPLUG_BLOCK_PLUGINS") or set()
-        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+        allow = _env_list(LOAD_ENV)
+        block = _env_list(BLOCK_ENV) or set()
+        points = list(metadata.entry_points(group=ENTRY_POINT_GROUP))
+        self._check_env_lists(allow, block, sorted({ep.name for ep in points}))
+        for ep in points:
             if (allow is not None and ep.name not in allow) or ep.name in block:
                 continue
             dist = ep.dist.name if ep.dist is not None else None
@@ -138,24 +188,59 @@ class Registry:
             try:
                 module = ep.load()
             except Exception as exc:
-                self.failures.append(
-                    BackendStatus(
-                        name=ep.name,
-                        status=Status.BROKEN,
-                        plugin_dist=dist,
-                        plugin_version=version,
-                        reason=f"plugin {ep.value!r} failed to import: {type(exc).__name__}: {exc}",
-                        fix=f"pip install --force-reinstall {dist or ep.name}",
-                    )
-                )
+                self._broken(ep.name, dist, version, f"plugin {ep.value!r} failed to import: {_text(exc)}",
+                             f"pip install --force-reinstall {dist or ep.name}")  # fmt: skip
                 continue
-            self.add(module, name=ep.name, dist=dist, version=version)
+            try:
+                self.add(module, name=ep.name, dist=dist, version=version, entry_point=ep.name)
+            except _NotLoaded as exc:
+                self._broken(ep.name, dist, version, exc.reason, exc.fix)
+
+    def _broken(self, name: str, dist: str | None, version: str | None, reason: str, fix: str) -> None:
+        self.failures.append(
+            BackendStatus(
+                name, Status.BROKEN, plugin_dist=dist, plugin_version=version, reason=reason, fix=fix
+            )
+        )
+
+    def _check_env_lists(self, allow: set[str] | None, block: set[str], known: list[str]) -> None:
+        """Warn about names in the allow/block lists that no installed entry point has (a typo
+        there would otherwise load, or fail to block, a plugin without a word)."""
+        listed = ", ".join(known) or "none"
+        builtin = {row.name for row in self.backends.values()}  # the core's own: always loaded
+        for env, names in ((LOAD_ENV, allow or set()), (BLOCK_ENV, block)):
+            for name in sorted(names - set(known)):
+                if name in builtin:
+                    if env == BLOCK_ENV:
+                        warnings.warn(
+                            f"{env} names {name!r}, the core's own backend, which cannot be blocked",
+                            PluginWarning,
+                            stacklevel=4,
+                        )
+                    continue
+                warnings.warn(
+                    f"{env} names {name!r}, which no installed plugin provides; installed entry points in "
+                    f"group {ENTRY_POINT_GROUP!r}: {listed}",
+                    PluginWarning,
+                    stacklevel=4,
+                )
 
     def add(
-        self, module: object, name: str | None = None, dist: str | None = None, version: str | None = None
+        self,
+        module: object,
+        name: str | None = None,
+        dist: str | None = None,
+        version: str | None = None,
+        entry_point: str | None = None,
     ) -> str:
-        """Register one plugin object and describe its backend (if it declares one)."""
+        """Register one plugin object and describe its backend (if it declares one); all or nothing.
+
+        A plugin from an entry point must declare the backend of the entry point's name (or none,
+        for a plugin that only adds kernels): otherwise it is not loaded (``_NotLoaded``).
+        """
         name = name or getattr(module, "__name__", None) or repr(module)
+        if not isinstance(name, str):
+            raise TypeError(f"a plugin's name must be a str, got {type(name).__name__} {name!r}")
         try:
             hash(module)
         except TypeError:
@@ -166,13 +251,14 @@ class Registry:
         if self.pm.is_registered(module) or self.pm.has_plugin(name):
             raise PluginConflictError(f"a plugin named {name!r} is already registered")
         self.pm.register(module, name=name)
-        plugin = self.plugins[name] = Plugin(name, module, dist, version)
+        plugin = self.plugins[name] = Plugin(name, module, dist, version, entry_point)
         added: list[str] = []
         try:
             self.pm.check_pending()
+            self._refuse_wrappers(plugin)
             for impl in self.pm.hook.quantplug_backend_info.get_hookimpls():
                 if impl.plugin is module:
-                    added.append(self._add_backend(impl.function(), plugin))
+                    added.append(self._add_backend(self._backend_info(impl, plugin), plugin))
         except Exception:
             self.pm.unregister(module)
             del self.plugins[name]
@@ -180,6 +266,47 @@ class Registry:
                 del self.backends[backend]
             raise
         return name
+
+    def _refuse_wrappers(self, plugin: Plugin) -> None:
+        """Hook wrappers (``wrapper=True``, ``hookwrapper=True``) cannot be attributed or skipped one
+        plugin at a time, which is how :meth:`call` runs hooks: refused when the plugin is added."""
+        for caller in self.pm.get_hookcallers(plugin.module) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is plugin.module and (impl.wrapper or impl.hookwrapper):
+                    problem = (
+                        f"plugin {plugin.name!r}: {caller.name} is a hook wrapper; quantplug calls each "
+                        "plugin's hookimpls one at a time and supports no wrappers"
+                    )
+                    fix = "implement the hook as a plain @quantplug.hookimpl (tryfirst/trylast order it)"
+                    if plugin.entry_point is not None:
+                        raise _NotLoaded(problem, fix)
+                    raise TypeError(f"{problem}: {fix}")
+
+    def _backend_info(self, impl: pluggy.HookImpl, plugin: Plugin) -> BackendInfo:
+        where = f"plugin {plugin.name!r} (distribution {plugin.dist or 'an in-process plugin'!r})"
+        try:
+            info = impl.function()
+        except Exception as exc:
+            if plugin.entry_point is not None:
+                raise _NotLoaded(
+                    f"{where}: quantplug_backend_info raised {_text(exc)}",
+                    f"report it to {plugin.dist or plugin.name}, or pip install --force-reinstall {plugin.dist}",
+                ) from exc
+            raise self._error(exc, "quantplug_backend_info", plugin.name) from exc
+        if not isinstance(info, BackendInfo):
+            problem = f"quantplug_backend_info() must return quantplug.BackendInfo, got {type(info).__name__}"
+            if plugin.entry_point is not None:
+                raise _NotLoaded(f"{where}: {problem}", f"report it to {plugin.dist or plugin.name}")
+            raise TypeError(f"plugin {plugin.name!r}: {problem}")
+        if plugin.entry_point is not None and info.name != plugin.entry_point:
+            raise _NotLoaded(
+                f"{where}: its entry point is named {plugin.entry_point!r} and it declares backend "
+                f"{info.name!r}; the two names must agree (QUANTPLUG_BLOCK_PLUGINS and "
+                "QUANTPLUG_LOAD_PLUGINS take that one name)",
+                f"in {plugin.dist or 'the plugin'}'s pyproject.toml, name the entry point after the backend: "
+                f'[project.entry-points."{ENTRY_POINT_GROUP}"] {info.name} = "..."',
+            )
+        return info
 
     def _add_backend(self, info: BackendInfo, plugin: Plugin) -> str:
         if not isinstance(info, BackendInfo):
@@ -216,9 +343,23 @@ class Registry:
         return info.name
 
     def load_kernels(self) -> None:
-        from quantplug._kernels import KernelRegister
-
-        self.pm.hook.quantplug_register_kernels(register=KernelRegister(self.kernels))
+        """Ask every plugin for its kernels; one whose registration fails is reported and its kernels
+        left out (the references, and every other plugin's kernels, still serve)."""
+        register = KernelRegister(self.kernels)
+        for impl in reversed(self.pm.hook.quantplug_register_kernels.get_hookimpls()):
+            if self._trace is not None:
+                self._trace("quantplug_register_kernels", impl.plugin_name)
+            before = list(self.kernels.kernels)
+            try:
+                impl.function(*[{"register": register}[arg] for arg in impl.argnames])
+            except Exception as exc:
+                if impl.plugin_name in BUILTIN_PLUGINS:
+                    raise
+                self.kernels.kernels[:] = before
+                self.kernels.clear_cache()
+                self._warn_once(
+                    impl.plugin_name, "quantplug_register_kernels", exc, "its kernels are not used"
+                )
 
     def plugins_changed(self) -> None:
         """Forget what was derived from the set of plugins and derive it again: the kernels, and the
@@ -227,7 +368,108 @@ class Registry:
         self.kernels.clear()
         self.load_kernels()
 
+    # -- calling hooks -----------------------------------------------------
+
+    def call(
+        self, hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: dict, backend: str | None = None
+    ) -> object:
+        """Call ``impls`` (as ``get_hookimpls()`` lists them) as pluggy would, one at a time.
+
+        pluggy calls the last-listed impl first (``tryfirst`` ones, then the newest plugin's, then
+        ``trylast``); so does this. A ``firstresult`` hook returns the first non-None answer, any
+        other hook the list of them. A plugin that raises becomes a :class:`PluginError` (also a
+        ``ValueError``/``TypeError``/``NotImplementedError`` when the plugin raised one) naming it,
+        chained to its exception; for ``quantplug_detect_layer`` it is reported instead
+        (:class:`PluginWarning`, once per plugin) and skipped for this call.
+        """
+        spec = getattr(self.pm.hook, hook_name).spec
+        firstresult = bool(spec and spec.opts.get("firstresult"))
+        if self._trace is not None:
+            self._trace(hook_name, kwargs)
+        results = []
+        for impl in reversed(impls):
+            try:
+                args = [kwargs[arg] for arg in impl.argnames]
+            except KeyError as missing:
+                raise TypeError(
+                    f"{hook_name}() called without argument {missing}, which the hook needs"
+                ) from None
+            try:
+                result = impl.function(*args)
+            except PluginError:
+                raise  # a plugin calling back into quantplug: the error already names who failed
+            except Exception as exc:
+                if impl.plugin_name in BUILTIN_PLUGINS:
+                    raise
+                if hook_name == DETECT:
+                    self._warn_once(impl.plugin_name, hook_name, exc, "it claims no layer in this call")
+                    continue
+                raise self._error(exc, hook_name, impl.plugin_name, backend) from exc
+            if result is None:
+                continue
+            if hook_name == DETECT:
+                self._check_detected(result, impl.plugin_name)
+            if firstresult:
+                return result
+            results.append(result)
+        return None if firstresult else results
+
+    def _error(
+        self, exc: Exception, hook_name: str, plugin_name: str, backend: str | None = None
+    ) -> PluginError:
+        plugin = self.plugins.get(plugin_name)
+        return plugin_error(
+            exc,
+            f"{hook_name} raised {_text(exc)}",
+            plugin=plugin_name,
+            dist=plugin.dist if plugin else None,
+            hook=hook_name,
+            backend=backend or ", ".join(self.declared_by(plugin_name)) or None,
+        )
+
+    def _warn_once(self, plugin_name: str, hook_name: str, exc: Exception, consequence: str) -> None:
+        if (plugin_name, hook_name) in self._warned:
+            return
+        self._warned.add((plugin_name, hook_name))
+        plugin = self.plugins.get(plugin_name)
+        dist = plugin.dist if plugin and plugin.dist else "an in-process plugin"
+        warnings.warn(
+            f"plugin {plugin_name!r} (distribution {dist!r}): {hook_name} raised {_text(exc)}; "
+            f"{consequence}, and every other backend keeps working. Report it to {dist}, or block it "
+            f"with {BLOCK_ENV}={plugin_name}",
+            PluginWarning,
+            stacklevel=5,
+        )
+
+    def _check_detected(self, result: object, plugin_name: str) -> None:
+        """A detect answer must be a backend the answering plugin declared."""
+        own = self.declared_by(plugin_name)
+        if isinstance(result, str) and result in own:
+            return
+        plugin = self.plugins.get(plugin_name)
+        owner = (
+            self.backends[result].plugin_name if isinstance(result, str) and result in self.backends else None
+        )
+        why = (
+            f"which plugin {owner!r} declared, not this one"
+            if owner
+            else "which no quantplug_backend_info declared"
+            if isinstance(result, str)
+            else f"a {type(result).__name__}, not a backend name or None"
+        )
+        raise PluginError(
+            f"{DETECT} returned {result!r}, {why}; the plugin declares {own or 'no backend'} "
+            f"(declared backends: {', '.join(sorted(self.backends))})",
+            plugin=plugin_name,
+            dist=plugin.dist if plugin else None,
+            hook=DETECT,
+        )
+
     # -- queries -----------------------------------------------------------
+
+    def declared_by(self, plugin_name: str) -> list[str]:
+        """The backends the plugin registered as ``plugin_name`` declared."""
+        return sorted(name for name, row in self.backends.items() if row.plugin_name == plugin_name)
 
     def backend_caller(self, hook_name: str, backend: str) -> pluggy.HookCaller:
         """``hook_name`` as ``backend``'s layers see it: the plugin that declared it, then the core's defaults.
@@ -254,6 +496,23 @@ class Registry:
             installed = ", ".join(sorted(self.backends)) or "none"
             raise KeyError(f"no backend named {backend!r}; installed: {installed}")
         return self.backends[backend]
+
+    def find(self, plugin: object) -> str:
+        """The registered name of ``plugin``: a name :func:`register` returned, or the object itself."""
+        if isinstance(plugin, str) and plugin in self.plugins:
+            return plugin
+        for name, record in self.plugins.items():
+            if record.module is plugin:
+                return name
+        names = ", ".join(sorted(set(self.plugins) - set(BUILTIN_PLUGINS))) or "none"
+        raise ValueError(
+            f"no plugin {plugin!r} is registered; pass the name quantplug.register() returned or the "
+            f"plugin object itself (registered plugins: {names})"
+        )
+
+
+def _text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 _registry: Registry | None = None
@@ -293,14 +552,20 @@ def register(plugin: object, name: str | None = None) -> str:
         return name
 
 
-def unregister(name: str) -> None:
-    """Remove a plugin added with :func:`register` (tests use this in ``finally``)."""
+def unregister(plugin: object) -> None:
+    """Remove a plugin: pass the name :func:`register` returned, or the plugin object itself.
+
+    :raises ValueError: for a plugin that is not registered (naming the ones that are), and for the
+        core's own plugin, which cannot be removed.
+    """
     registry = load_plugins()
     with _lock:
-        plugin = registry.plugins.pop(name, None)
-        if plugin is None:
-            return
-        registry.pm.unregister(plugin.module)
+        name = registry.find(plugin)
+        if name in BUILTIN_PLUGINS:
+            raise ValueError(f"{name!r} is the core's own plugin (the reference kernels, plain linears); "
+                             "it cannot be unregistered")  # fmt: skip
+        record = registry.plugins.pop(name)
+        registry.pm.unregister(record.module)
         for backend, status in list(registry.backends.items()):
             if status.plugin_name == name:
                 del registry.backends[backend]
