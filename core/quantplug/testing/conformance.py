@@ -216,6 +216,24 @@ class BackendConformance:
                 "set Requirement.pip",
             )
 
+    def test_entry_point_name(self):
+        """An installed plugin's entry point is named after its backend, so that
+        ``QUANTPLUG_BLOCK_PLUGINS=<backend>`` and ``QUANTPLUG_LOAD_PLUGINS=<backend>`` reach it."""
+        registry = load_plugins()
+        for row in registry.failures:  # the loader refuses a plugin whose two names disagree
+            assert f"declares backend {self.backend!r}" not in (row.reason or ""), _contract(
+                "entry point", row.reason or "", row.fix or ""
+            )
+        if self.backend not in registry.backends:
+            return  # not loaded at all: test_backend_info says why
+        plugin = registry.plugins.get(registry.backends[self.backend].plugin_name)
+        if plugin is not None and plugin.entry_point is not None:  # an in-process plugin has none
+            assert plugin.entry_point == self.backend, _contract(
+                "entry point",
+                f"entry point {plugin.entry_point!r} declares backend {self.backend!r}",
+                f'name it after the backend: [project.entry-points."quantplug.backends"] {self.backend} = "..."',
+            )
+
     # -- quantplug_detect_layer ----------------------------------------------
 
     def test_detect_claims_own_layers(self, variant):
