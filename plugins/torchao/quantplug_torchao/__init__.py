@@ -18,6 +18,11 @@ from quantplug import BackendInfo, Requirement, hookimpl
 
 NAME = "torchao"
 
+# Proved by the nox matrix (docs/compatibility.md). What moved between these releases is
+# handled in quantplug_torchao/_compat.py by feature probes. Upper bound: torchao reshapes its
+# tensor classes nearly every release.
+REQUIREMENT = Requirement("torchao", ">=0.15,<0.19", module="torchao")
+
 # variant name -> what it builds; the first is the default. The torchao
 # config each one runs is in formats.VARIANTS.
 VARIANTS = (
@@ -35,11 +40,7 @@ VARIANTS = (
 def quantplug_backend_info():
     return BackendInfo(
         name=NAME,
-        # 0.18 deleted AffineQuantizedTensor and made Int8WeightOnlyConfig build
-        # Int8Tensor (version 2); before it, the same config built an AQT whose
-        # format this plugin does not rebuild. Upper bound: torchao reshapes its
-        # tensor classes nearly every release.
-        requires=(Requirement("torchao", ">=0.18,<0.19", module="torchao"),),
+        requires=(REQUIREMENT,),
         devices=("cpu", "cuda"),
         merge_modes=("requantize", "dense", "zeros"),
         variants=VARIANTS,
@@ -52,6 +53,12 @@ def quantplug_backend_info():
                 "only the nf4 variant (NF4Tensor, FSDP2's all-gather extension) shards; fully_shard "
                 "fails on Int8Tensor and IntxUnpackedToInt8Tensor (no aten.split) and Float8Tensor "
                 "(no aten.new_zeros) in torchao 0.18"
+            ),
+            "requantize": (
+                "rebuilds the tensor subclasses of torchao's version-2 configs (Int8Tensor, IntxUnpackedToInt8Tensor, "
+                "Float8Tensor, NF4Tensor, the Int4 layouts); before torchao 0.18 Int8WeightOnlyConfig() and "
+                "Int8DynamicActivationInt8WeightConfig() default to version=1 (AffineQuantizedTensor), which is "
+                "attached and merged with mode='dense' only: pass version=2 to requantize"
             ),
             "zeros": (
                 "partial: per-group IntxUnpackedToInt8Tensor weights (int4-g32, int4-g64, int8dq-int4-g32) only, "

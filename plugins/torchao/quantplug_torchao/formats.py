@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quantplug_torchao import VARIANTS, torchao_weight
+from quantplug_torchao import VARIANTS, _compat, torchao_weight
 
 # rows of the identity fed per call when dequantizing through the forward,
 # so a 14336-wide layer never materialises a 14336x14336 input at once
@@ -136,6 +136,11 @@ def _intx_granularity(block_size, shape):
     return PerAxis(0) if block[1] == int(shape[-1]) else PerGroup(block[1])
 
 
+def _attr(weight, name: str):
+    """A tensor attribute that older torchao releases do not have yet (``None`` there)."""
+    return getattr(weight, name, None)
+
+
 def _any_nonzero(zero_point) -> bool:
     return zero_point is not None and bool(torch.any(zero_point != 0))
 
@@ -160,28 +165,32 @@ def recover_config(weight: torch.Tensor):
     from torchao.quantization.quant_primitives import MappingType
 
     kind = type(weight).__name__
+    config = _compat.config
     if kind == "NF4Tensor":
         return None
     if kind == "Int8Tensor":
-        if weight.act_pre_scale is not None or _any_nonzero(weight.zero_point):
+        # act_pre_scale, zero_point, act_quant_zero_point and reduce_range arrived in 0.16-0.18
+        if _attr(weight, "act_pre_scale") is not None or _any_nonzero(_attr(weight, "zero_point")):
             return None
         granularity = _granularity(weight.block_size, weight.shape)
         act = weight.act_quant_kwargs
         if act is None:
-            return q.Int8WeightOnlyConfig(granularity=granularity, set_inductor_config=False)
-        if weight.act_quant_scale is not None:
-            return q.Int8StaticActivationInt8WeightConfig(
+            return config("Int8WeightOnlyConfig", granularity=granularity, set_inductor_config=False)
+        if _attr(weight, "act_quant_scale") is not None:
+            return config(
+                "Int8StaticActivationInt8WeightConfig",
                 act_quant_scale=weight.act_quant_scale,
-                act_quant_zero_point=weight.act_quant_zero_point,
+                act_quant_zero_point=_attr(weight, "act_quant_zero_point"),
                 granularity=[act.granularity, granularity],
                 act_mapping_type=act.mapping_type,
-                reduce_range=bool(weight.reduce_range),
+                reduce_range=bool(_attr(weight, "reduce_range")),
                 set_inductor_config=False,
             )
-        return q.Int8DynamicActivationInt8WeightConfig(
+        return config(
+            "Int8DynamicActivationInt8WeightConfig",
             granularity=[act.granularity, granularity],
             act_mapping_type=act.mapping_type,
-            reduce_range=bool(weight.reduce_range),
+            reduce_range=bool(_attr(weight, "reduce_range")),
             set_inductor_config=False,
         )
     if kind == "IntxUnpackedToInt8Tensor":
@@ -218,8 +227,11 @@ def recover_config(weight: torch.Tensor):
         granularity = _granularity(weight.block_size, weight.shape)
         act = weight.act_quant_kwargs
         if act is None:
-            return q.Float8WeightOnlyConfig(
-                weight_dtype=weight.qdata.dtype, granularity=granularity, set_inductor_config=False
+            return config(
+                "Float8WeightOnlyConfig",
+                weight_dtype=weight.qdata.dtype,
+                granularity=granularity,
+                set_inductor_config=False,
             )
         return q.Float8DynamicActivationFloat8WeightConfig(
             activation_dtype=act.float8_dtype,
@@ -300,10 +312,9 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
         quantize_(new, config, filter_fn=lambda m, _fqn: m is new)
         return _closer(new, _on_old_grid(module, old, dense, bias), dense)
     if kind == "NF4Tensor":
-        from torchao.quantization import to_nf4
-
         new = _new_linear(module, dense, bias)
-        new.weight = nn.Parameter(to_nf4(dense, old.block_size, old.scaler_block_size), requires_grad=False)
+        weight = _compat.to_nf4(dense, old.block_size, old.scaler_block_size)
+        new.weight = nn.Parameter(weight, requires_grad=False)
         return new
     if kind == "Int8Tensor":
         return _requantize_int8_directly(module, old, dense, bias)
@@ -333,8 +344,8 @@ def _on_old_grid(module, old, dense, bias):
             custom_scale=old.scale,
             custom_zero_point=old.zero_point,
         )
-    elif kind == "Int8Tensor":
-        weight = _int8_from_hp(old, dense, scale=old.scale, zero_point=old.zero_point)
+    elif kind == "Int8Tensor" and _compat.int8_from_hp_takes("scale"):  # 0.16 on
+        weight = _int8_from_hp(old, dense, scale=old.scale, zero_point=_attr(old, "zero_point"))
     else:
         return None
     new = _new_linear(module, dense, bias)
@@ -353,22 +364,23 @@ def _closer(fresh, kept, target):
 
 def _int8_from_hp(old, dense, scale=None, zero_point=None):
     """``Int8Tensor.from_hp`` with every setting of ``old``; the pre-scale is divided out of ``dense``."""
-    from torchao.quantization import Int8Tensor
     from torchao.quantization.quant_primitives import MappingType
 
-    pre_scale = old.act_pre_scale
+    pre_scale = _attr(old, "act_pre_scale")
     stored = dense if pre_scale is None else (dense.float() / pre_scale.float().reshape(1, -1)).to(old.dtype)
-    return Int8Tensor.from_hp(
+    return _compat.int8_from_hp(
         stored,
         granularity=_granularity(old.block_size, old.shape),
-        mapping_type=MappingType.ASYMMETRIC if _any_nonzero(old.zero_point) else MappingType.SYMMETRIC,
+        mapping_type=MappingType.ASYMMETRIC
+        if _any_nonzero(_attr(old, "zero_point"))
+        else MappingType.SYMMETRIC,
         scale=scale,
         zero_point=zero_point,
         act_quant_kwargs=old.act_quant_kwargs,
-        act_quant_scale=old.act_quant_scale,
-        act_quant_zero_point=old.act_quant_zero_point,
+        act_quant_scale=_attr(old, "act_quant_scale"),
+        act_quant_zero_point=_attr(old, "act_quant_zero_point"),
         act_pre_scale=pre_scale,
-        reduce_range=old.reduce_range,
+        reduce_range=_attr(old, "reduce_range"),
     )
 
 
@@ -387,15 +399,16 @@ def variant_config(variant: str):
     """The torchao config a quantplug variant name stands for (``None`` for ``nf4``)."""
     from torchao import quantization as q
 
+    config = _compat.config
     configs = {
-        "int8wo": lambda: q.Int8WeightOnlyConfig(set_inductor_config=False),
+        "int8wo": lambda: config("Int8WeightOnlyConfig", set_inductor_config=False),
         "int4-g32": lambda: q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=q.PerGroup(32)),
         "int4-g64": lambda: q.IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=q.PerGroup(64)),
-        "int8dq": lambda: q.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False),
+        "int8dq": lambda: config("Int8DynamicActivationInt8WeightConfig", set_inductor_config=False),
         "int8dq-int4-g32": lambda: q.Int8DynamicActivationIntxWeightConfig(
             weight_dtype=torch.int4, weight_granularity=q.PerGroup(32)
         ),
-        "float8wo": lambda: q.Float8WeightOnlyConfig(set_inductor_config=False),
+        "float8wo": lambda: config("Float8WeightOnlyConfig", set_inductor_config=False),
         "nf4": lambda: None,
     }
     if variant not in configs:
@@ -405,7 +418,7 @@ def variant_config(variant: str):
 
 def quantize(linear: nn.Module, variant: str) -> nn.Module:
     """A new torchao layer from a plain ``nn.Linear`` (round to nearest, no calibration data)."""
-    from torchao.quantization import quantize_, to_nf4
+    from torchao.quantization import quantize_
 
     config = variant_config(variant)
     if not isinstance(linear, nn.Linear) or torchao_weight(linear) is not None:
@@ -420,7 +433,7 @@ def quantize(linear: nn.Module, variant: str) -> nn.Module:
         # torchao's defaults (64, 256) need the block count divisible by 256:
         # 128x128 and smaller layers get the largest scaler block that divides it
         scaler_block = math.gcd(dense.numel() // 64, 256)
-        new.weight = nn.Parameter(to_nf4(dense.contiguous(), 64, scaler_block), requires_grad=False)
+        new.weight = nn.Parameter(_compat.to_nf4(dense.contiguous(), 64, scaler_block), requires_grad=False)
         return new
     new = _new_linear(linear, dense, linear.bias)
     quantize_(new, config, filter_fn=lambda m, _fqn: m is new)

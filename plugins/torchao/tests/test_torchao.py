@@ -22,7 +22,7 @@ import quantplug_torchao  # noqa: E402
 from quantplug._info import Requirement, Status  # noqa: E402
 from quantplug._versions import probe  # noqa: E402
 from quantplug.testing import BackendConformance, conformance, random_linear, relative_error  # noqa: E402
-from quantplug_torchao import formats  # noqa: E402
+from quantplug_torchao import _compat, formats  # noqa: E402
 from torchao import quantization as q  # noqa: E402
 from torchao.quantization import PerAxis, PerGroup, PerRow, PerTensor, quantize_  # noqa: E402
 from torchao.quantization.quant_primitives import MappingType  # noqa: E402
@@ -84,16 +84,19 @@ def x_for(rows=4, dtype=torch.bfloat16, seed=1):
     return torch.randn(rows, IN).to(dtype)
 
 
-# User-built layers: every config the plugin must rebuild, beyond its own variants.
+# User-built layers: every config the plugin must rebuild, beyond its own variants. Built through
+# _compat.config: the version-2 tensor subclasses on every supported torchao (before 0.18 the int8
+# configs default to version 1, an AffineQuantizedTensor).
+cfg = _compat.config
 USER_CONFIGS = {
-    "int8wo-row": lambda: q.Int8WeightOnlyConfig(),
-    "int8wo-tensor": lambda: q.Int8WeightOnlyConfig(granularity=PerTensor()),
-    "int8wo-g32": lambda: q.Int8WeightOnlyConfig(granularity=PerGroup(32)),
-    "int8dq-asym-act": lambda: q.Int8DynamicActivationInt8WeightConfig(
-        act_mapping_type=MappingType.ASYMMETRIC
+    "int8wo-row": lambda: cfg("Int8WeightOnlyConfig"),
+    "int8wo-tensor": lambda: cfg("Int8WeightOnlyConfig", granularity=PerTensor()),
+    "int8wo-g32": lambda: cfg("Int8WeightOnlyConfig", granularity=PerGroup(32)),
+    "int8dq-asym-act": lambda: cfg(
+        "Int8DynamicActivationInt8WeightConfig", act_mapping_type=MappingType.ASYMMETRIC
     ),
-    "int8-static": lambda: q.Int8StaticActivationInt8WeightConfig(
-        act_quant_scale=torch.tensor([[0.05]]), granularity=PerTensor()
+    "int8-static": lambda: cfg(
+        "Int8StaticActivationInt8WeightConfig", act_quant_scale=torch.tensor([[0.05]]), granularity=PerTensor()
     ),
     "intx8-axis": lambda: q.IntxWeightOnlyConfig(),
     "int4-g32-asym": lambda: q.IntxWeightOnlyConfig(
@@ -108,9 +111,23 @@ USER_CONFIGS = {
     "int8dq-int8-axis-asym": lambda: q.Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int8, weight_granularity=PerAxis(0), weight_mapping_type=MappingType.ASYMMETRIC
     ),
-    "float8wo-tensor": lambda: q.Float8WeightOnlyConfig(granularity=PerTensor()),
-    "float8wo-e5m2": lambda: q.Float8WeightOnlyConfig(weight_dtype=torch.float8_e5m2),
+    "float8wo-tensor": lambda: cfg("Float8WeightOnlyConfig", granularity=PerTensor()),
+    "float8wo-e5m2": lambda: cfg("Float8WeightOnlyConfig", weight_dtype=torch.float8_e5m2),
 }
+
+
+def user_config_cases():
+    """Each user config, or a skip saying what the installed torchao cannot express (older releases)."""
+    cases = []
+    for name in sorted(USER_CONFIGS):
+        try:  # torchao 0.15-0.16 refuse some of these in the config, in quantize_ or in the forward
+            layer_for(USER_CONFIGS[name]())(x_for())
+        except (AttributeError, NotImplementedError, AssertionError, RuntimeError) as why:
+            reason = f"torchao {torchao.__version__} cannot build {name}: {why}"
+            cases.append(pytest.param(name, marks=pytest.mark.skip(reason=reason)))
+        else:
+            cases.append(name)
+    return cases
 
 
 # --------------------------------------------------------------------------
@@ -127,7 +144,7 @@ def test_backend_is_loaded_and_in_range():
 
 
 def test_version_probe_reports_out_of_range():
-    installed = probe(Requirement("torchao", ">=0.18,<0.19"))
+    installed = probe(quantplug_torchao.REQUIREMENT)
     assert installed.status is Status.OK
     assert probe(Requirement("torchao", ">=99")).status is Status.TOO_OLD
     assert probe(Requirement("torchao", "<0.1")).status is Status.TOO_NEW
@@ -248,6 +265,8 @@ def test_activation_pre_scale_is_part_of_the_weight():
     effective weight is dequant(Wq) * s; requantize divides it back out."""
     from torchao.quantization import Int8Tensor
 
+    if not _compat.int8_from_hp_takes("act_pre_scale"):
+        pytest.skip(f"torchao {torchao.__version__}'s Int8Tensor has no act_pre_scale (0.16 on)")
     linear = dense()
     W = linear.weight.detach().clone()
     s = (torch.rand(IN) + 0.5).to(torch.bfloat16)
@@ -258,7 +277,8 @@ def test_activation_pre_scale_is_part_of_the_weight():
     D = formats.dequantize(linear)
     x = x_for()
     assert relative_error(linear(x), x.double() @ D.double().T + linear.bias.double()) < 1e-2
-    assert relative_error(D, W) < 1e-2
+    # per-row int8 of W / s in bf16, then times s: 0.98% (torchao 0.18), 1.03% (0.17, bf16 scales)
+    assert relative_error(D, W) < 1.5e-2
     assert formats.recover_config(linear.weight) is None
     new = formats.requantize(linear, W)
     assert same_storage(new.weight, linear.weight)
@@ -269,7 +289,7 @@ def test_activation_pre_scale_is_part_of_the_weight():
 # --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", sorted(USER_CONFIGS))
+@pytest.mark.parametrize("name", user_config_cases())
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 def test_requantize_rebuilds_the_users_config(name, dtype):
     """requantize(layer, W) equals torchao's own quantize_(Linear(W), config) bit for bit, for
@@ -304,11 +324,11 @@ def test_requantize_leaves_inductor_config_alone():
     saved = inductor.coordinate_descent_tuning
     try:
         inductor.coordinate_descent_tuning = False
-        layer = layer_for(q.Int8WeightOnlyConfig(set_inductor_config=False))
+        layer = layer_for(cfg("Int8WeightOnlyConfig", set_inductor_config=False))
         formats.requantize(layer, formats.dequantize(layer))
         qp.quantize(dense(), BACKEND, "int8wo")
         assert inductor.coordinate_descent_tuning is False
-        layer_for(q.Int8WeightOnlyConfig())  # torchao's default does change it
+        layer_for(cfg("Int8WeightOnlyConfig"))  # torchao's default does change it
         assert inductor.coordinate_descent_tuning is True
     finally:
         inductor.coordinate_descent_tuning = saved
@@ -397,7 +417,11 @@ def test_requantize_of_an_unchanged_weight_is_a_no_op(variant):
     layer = qp.quantize(dense(), BACKEND, variant)
     W = formats.dequantize(layer)
     again = formats.dequantize(formats.requantize(layer, W))
-    assert relative_error(again, W) < (3e-3 if variant == "nf4" else 1e-7)  # nf4: scalers re-derived
+    # nf4: scalers re-derived. Int8Tensor before torchao 0.18 keeps its scales in bf16, so the bf16
+    # product code * scale does not divide back to the code exactly: 0.15% re-rounded (0.17, measured)
+    scale = getattr(layer.weight, "scale", None)
+    lossy = variant == "nf4" or (isinstance(scale, torch.Tensor) and scale.dtype == torch.bfloat16)
+    assert relative_error(again, W) < (3e-3 if lossy else 1e-7)
     if variant.startswith("int4") or variant == "int8dq-int4-g32":
         fresh = dense()
         with torch.no_grad():
@@ -442,7 +466,7 @@ def test_transformers_torchaoconfig_llama(tmp_path):
     ).save_pretrained(tmp_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path,
-        quantization_config=transformers.TorchAoConfig(q.Int8WeightOnlyConfig()),
+        quantization_config=transformers.TorchAoConfig(cfg("Int8WeightOnlyConfig")),
         device_map="cpu",
         dtype=torch.bfloat16,
     )
@@ -482,7 +506,9 @@ def test_inference_formats_do_not_shard_under_fsdp2(variant):
     try:
         model = wrapped(variant)
         mesh = init_device_mesh("cpu", (1,))
-        with pytest.raises(NotImplementedError, match="unimplemented operator"):
+        # torchao 0.18: "unimplemented operator"; 0.15-0.17 fail earlier, in Float8Tensor's own
+        # __tensor_unflatten__ ("not enough values to unpack")
+        with pytest.raises((NotImplementedError, ValueError), match="unimplemented operator|not enough values"):
             fully_shard(model.proj, mesh=mesh)
             model(x_for())
     finally:
