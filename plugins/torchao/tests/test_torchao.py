@@ -96,7 +96,9 @@ USER_CONFIGS = {
         "Int8DynamicActivationInt8WeightConfig", act_mapping_type=MappingType.ASYMMETRIC
     ),
     "int8-static": lambda: cfg(
-        "Int8StaticActivationInt8WeightConfig", act_quant_scale=torch.tensor([[0.05]]), granularity=PerTensor()
+        "Int8StaticActivationInt8WeightConfig",
+        act_quant_scale=torch.tensor([[0.05]]),
+        granularity=PerTensor(),
     ),
     "intx8-axis": lambda: q.IntxWeightOnlyConfig(),
     "int4-g32-asym": lambda: q.IntxWeightOnlyConfig(
@@ -508,7 +510,9 @@ def test_inference_formats_do_not_shard_under_fsdp2(variant):
         mesh = init_device_mesh("cpu", (1,))
         # torchao 0.18: "unimplemented operator"; 0.15-0.17 fail earlier, in Float8Tensor's own
         # __tensor_unflatten__ ("not enough values to unpack")
-        with pytest.raises((NotImplementedError, ValueError), match="unimplemented operator|not enough values"):
+        with pytest.raises(
+            (NotImplementedError, ValueError), match=r"unimplemented operator|not enough values"
+        ):
             fully_shard(model.proj, mesh=mesh)
             model(x_for())
     finally:
