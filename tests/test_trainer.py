@@ -176,7 +176,9 @@ def test_resume_refuses_a_checkpoint_of_another_model(checkpoint, tmp_path):
 def test_save_model_reloads_in_peft_and_quantplug_with_the_trained_outputs(checkpoint, tmp_path):
     peft = pytest.importorskip("peft")
     model = adapted_nf4(checkpoint)
-    trainer = transformers.Trainer(model=model, args=arguments(tmp_path / "run"), train_dataset=token_rows())
+    trainer = transformers.Trainer(
+        model=model, args=arguments(tmp_path / "run", learning_rate=3e-2), train_dataset=token_rows()
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "final"))
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -184,12 +186,17 @@ def test_save_model_reloads_in_peft_and_quantplug_with_the_trained_outputs(check
     config = json.loads((tmp_path / "final" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
 
-    through_peft = peft.PeftModel.from_pretrained(load_nf4(checkpoint), str(tmp_path / "final"))
-    through_quantplug = qp.load_adapter(load_nf4(checkpoint), tmp_path / "final")
-    base = logits(load_nf4(checkpoint), ids)
-    assert (want - base).abs().max() > 1e-3  # the adapter changes the outputs, so equality means something
-    torch.testing.assert_close(logits(through_quantplug, ids), want, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(logits(through_peft, ids), want, rtol=1e-4, atol=1e-4)
+    through_peft = logits(peft.PeftModel.from_pretrained(load_nf4(checkpoint), str(tmp_path / "final")), ids)
+    through_quantplug = logits(qp.load_adapter(load_nf4(checkpoint), tmp_path / "final"), ids)
+    torch.testing.assert_close(through_peft, through_quantplug, rtol=1e-4, atol=1e-4)
+    # bitsandbytes keeps a trained CPU layer in another packed layout than a freshly loaded one (DESIGN.md,
+    # traps), so the bases themselves differ a little: the reloads may differ from the trained model by that
+    # much, and the adapter's own effect is checked to be far larger
+    with qp.disable_adapters(model):
+        trained_base = logits(model, ids)
+    base_gap = (trained_base - logits(load_nf4(checkpoint), ids)).abs().max().item()
+    assert (want - trained_base).abs().max().item() > 20 * (base_gap + 1e-4)
+    torch.testing.assert_close(through_quantplug, want, rtol=0, atol=base_gap + 1e-4)
 
 
 def test_model_save_pretrained_writes_the_adapter_as_peft_lays_it_out(checkpoint, tmp_path):

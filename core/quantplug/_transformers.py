@@ -166,9 +166,20 @@ class AdapterModelMixin:
                 "quantplug": "adapter checkpoint: the files named here hold LoRA adapters in PEFT's format, "
                 "not the base model; transformers' Trainer resumes from this index",
             },
-            "weight_map": {key: str(weights.relative_to(root)) for key in _peft_tensors(self, active[0])},
+            # the model's own keys for the adapter's parameters -> the file holding them (under PEFT's names)
+            "weight_map": {key: str(weights.relative_to(root)) for key in sorted(_own_keys(self, active[0]))},
         }
         (root / INDEX_NAME).write_text(json.dumps(index, indent=2))
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """Every state-dict key but the active adapter's: what an adapter checkpoint does not hold.
+
+        transformers' Trainer compares these with the keys a resumed checkpoint
+        lacked, and warns (listing the whole base) when they differ.
+        """
+        ours = _own_keys(self, self.active_adapters()[0]) if len(self.active_adapters()) == 1 else set()
+        return [key for key in nn.Module.state_dict(self) if key not in ours]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, also taking PEFT-keyed adapter tensors into the active adapter.
