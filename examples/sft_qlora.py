@@ -20,12 +20,11 @@ import argparse
 from importlib import resources
 from pathlib import Path
 
+import quantplug as qp
 import torch
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerFast
 from trl import SFTConfig, SFTTrainer
-
-import quantplug as qp
 
 
 def default_backend() -> str:
