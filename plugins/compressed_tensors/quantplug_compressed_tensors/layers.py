@@ -79,7 +79,8 @@ def _enabled(module: nn.Module) -> bool:
 def _direct_state(module: nn.Module) -> dict[str, torch.Tensor]:
     from compressed_tensors.utils import get_direct_state_dict
 
-    return dict(get_direct_state_dict(module))
+    # a linear without bias lists "bias": None
+    return {name: tensor for name, tensor in get_direct_state_dict(module).items() if tensor is not None}
 
 
 def _compressor(module: nn.Module):
