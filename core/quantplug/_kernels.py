@@ -20,6 +20,16 @@ not require grad):
     base (on another CUDA stream) rather than after it. The core composes it
     from the base and the registered ``lora_add`` unless a kernel other than
     the reference serves it.
+``fused_lora_linear(module, x, xa, A, B, scale) -> Tensor | None``
+    ``module(x)`` plus one adapter, as ``lora_linear``, but given the base
+    *module* itself, so a backend's kernel can read its packed storage
+    (codes, scales, zeros) and compute the quantized product and the adapter
+    in one launch. A kernel returns ``None`` for any call it does not serve
+    (shape, token count, dtype, autograd, layout); the layer then uses
+    ``lora_linear``. The layer calls it only when a kernel other than the
+    reference serves it, and never after a dense merge; the kernel stands in
+    for ``LoraLayer.base_forward``, so register one only for layers whose
+    base call is the module's own forward on that device.
 ``lora_mixed_add(y, x, As, Bs, scales, rows) -> Tensor``
     one adapter per row of the leading (batch) dimension: row ``i`` gets
     adapter ``rows[i]`` (an index into the lists ``As``, ``Bs``, ``scales``),
@@ -33,7 +43,7 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-OPS = ("lora_add", "lora_linear", "lora_mixed_add")
+OPS = ("lora_add", "lora_linear", "fused_lora_linear", "lora_mixed_add")
 ANY = "*"
 
 
@@ -63,12 +73,13 @@ _forced_reference = os.environ.get("QUANTPLUG_KERNELS", "") == "reference"
 
 
 def use_reference_kernels(enabled: bool = True) -> None:
-    """Force (or stop forcing) the plain-PyTorch reference kernels, process-wide."""
-    global _forced_reference
-    _forced_reference = enabled
-    from quantplug._registry import load_plugins
+    """Force (or stop forcing) the plain-PyTorch reference kernels, process-wide.
 
-    load_plugins().kernels.clear_cache()
+    Takes effect on the next call: :meth:`KernelRegistry.resolve` keys its cache
+    on this flag, so nothing needs clearing (and this module needs no registry).
+    """
+    global _forced_reference
+    _forced_reference = bool(enabled)
 
 
 def reference_kernels_forced() -> bool:
@@ -104,7 +115,18 @@ class KernelRegistry:
             kernel = self._cache[key] = self._best(op, backend, device, dtype)
         return kernel
 
-    def _best(self, op: str, backend: str, device: str, dtype) -> Kernel:
+    def find(self, op: str, backend: str, device: str, dtype) -> Kernel | None:
+        """:meth:`resolve`, or ``None`` where nothing is registered for ``op`` (a registry built by
+        hand may lack an optional op such as ``fused_lora_linear``)."""
+        key = (op, backend, device, dtype, _forced_reference)
+        kernel = self._cache.get(key)
+        if kernel is None:
+            kernel = self._best(op, backend, device, dtype, required=False)
+            if kernel is not None:
+                self._cache[key] = kernel
+        return kernel
+
+    def _best(self, op: str, backend: str, device: str, dtype, required: bool = True) -> Kernel | None:
         # a plain loop: torch.compile traces this on a layer's first call
         best = None
         for kernel in self.kernels:
@@ -114,7 +136,7 @@ class KernelRegistry:
                 continue
             if best is None or kernel.priority > best.priority:
                 best = kernel
-        if best is None:
+        if best is None and required:
             raise LookupError(f"no kernel registered for op {op!r} ({backend}, {device}, {dtype})")
         return best
 
@@ -177,6 +199,10 @@ def lora_add_reference(y, x, A, B, scale):
 
 def lora_linear_reference(base, x, xa, A, B, scale):
     return lora_add_reference(base(x), xa, A, B, scale)
+
+
+def fused_lora_linear_reference(module, x, xa, A, B, scale):
+    return lora_add_reference(module(x), xa, A, B, scale)
 
 
 def lora_mixed_add_reference(y, x, As, Bs, scales, rows):

@@ -1,11 +1,20 @@
-"""Merge, unmerge and unload: one algorithm for every backend.
+"""Merge, unmerge and unload: one algorithm for every backend, all or nothing.
 
-Merge is always: dequantize the base (plugin), add the adapter's update,
-check the result is finite, requantize (plugin; mode ``"requantize"``),
-fold a QALoRA adapter's per-group constant into the zero points (plugin;
-mode ``"zeros"``) or build a dense ``nn.Linear`` (mode ``"dense"``),
-dequantize the result again and measure what survived. The replaced module
-is kept, untouched, so ``unmerge`` puts the original storage back bit for bit.
+:func:`merge` plans and validates every layer first (mode, backend, not
+merged yet), then stages each layer: dequantize the base (plugin), add the
+adapter's update, check the result is finite, run the mode's step (one
+function each: requantize through the plugin, fold a QALoRA adapter into
+the zero points through the plugin, or build a dense ``nn.Linear``),
+dequantize the result again and measure what survived. Every plugin result
+is checked at the boundary (a finite floating weight of the layer's shape,
+a module with the layer's features). Only when every layer is staged does
+it commit, through each layer's merge stack (``LoraLayer.push_merge``),
+which calls no plugin. :func:`unmerge` checks what it was asked first, then
+pops (``LoraLayer.pop_merge``): the replaced modules, kept untouched, come
+back bit for bit. On any failure the model is as before.
+
+Not thread-safe: merge, unmerge and unload change the model's layers; run
+them while no other thread uses the model (``docs/threads.md``).
 """
 
 from __future__ import annotations
@@ -17,10 +26,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from quantplug import _transformers
 from quantplug._builtin import NAME as DENSE_BACKEND
 from quantplug._builtin import dense_linear
-from quantplug._lora import LoraLayer
-from quantplug._model import lora_layers
+from quantplug._checks import check_dtype, checked_weight
+from quantplug._errors import PluginError
+from quantplug._lora import LoraLayer, squared_row_norms
+from quantplug._model import lora_layers, naming
 from quantplug._registry import hook, load_plugins
 
 MODES = ("requantize", "dense", "zeros")
@@ -100,8 +112,6 @@ class MergeReport:
 
 
 def _check_mode(layer_path: str, layer: LoraLayer, mode: str) -> None:
-    if mode not in MODES:
-        raise ValueError(f"unknown merge mode {mode!r}; choose one of {MODES}")
     try:  # every mode dequantizes through the layer's plugin
         info = load_plugins().status(layer.backend).info
     except KeyError as exc:
@@ -122,6 +132,30 @@ def _check_mode(layer_path: str, layer: LoraLayer, mode: str) -> None:
 def _relative(diff: torch.Tensor, ref: torch.Tensor) -> float:
     ref_norm = torch.linalg.vector_norm(ref).item()
     return torch.linalg.vector_norm(diff).item() / ref_norm if ref_norm > 0 else 0.0
+
+
+@dataclass
+class _Staged:
+    """One layer's merge, computed and measured, not yet in the model."""
+
+    layer: LoraLayer
+    base: nn.Module
+    backend: str
+    norms: tuple[torch.Tensor, torch.Tensor]  # squared row norms of the replaced and the merged weight
+    measured: LayerMerge
+
+
+@dataclass
+class _Step:
+    """What a mode's step gets: the layer, its dense weight and the ideal merged weight."""
+
+    path: str
+    layer: LoraLayer
+    adapter: str
+    weight: torch.Tensor  # dequantized base, in its own dtype
+    ideal: torch.Tensor  # weight + delta, float32
+    relay: object
+    dense_dtype: torch.dtype | None
 
 
 def merge(
@@ -155,78 +189,135 @@ def merge(
         merge lost most of an adapter.
     :raises MergeError: naming the layer, when a backend cannot merge in
         this mode or the merged weight is not finite. The model is unchanged.
+    :raises PluginError: naming the backend and layer, when a plugin fails or
+        returns something unusable. The model is unchanged.
     """
+    layers = _plan(model, adapter, mode, dense_dtype)
+    if mode == "dense" and unload and dense_dtype is None:
+        dense_dtype = _activation_dtype(model)
+    relay = hook()
+    show = progress if progress is not None else len(layers) > 8
+    staged = [
+        _stage(path, layer, adapter, mode, relay, dense_dtype)
+        for path, layer in tqdm(
+            layers.items(), desc=f"merge {adapter} ({mode})", disable=not show, unit="layer"
+        )
+    ]
+    for step in staged:  # commit: nothing below calls a plugin
+        step.layer.push_merge(adapter, step.base, step.backend, norms=step.norms)
+    report = MergeReport(adapter, mode, [step.measured for step in staged])
+    if report.dropped:
+        _warn_dropped(report)
+    if unload:
+        _replace_layers(model, lambda layer: layer.base)
+    return report
+
+
+def _plan(model: nn.Module, adapter: str, mode: str, dense_dtype: object) -> dict[str, LoraLayer]:
+    """The layers holding ``adapter``, each checked for ``mode``; raises before anything changes."""
+    if mode not in MODES:
+        raise ValueError(f"unknown merge mode {mode!r}; choose one of {MODES}")
+    if dense_dtype is not None:
+        check_dtype(dense_dtype, "merge's dense_dtype")
     layers = lora_layers(model, adapter)
     if not layers:
         known = sorted({n for layer in lora_layers(model).values() for n in layer.adapters})
         raise ValueError(f"no layer has adapter {adapter!r}; the model has {known}")
     for path, layer in layers.items():
         _check_mode(path, layer, mode)
-        if any(name == adapter for name, *_ in layer.merges):
+        if adapter in layer.merged_adapters:
             raise MergeError(f"adapter {adapter!r} is already merged into {path!r}")
-    if mode == "dense" and unload and dense_dtype is None:
-        dense_dtype = _activation_dtype(model)
-    pm = hook()
-    report = MergeReport(adapter, mode)
-    staged: list[tuple[LoraLayer, nn.Module, str]] = []
-    show = progress if progress is not None else len(layers) > 8
-    for path, layer in tqdm(layers.items(), desc=f"merge {adapter} ({mode})", disable=not show, unit="layer"):
-        with torch.no_grad():
-            weight = layer.dequantized_weight()
-            delta = layer.delta_weight(adapter, base=weight)
-            ideal = weight.float() + delta
-            if not torch.isfinite(ideal).all():
-                raise MergeError(
-                    f"merging {adapter!r} into {path!r} gives non-finite weights; the adapter has NaN/inf"
-                )
-            target = ideal.to(weight.dtype)
-            if mode == "dense":
-                new, backend = dense_linear(ideal.to(dense_dtype or weight.dtype), layer.bias), DENSE_BACKEND
-                got = new.weight
-            elif mode == "zeros":
-                new, backend = _fold_into_zeros(path, layer, adapter, pm), layer.backend
-                got = pm.quantplug_dequantize(module=new, backend=backend)
-            else:
-                new = pm.quantplug_requantize(module=layer.base, weight=target, backend=layer.backend)
-                if new is None:
-                    raise MergeError(
-                        f"backend {layer.backend!r} returned nothing from quantplug_requantize for {path!r}"
-                    )
-                backend = layer.backend
-                got = pm.quantplug_dequantize(module=new, backend=backend)
-            diff = got.float() - ideal
-            report.layers.append(
-                LayerMerge(
-                    path,
-                    layer.backend,
-                    _relative(diff, ideal),
-                    _relative(diff, delta),
-                    torch.linalg.vector_norm(delta).item(),
-                )
+    return layers
+
+
+def _stage(
+    path: str, layer: LoraLayer, adapter: str, mode: str, relay, dense_dtype: torch.dtype | None
+) -> _Staged:
+    """One layer: dequantize, add the update, check it is finite, run the mode's step, measure."""
+    with torch.no_grad(), naming(path):
+        weight = layer.dequantized_weight()
+        delta = layer.delta_weight(adapter, base=weight)
+        ideal = weight.float() + delta
+        if not torch.isfinite(ideal).all():
+            raise MergeError(
+                f"merging {adapter!r} into {path!r} gives non-finite weights; the adapter has NaN/inf"
             )
-        staged.append((layer, new, backend))
-    for layer, new, backend in staged:
-        layer.merges.append((adapter, layer.base, layer.backend))
-        layer.base, layer.backend = new, backend
-        layer._refresh()
-        layer._refresh_weight_norm()
-    if report.dropped:
-        worst = report.worst
-        warnings.warn(
-            f"merge of adapter {adapter!r} (mode {mode!r}) lost most of the adapter in {len(report.dropped)} "
-            f"of {len(report.layers)} layers (worst {worst.name}: error / ‖ΔW‖ = {worst.adapter_error:.2f}); "
-            + (
-                "integer zero points round each group's update to a multiple of its scale and clip it to their "
-                "range. "
-                if mode == "zeros"
-                else "the format's rounding is coarser than the update. "
-            )
-            + "Use mode='dense' to keep it whole.",
-            stacklevel=2,
+        step = _Step(path, layer, adapter, weight, ideal, relay, dense_dtype)
+        new, backend, got = STEPS[mode](step)
+        diff = got.float() - ideal
+        measured = LayerMerge(
+            path,
+            layer.backend,
+            _relative(diff, ideal),
+            _relative(diff, delta),
+            torch.linalg.vector_norm(delta).item(),
         )
-    if unload:
-        _replace_layers(model, lambda layer: layer.base)
-    return report
+        return _Staged(layer, new, backend, (squared_row_norms(weight), squared_row_norms(got)), measured)
+
+
+def _requantize(step: _Step) -> tuple[nn.Module, str, torch.Tensor]:
+    """The backend's own format, with the layer's own quantization parameters."""
+    layer = step.layer
+    target = step.ideal.to(step.weight.dtype)
+    new = step.relay.quantplug_requantize(module=layer.base, weight=target, backend=layer.backend)
+    if new is None:
+        raise MergeError(
+            f"backend {layer.backend!r} returned nothing from quantplug_requantize for {step.path!r}"
+        )
+    return new, layer.backend, _dequantize_new(step, new, "quantplug_requantize")
+
+
+def _dense(step: _Step) -> tuple[nn.Module, str, torch.Tensor]:
+    """A plain ``nn.Linear`` holding the ideal weight: lossless up to ``dense_dtype``."""
+    new = dense_linear(step.ideal.to(step.dense_dtype or step.weight.dtype), step.layer.bias)
+    return new, DENSE_BACKEND, new.weight
+
+
+def _zeros(step: _Step) -> tuple[nn.Module, str, torch.Tensor]:
+    """A QALoRA adapter folded into the zero points; the quantized codes stay as they are."""
+    new = _fold_into_zeros(step.path, step.layer, step.adapter, step.relay)
+    return new, step.layer.backend, _dequantize_new(step, new, "quantplug_fold_into_zeros")
+
+
+STEPS = {"requantize": _requantize, "dense": _dense, "zeros": _zeros}
+
+
+def _dequantize_new(step: _Step, new: object, made_by: str) -> torch.Tensor:
+    """The dense weight of a module a plugin built, after checking it is a module with the layer's features."""
+    layer = step.layer
+    if not isinstance(new, nn.Module):
+        raise PluginError(
+            f"{made_by} returned a {type(new).__name__}, not a torch module",
+            hook=made_by,
+            backend=layer.backend,
+        )
+    for attr in ("in_features", "out_features"):
+        got = getattr(new, attr, None)
+        if isinstance(got, int) and got != getattr(layer, attr):
+            raise PluginError(
+                f"{made_by} returned a module with {attr}={got}; the layer has {getattr(layer, attr)}",
+                hook=made_by,
+                backend=layer.backend,
+            )
+    weight = step.relay.quantplug_dequantize(module=new, backend=layer.backend)
+    return checked_weight(weight, (layer.out_features, layer.in_features), layer.backend)
+
+
+def _warn_dropped(report: MergeReport) -> None:
+    worst = report.worst
+    warnings.warn(
+        f"merge of adapter {report.adapter!r} (mode {report.mode!r}) lost most of the adapter in "
+        f"{len(report.dropped)} of {len(report.layers)} layers (worst {worst.name}: error / ‖ΔW‖ = "
+        f"{worst.adapter_error:.2f}); "
+        + (
+            "integer zero points round each group's update to a multiple of its scale and clip it to their "
+            "range. "
+            if report.mode == "zeros"
+            else "the format's rounding is coarser than the update. "
+        )
+        + "Use mode='dense' to keep it whole.",
+        stacklevel=3,
+    )
 
 
 def zero_offsets(path: str, layer: LoraLayer, adapter: str, quant_group: int | None) -> torch.Tensor:
@@ -262,17 +353,31 @@ def zero_offsets(path: str, layer: LoraLayer, adapter: str, quant_group: int | N
     return per_group.repeat_interleave(group // quant_group, dim=1)
 
 
-def _fold_into_zeros(path: str, layer: LoraLayer, adapter: str, pm) -> nn.Module:
-    quant_group = pm.quantplug_group_size(module=layer.base, backend=layer.backend)
+def _fold_into_zeros(path: str, layer: LoraLayer, adapter: str, relay) -> nn.Module:
+    quant_group = relay.quantplug_group_size(module=layer.base, backend=layer.backend)
+    if quant_group is not None and (
+        isinstance(quant_group, bool) or not isinstance(quant_group, int) or quant_group <= 0
+    ):
+        raise PluginError(
+            f"quantplug_group_size returned {quant_group!r}, not a positive int or None",
+            hook="quantplug_group_size",
+            backend=layer.backend,
+        )
     offsets = zero_offsets(path, layer, adapter, quant_group)
     if not torch.isfinite(offsets).all():
         raise MergeError(
             f"merging {adapter!r} into {path!r} gives non-finite zero points; the adapter has NaN/inf"
         )
+    refusals = (ValueError, NotImplementedError, TypeError)  # the backend cannot fold these offsets
     try:
-        new = pm.quantplug_fold_into_zeros(module=layer.base, offsets=offsets, backend=layer.backend)
-    except (ValueError, NotImplementedError, TypeError) as exc:
-        raise MergeError(f"layer {path!r} ({layer.backend}) cannot merge with mode='zeros': {exc}") from exc
+        new = relay.quantplug_fold_into_zeros(module=layer.base, offsets=offsets, backend=layer.backend)
+    except (*refusals, PluginError) as exc:
+        reason = exc.__cause__ if isinstance(exc, PluginError) else exc
+        if not isinstance(reason, refusals):
+            raise
+        raise MergeError(
+            f"layer {path!r} ({layer.backend}) cannot merge with mode='zeros': {reason}"
+        ) from exc
     if new is None:
         raise MergeError(
             f"backend {layer.backend!r} returned nothing from quantplug_fold_into_zeros for {path!r}"
@@ -293,18 +398,23 @@ def unmerge(model: nn.Module, adapter: str | None = None) -> None:
     """Undo merges, newest first, restoring the original base modules bit for bit.
 
     :param adapter: undo merges back to and including this adapter's; all when ``None``.
+    :raises ValueError: ``adapter`` is merged into no layer (the model is unchanged).
     """
-    for layer in lora_layers(model).values():
-        names = [name for name, *_ in layer.merges]
-        if adapter is not None and adapter not in names:
+    layers = lora_layers(model)
+    if adapter is not None:
+        if not isinstance(adapter, str):
+            raise TypeError(f"unmerge's adapter must be an adapter name or None, got {adapter!r}")
+        merged = sorted({name for layer in layers.values() for name in layer.merged_adapters})
+        if adapter not in merged:
+            raise ValueError(
+                f"adapter {adapter!r} is not merged into any layer; merged adapters: {merged or 'none'}"
+            )
+    for layer in layers.values():  # pop_merge calls no plugin: nothing below can fail half-way
+        if adapter is not None and adapter not in layer.merged_adapters:
             continue
-        while layer.merges:
-            name, base, backend = layer.merges.pop()
-            layer.base, layer.backend = base, backend
-            if name == adapter:
+        while layer.merged_adapters:
+            if layer.pop_merge() == adapter:
                 break
-        layer._refresh()
-        layer._refresh_weight_norm()
 
 
 def unload(model: nn.Module) -> nn.Module:
@@ -316,4 +426,5 @@ def unload(model: nn.Module) -> nn.Module:
 def _replace_layers(model: nn.Module, replacement) -> nn.Module:
     for path, layer in list(lora_layers(model).items()):
         model.set_submodule(path, replacement(layer))
+    _transformers.sync(model)  # no adapter layers left: a transformers model is a plain one again
     return model

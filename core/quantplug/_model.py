@@ -1,18 +1,38 @@
-"""Whole-model operations: find targets, attach adapters, choose the active ones, train."""
+"""Whole-model operations: find targets, attach adapters, choose the active ones, route batches, train.
+
+:func:`attach` is all-or-nothing. It plans every targeted layer and checks it
+(targets, backend status and capabilities, the adapter dtype), builds every
+new adapter layer and every adapter off the model (the wrap hook's result is
+checked: a ``LoraLayer`` over that very module, with its features and
+backend; a DoRA adapter dequantizes its base here), and only then commits:
+wraps go in with ``set_submodule`` and adapters are installed, which calls
+no plugin and cannot fail half-way. On any failure the model is as before,
+and the same call can be retried. :func:`set_adapter` checks every name first.
+
+:func:`adapter_batch` routes rows per thread and per asyncio task (see
+``quantplug._lora.route``): several threads may serve different adapter
+batches on one model at once. Calls that change the model (attach,
+set_adapter, disable_adapters, prepare_for_training, merge, unmerge,
+unload, load_adapter) are not thread-safe: make them while no other thread
+runs the model. ``docs/threads.md`` has the details.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
 
+from quantplug import _transformers
 from quantplug._builtin import is_plain_linear
+from quantplug._checks import BASE, GroupSizeError, check_adapter_name, check_dtype, check_qalora_group
 from quantplug._config import LoraConfig
-from quantplug._lora import BASE, GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
-from quantplug._registry import hook, load_plugins
+from quantplug._errors import PluginError
+from quantplug._lora import LoraLayer, NewAdapter, Wiring
+from quantplug._registry import Registry, hook, load_plugins
+from quantplug._routing import route
 
 
 def detect(module: nn.Module, model: nn.Module | None = None) -> str | None:
@@ -33,6 +53,30 @@ def lora_layers(model: nn.Module, adapter: str | None = None) -> dict[str, LoraL
         for path, module in model.named_modules()
         if isinstance(module, LoraLayer) and (adapter is None or adapter in module.lora_A)
     }
+
+
+def default_wiring() -> Wiring:
+    """The process-wide registry's hook relay and kernels, as a layer holds them (an unpickled layer gets these)."""
+    registry = load_plugins()
+    return Wiring(registry.relay, registry.kernels)
+
+
+@contextlib.contextmanager
+def naming(path: str) -> Iterator[None]:
+    """A :class:`PluginError` raised inside the block names the layer at ``path``."""
+    try:
+        yield
+    except PluginError as exc:
+        exc.with_layer(path)
+        raise
+
+
+def qalora_group_size(base: nn.Module, backend: str, in_features: int, config: LoraConfig) -> int:
+    """The pooling group a QALoRA ``config`` gets on a layer: its own, else the layer's quantization group."""
+    group = config.qalora_group_size
+    if group is None:
+        group = hook().quantplug_group_size(module=base, backend=backend)
+    return check_qalora_group(group, in_features, backend, base)
 
 
 def _installed() -> str:
@@ -91,7 +135,8 @@ def _check_capabilities(path: str, backend: str, config: LoraConfig) -> None:
 def _check_qalora(path: str, module: nn.Module, backend: str, config: LoraConfig) -> None:
     base = module.base if isinstance(module, LoraLayer) else module
     try:
-        qalora_group_size(base, backend, int(module.in_features), config)
+        with naming(path):
+            qalora_group_size(base, backend, int(module.in_features), config)
     except GroupSizeError as exc:
         raise GroupSizeError(f"layer {path!r} ({backend}): {exc}") from None
 
@@ -102,38 +147,108 @@ def attach(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     Layers are wrapped in a :class:`LoraLayer` the first time; a layer
     already wrapped gets one more adapter. The new adapter becomes active
     beside the ones already active (use :func:`set_adapter` to choose).
+    All or nothing: on any error the model is unchanged.
     """
+    return attach_weights(model, config, adapter, None)
+
+
+def attach_weights(
+    model: nn.Module,
+    config: LoraConfig,
+    adapter: str,
+    weights: dict[str, dict[str, torch.Tensor]] | None,
+) -> nn.Module:
+    """:func:`attach`, with each layer's new adapter taking ``weights[path]`` (``lora_A``, ``lora_B``,
+    ``lora_magnitude``) before it goes in: how ``load_adapter`` attaches, all or nothing too."""
     check_adapter_name(adapter)
+    if config.dtype is not None:
+        check_dtype(config.dtype, "LoraConfig.dtype")
     plan = _plan(model, config)
     existing = [
         path for path, module, _ in plan if isinstance(module, LoraLayer) and adapter in module.lora_A
     ]
     if existing:
         raise ValueError(f"adapter {adapter!r} already exists on {existing[0]!r}; pick another name")
-    pm = hook()
-    for path, module, backend in plan:
-        layer = module
-        if not isinstance(layer, LoraLayer):
+    registry = load_plugins()
+    staged: list[tuple[str, nn.Module, LoraLayer, NewAdapter]] = []
+    for path, module, backend in plan:  # build everything off the model
+        with naming(path):
+            layer = (
+                module if isinstance(module, LoraLayer) else _wrap(path, module, backend, config, registry)
+            )
+            new = layer.build_adapter(adapter, config, config.dtype or _adapter_dtype(layer, registry))
+            if weights is not None and path in weights:
+                new.load(weights[path])
+        staged.append((path, module, layer, new))
+    for path, module, layer, new in staged:  # commit: no plugin calls from here on
+        if layer is not module:
             for param in module.parameters():
                 param.requires_grad_(False)
-            layer = pm.quantplug_wrap_layer(module=module, config=config, backend=backend)
             model.set_submodule(path, layer)
-        dtype = config.dtype or _adapter_dtype(pm.quantplug_compute_dtype(module=layer.base, backend=backend))
-        layer.add_adapter(adapter, config, dtype)
+        layer.install_adapter(new)
+    _transformers.sync(model)  # a transformers model now carries adapters: Trainer, save_pretrained
     return model
 
 
-def _adapter_dtype(compute: torch.dtype | None) -> torch.dtype:
+def _wrap(path: str, module: nn.Module, backend: str, config: LoraConfig, registry: Registry) -> LoraLayer:
+    """The backend's adapter layer over ``module``, checked and connected; the model is not touched."""
+    layer = registry.relay.quantplug_wrap_layer(module=module, config=config, backend=backend)
+
+    def refuse(problem: str) -> PluginError:
+        return PluginError(
+            f"quantplug_wrap_layer {problem}", hook="quantplug_wrap_layer", backend=backend, layer=path
+        )
+
+    if not isinstance(layer, LoraLayer):
+        raise refuse(f"returned {type(layer).__name__}, not a quantplug.plugin.LoraLayer (or a subclass)")
+    if layer.base is not module:
+        raise refuse("returned a LoraLayer over another module; its base must be the module it was given")
+    if layer.backend != backend:
+        raise refuse(f"returned a LoraLayer for backend {layer.backend!r}; it must say {backend!r}")
+    for attr in ("in_features", "out_features"):
+        want = getattr(module, attr, None)
+        if isinstance(want, int) and getattr(layer, attr) != want:
+            raise refuse(f"returned a LoraLayer with {attr}={getattr(layer, attr)}; the layer has {want}")
+    return layer.connect(relay=registry.relay, kernels=registry.kernels, info=registry.status(backend).info)
+
+
+def _adapter_dtype(layer: LoraLayer, registry: Registry) -> torch.dtype:
     """Adapters live in the compute dtype, except fp16: fp16 weights with AdamW and no
     loss scaling overflow (NaN within 5 steps on a GPTQ fp16 tiny LLaMA), so fp32 there."""
+    compute = registry.relay.quantplug_compute_dtype(module=layer.base, backend=layer.backend)
+    if compute is not None and not (isinstance(compute, torch.dtype) and compute.is_floating_point):
+        raise PluginError(
+            f"quantplug_compute_dtype returned {compute!r}, not a floating-point torch.dtype or None",
+            hook="quantplug_compute_dtype",
+            backend=layer.backend,
+        )
     if compute is None or compute == torch.float16:
         return torch.float32
     return compute
 
 
+def _names(value: object, what: str) -> list[str]:
+    """``value`` as a list of adapter names, refusing anything else with a clear error."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        names = list(value)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(f"{what} must be an adapter name or a list of them, got {value!r}") from None
+    bad = [n for n in names if not isinstance(n, str)]
+    if bad:
+        raise TypeError(f"{what} must hold adapter names (str), got {bad[0]!r}")
+    return names
+
+
 def set_adapter(model: nn.Module, adapter: str | Sequence[str]) -> None:
-    """Make ``adapter`` (or several, summed) the active adapter(s) of every layer that has them."""
-    names = [adapter] if isinstance(adapter, str) else list(adapter)
+    """Make ``adapter`` (or several, summed) the active adapter(s) of every layer that has them.
+
+    Every name is checked before any layer changes.
+    """
+    names = _names(adapter, "set_adapter's adapter")
+    if len(set(names)) != len(names):
+        raise ValueError(f"set_adapter got {names}: each adapter can be active once")
     layers = lora_layers(model)
     known = {name for layer in layers.values() for name in layer.adapters}
     unknown = [n for n in names if n not in known]
@@ -148,31 +263,24 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     """Within the block, row ``i`` of every batch goes through adapter ``adapter_names[i]``.
 
     ``"__base__"`` rows get no adapter. Equivalent to passing
-    ``adapter_names=`` to each adapter layer.
+    ``adapter_names=`` to each adapter layer. Only the calling thread (or
+    asyncio task) is affected: other threads using the model see no change.
     """
-    names = list(adapter_names)
+    if isinstance(adapter_names, str):
+        raise TypeError(
+            f"adapter_batch wants one adapter name per row of the batch, got the string {adapter_names!r}; "
+            f"pass [{adapter_names!r}] * batch_size, or use qp.set_adapter(model, {adapter_names!r})"
+        )
+    names = _names(adapter_names, "adapter_batch's adapter_names")
     layers = lora_layers(model).values()
     known = {name for layer in layers for name in layer.adapters}
     unknown = sorted(set(names) - known - {BASE})
     if unknown:
         raise KeyError(f"adapter_names has unknown adapter(s) {unknown}; the model has {sorted(known)}")
-
-    def pre_hook(layer, args, kwargs, rows):
-        return args, {**kwargs, "adapter_names": rows}
-
-    handles = [
-        # a layer without one of the adapters runs those rows through its base alone
-        layer.register_forward_pre_hook(
-            functools.partial(pre_hook, rows=[n if n in layer.lora_A else BASE for n in names]),
-            with_kwargs=True,
-        )
-        for layer in layers
-    ]
-    try:
+    # a layer without one of the adapters runs those rows through its base alone
+    rows = {layer: [n if n in layer.lora_A else BASE for n in names] for layer in layers}
+    with route(rows):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextlib.contextmanager
