@@ -139,7 +139,7 @@ def test_attach_on_a_transformers_model_freezes_what_the_checkpoint_would_not_ho
     )
 
 
-def test_resume_restores_adapter_optimizer_and_step(checkpoint, tmp_path):
+def test_resume_restores_adapter_optimizer_and_step(checkpoint, tmp_path, caplog):
     full = adapted_nf4(checkpoint)
     transformers.Trainer(model=full, args=arguments(tmp_path / "full"), train_dataset=token_rows()).train()
 
@@ -151,8 +151,10 @@ def test_resume_restores_adapter_optimizer_and_step(checkpoint, tmp_path):
     trainer = transformers.Trainer(
         model=resumed, args=arguments(tmp_path / "part"), train_dataset=token_rows()
     )
-    result = trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
+    with caplog.at_level(logging.WARNING, logger="transformers"):
+        result = trainer.train(resume_from_checkpoint=str(tmp_path / "part" / "checkpoint-2"))
     assert result.global_step == 4 and trainer.state.global_step == 4
+    assert not [r for r in caplog.records if "keys" in r.getMessage()], "no missing/unexpected-keys warning"
     want, got = adapter_weights(full), adapter_weights(resumed)
     for key in want:  # equal only if adapter, optimizer moments and data order all resumed
         torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
@@ -171,6 +173,25 @@ def test_resume_refuses_a_checkpoint_of_another_model(checkpoint, tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-2"))
     after = adapter_weights(other)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_partly_mismatched_adapter_checkpoint_changes_nothing(checkpoint, tmp_path):
+    from safetensors.torch import load_file
+
+    model = adapted_nf4(checkpoint)
+    model.save_pretrained(tmp_path)
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    tensors = {key: value + 1 for key, value in tensors.items()}  # all would change the model...
+    last = sorted(tensors)[-1]
+    tensors[last] = tensors[last][:, :-1]  # ...but one does not fit
+    before = adapter_weights(model)
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        model.load_state_dict(tensors, strict=False)
+    after = adapter_weights(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    del tensors[last]
+    with pytest.raises(ValueError, match="floating point"):
+        model.load_state_dict({**tensors, last: torch.zeros(4, 4, dtype=torch.int32)}, strict=False)
 
 
 def test_save_model_reloads_in_peft_and_quantplug_with_the_trained_outputs(checkpoint, tmp_path):

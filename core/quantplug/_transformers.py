@@ -210,14 +210,23 @@ class AdapterModelMixin:
             for attr, suffix in SUFFIXES.items():
                 if path.endswith(suffix):
                     own[f"{path.removesuffix(suffix)}.{attr}.{active[0]}"] = value
+        params = dict(self.named_parameters())
+        for (
+            key,
+            value,
+        ) in own.items():  # all checked before anything is copied: a refused load changes nothing
+            if key not in params:
+                raise ValueError(
+                    f"adapter tensor for {key!r}: this model has no such adapter parameter; the checkpoint was "
+                    "saved from another model or another target_modules"
+                )
+            if tuple(value.shape) != tuple(params[key].shape):
+                raise RuntimeError(
+                    f"size mismatch for {key!r}: the checkpoint has {tuple(value.shape)}, the model "
+                    f"{tuple(params[key].shape)} (another rank or model)"
+                )
         rest = {key: value for key, value in state_dict.items() if key not in adapter_keys}
         result = super().load_state_dict({**rest, **own}, strict=False, assign=assign)
-        missing_adapter = [key for key in own if key in result.unexpected_keys]
-        if missing_adapter:
-            raise ValueError(
-                f"adapter tensors name layers this model does not have: {missing_adapter[:3]}; "
-                "the checkpoint was saved from another model or another target_modules"
-            )
         # report what concerns the adapter (its tensors the files lacked) and the other keys, not the whole
         # quantized base, which an adapter checkpoint never holds
         ours = _own_keys(self, active[0])
