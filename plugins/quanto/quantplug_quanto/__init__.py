@@ -25,6 +25,40 @@ NAME = "quanto"
 # variant -> the optimum.quanto weight qtype quantplug_quantize builds (layers.QTYPES)
 VARIANTS = ("qint8", "qint4", "qint2", "qfloat8")
 
+# Proved by the nox matrix (docs/compatibility.md). The plugin relies on QModuleMixin's
+# weight_qtype / weight_group_size / optimizer attributes and QTensor.dequantize(); 0.3 may reshape them.
+REQUIREMENT = Requirement("optimum-quanto", ">=0.2.6,<0.3", module="optimum.quanto")
+
+# the file holding quanto's TinyGemm packer (bf16 qint4 weights), inside the optimum-quanto dist
+_TINYGEMM_PACKER = "optimum/quanto/tensor/weights/tinygemm/packed.py"
+
+
+def bf16_qint4_on_cpu_unavailable() -> str | None:
+    """Why the installed optimum-quanto cannot build bf16 qint4 layers on CPU, or ``None`` if it can.
+
+    quanto stores bf16 qint4 weights in its TinyGemm layout. optimum-quanto 0.2.6
+    packs it with ``torch._convert_weight_to_int4pack``, which has no CPU kernel
+    (torch 2.13: "Could not run 'aten::_convert_weight_to_int4pack' ... 'CPU'
+    backend"), so its own ``freeze()`` fails; 0.2.7 calls the CPU op,
+    ``_convert_weight_to_int4pack_for_cpu``. A feature probe on the packer's
+    source, read through the dist's metadata: quanto is not imported (seconds).
+    """
+    from importlib import metadata
+
+    try:
+        path = metadata.distribution("optimum-quanto").locate_file(_TINYGEMM_PACKER)
+        source = path.read_text()
+    except Exception:  # not installed, or laid out otherwise: nothing known to be missing
+        return None
+    if "_convert_weight_to_int4pack" not in source or "_convert_weight_to_int4pack_for_cpu" in source:
+        return None
+    return (
+        "partial: bfloat16 layers cannot be built on CPU by this optimum-quanto (its TinyGemm packer calls "
+        "torch._convert_weight_to_int4pack, which has no CPU kernel; optimum-quanto 0.2.7 calls "
+        "_convert_weight_to_int4pack_for_cpu). float32/float16 qint4 work; "
+        "fix: pip install 'optimum-quanto>=0.2.7,<0.3'"
+    )
+
 
 # --------------------------------------------------------------------------
 # Describing the backend (called when plugins load)
@@ -33,12 +67,13 @@ VARIANTS = ("qint8", "qint4", "qint2", "qfloat8")
 
 @hookimpl
 def quantplug_backend_info():
+    limits = {}
+    why = bf16_qint4_on_cpu_unavailable()
+    if why is not None:
+        limits["cpu:qint4"] = why
     return BackendInfo(
         name=NAME,
-        # Only 0.2.7 is tested (the latest release). The plugin relies on
-        # QModuleMixin's weight_qtype / weight_group_size / optimizer attributes
-        # and QTensor.dequantize(); 0.3 may reshape them.
-        requires=(Requirement("optimum-quanto", ">=0.2.7,<0.3", module="optimum.quanto"),),
+        requires=(REQUIREMENT,),
         devices=("cpu",),
         merge_modes=("requantize", "dense"),
         variants=VARIANTS,
@@ -55,6 +90,7 @@ def quantplug_backend_info():
                 "not implemented: qint8/qfloat8 are scale-only; qint4/qint2 keep a per-group shift that "
                 "could hold a QALoRA update, but this plugin does not fold into it yet"
             ),
+            **limits,
         },
     )
 
@@ -77,6 +113,14 @@ def is_quanto_linear(module) -> bool:
 @hookimpl
 def quantplug_detect_layer(module, model):
     return NAME if is_quanto_linear(module) else None
+
+
+@hookimpl
+def quantplug_layer_variant(module):
+    from quantplug_quanto import layers  # quanto is imported already: the layer is a QLinear
+
+    qtype = getattr(module, "weight_qtype", None)
+    return next((variant for variant, known in layers.QTYPES.items() if known == qtype), None)
 
 
 @hookimpl
@@ -110,6 +154,12 @@ def quantplug_quantize(linear, variant):
     variant = variant or VARIANTS[0]
     if variant not in VARIANTS:
         raise ValueError(f"unknown {NAME} variant {variant!r}; valid variants: {', '.join(VARIANTS)}")
+    if variant == "qint4" and linear.weight.dtype.is_floating_point and linear.weight.device.type == "cpu":
+        import torch
+
+        why = bf16_qint4_on_cpu_unavailable() if linear.weight.dtype == torch.bfloat16 else None
+        if why is not None:
+            raise NotImplementedError(f"{NAME} variant 'qint4' on a bfloat16 CPU layer: {why}")
     from quantplug_quanto import layers
 
     return layers.quantize(linear, variant)
