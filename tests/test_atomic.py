@@ -136,10 +136,16 @@ def flaky_plugin(faults: Faults):
     def compute_dtype(module):
         return "float16" if faults.pick("compute_dtype") == "junk" else None
 
+    def quantize(linear):
+        if faults.pick("quantize") == "wrong-features":
+            return Toy(torch.zeros(linear.out_features + 1, linear.in_features))
+        return Toy(linear.weight.detach(), linear.bias.detach())
+
     plugin.quantplug_wrap_layer = qp.hookimpl(wrap)
     plugin.quantplug_dequantize = qp.hookimpl(dequantize)
     plugin.quantplug_requantize = qp.hookimpl(requantize)
     plugin.quantplug_compute_dtype = qp.hookimpl(compute_dtype)
+    plugin.quantplug_quantize = qp.hookimpl(quantize)
     return plugin
 
 
@@ -393,6 +399,26 @@ def test_merge_refuses_a_bad_dense_dtype(faults):
     with pytest.raises(TypeError, match="dense_dtype"):
         qp.merge(model, mode="dense", dense_dtype="float32")
     assert_unchanged(before, model, "dense_dtype as a string")
+
+
+# -- quantize --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("what", ["raise", "wrong-features"])
+def test_quantize_replaces_every_linear_or_none(faults, what):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    faults.at("quantize", 2, what)
+    before = snapshot(model)
+    with pytest.raises(
+        qp.PluginError, match="injected failure" if what == "raise" else "out_features=5"
+    ) as caught:
+        qp.quantize(model, "flaky", skip=())
+    assert caught.value.layer == "2" and caught.value.backend == "flaky"
+    assert_unchanged(before, model, f"quantize: {what}")
+    faults.clear()
+    qp.quantize(model, "flaky", skip=())
+    assert type(model[0]) is Toy and type(model[2]) is Toy
 
 
 # -- set_adapter -----------------------------------------------------------------------

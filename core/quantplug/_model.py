@@ -338,22 +338,41 @@ def quantize(
 
     A plain ``nn.Linear`` comes back as a new quantized layer; any other
     module has every plain linear inside it replaced in place (except those
-    whose name is in ``skip``) and is returned.
+    whose name is in ``skip``) and is returned. All or nothing: every layer
+    is quantized (and checked: a module with the linear's features) before
+    any is put in place.
     """
     status = load_plugins().status(backend)
     if not status.ok:
         raise RuntimeError(f"backend {backend!r} is {status.status}: {status.reason}. Fix: {status.fix}")
-    pm = hook()
     if is_plain_linear(module):
-        layer = pm.quantplug_quantize(linear=module, backend=backend, variant=variant)
-        if layer is None:
-            raise NotImplementedError(f"backend {backend!r} does not implement quantplug_quantize")
-        return layer
+        return _quantized(module, backend, variant)
     targets = [
         path
         for path, child in module.named_modules()
         if is_plain_linear(child) and path.rsplit(".", 1)[-1] not in skip
     ]
+    built = {}
     for path in targets:
-        module.set_submodule(path, quantize(module.get_submodule(path), backend, variant))
+        with naming(path):
+            built[path] = _quantized(module.get_submodule(path), backend, variant)
+    for path, layer in built.items():
+        module.set_submodule(path, layer)
     return module
+
+
+def _quantized(linear: nn.Linear, backend: str, variant: str | None) -> nn.Module:
+    layer = hook().quantplug_quantize(linear=linear, backend=backend, variant=variant)
+    if layer is None:
+        raise NotImplementedError(f"backend {backend!r} does not implement quantplug_quantize")
+    problem = None
+    if not isinstance(layer, nn.Module):
+        problem = f"returned a {type(layer).__name__}, not a torch module"
+    else:
+        for attr in ("in_features", "out_features"):
+            got = getattr(layer, attr, None)
+            if isinstance(got, int) and got != getattr(linear, attr):
+                problem = f"returned a layer with {attr}={got}; the linear has {getattr(linear, attr)}"
+    if problem is not None:
+        raise PluginError(f"quantplug_quantize {problem}", hook="quantplug_quantize", backend=backend)
+    return layer
