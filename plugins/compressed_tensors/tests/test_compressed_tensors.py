@@ -319,3 +319,18 @@ def test_asymmetric_pack_quantized_checkpoint(tmp_path):
     assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, merged)
+
+
+def test_example_script(tmp_path, capsys):
+    """examples/compressed_tensors_merge.py as users run it (tiny checkpoint, 2 steps), so it never rots."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[3] / "examples" / "compressed_tensors_merge.py"
+    spec = importlib.util.spec_from_file_location("compressed_tensors_merge", script)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    assert example.main(["--out", str(tmp_path), "--steps", "2", "--lr", "2e-2"]) == 0
+    printed = capsys.readouterr().out
+    assert "merged adapter 'default' into 14 compressed_tensors layers" in printed
+    assert "logits vs the merged model 0.0e+00" in printed
