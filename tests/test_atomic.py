@@ -393,6 +393,25 @@ def test_unmerge_back_to_an_adapter_pops_the_newer_ones_too(faults):
     assert model[0].base is original and model[0].backend == "flaky"
 
 
+@pytest.mark.parametrize(
+    ("adapter", "mode"), [(None, "requantize"), (["default"], "dense"), ("default", None)]
+)
+def test_merge_refuses_bad_arguments_before_anything_changes(faults, adapter, mode):
+    model = qp.attach(toy_model(), CONFIG)
+    before = snapshot(model)
+    with pytest.raises((TypeError, ValueError), match=r"by name|unknown merge mode"):
+        qp.merge(model, adapter, mode=mode)
+    assert_unchanged(before, model, f"merge({adapter!r}, mode={mode!r})")
+
+
+def test_attach_refuses_what_is_not_a_model_or_a_config():
+    model = nn.Sequential(nn.Linear(4, 4))
+    before = snapshot(model)
+    with pytest.raises(TypeError, match=r"a quantplug\.LoraConfig, got a Sequential and a dict"):
+        qp.attach(model, {"r": 2, "target_modules": ["0"]})
+    assert_unchanged(before, model, "attach with a dict config")
+
+
 def test_merge_refuses_a_bad_dense_dtype(faults):
     model = qp.attach(toy_model(), CONFIG)
     before = snapshot(model)

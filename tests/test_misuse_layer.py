@@ -137,6 +137,14 @@ def test_mixed_batches_follow_the_backend_info_given_at_connect(no_registry):
         layer(torch.randn(2, 16), adapter_names=["a", "a"])
 
 
+def test_adapter_names_as_a_string_is_not_split_into_rows(no_registry):
+    layer = layer_over()
+    layer.add_adapter("a", qp.LoraConfig(r=2), torch.float32)
+    layer.add_adapter("b", qp.LoraConfig(r=2), torch.float32)
+    with pytest.raises(TypeError, match="one adapter name per row, got the string 'ab'"):
+        layer(torch.randn(2, 16), adapter_names="ab")
+
+
 def test_the_merge_stack_pushes_and_pops_without_plugins(no_registry):
     relay = Relay()
     layer = layer_over(relay=relay)

@@ -97,16 +97,19 @@ def test_asyncio_tasks_route_independently():
     want = {name: alone(model, x, [name] * 4) for name in ("a", "b", "c")}
     want["plain"] = alone(model, x, None)
 
+    def run(x):
+        with torch.no_grad():  # grad mode is per thread, not per task: never hold it across an await
+            return model(x)
+
     async def serve(name):
-        with torch.no_grad():
-            if name == "plain":
-                await asyncio.sleep(0)
-                return model(x)
-            with qp.adapter_batch(model, [name] * 4):
-                await asyncio.sleep(0)  # the other tasks enter and leave their blocks meanwhile
-                first = model(x)
-                await asyncio.sleep(0)
-                return first, model(x)
+        if name == "plain":
+            await asyncio.sleep(0)
+            return run(x)
+        with qp.adapter_batch(model, [name] * 4):
+            await asyncio.sleep(0)  # the other tasks enter and leave their blocks meanwhile
+            first = run(x)
+            await asyncio.sleep(0)
+            return first, run(x)
 
     async def main():
         return await asyncio.gather(*(serve(n) for n in ("a", "b", "plain", "c")))

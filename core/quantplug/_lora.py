@@ -394,6 +394,8 @@ class LoraLayer(nn.Module):
         return self._call_base(x) if y is None else y
 
     def _mixed_forward(self, y: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
+        if isinstance(adapter_names, str):
+            raise TypeError(f"adapter_names wants one adapter name per row, got the string {adapter_names!r}")
         if len(adapter_names) != x.shape[0]:
             raise ValueError(
                 f"adapter_names has {len(adapter_names)} entries for a batch of {x.shape[0]} rows"

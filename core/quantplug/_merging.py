@@ -215,6 +215,8 @@ def merge(
 
 def _plan(model: nn.Module, adapter: str, mode: str, dense_dtype: object) -> dict[str, LoraLayer]:
     """The layers holding ``adapter``, each checked for ``mode``; raises before anything changes."""
+    if not isinstance(adapter, str):
+        raise TypeError(f"merge merges one adapter, by name (a str); got {adapter!r}")
     if mode not in MODES:
         raise ValueError(f"unknown merge mode {mode!r}; choose one of {MODES}")
     if dense_dtype is not None:

@@ -161,6 +161,11 @@ def attach_weights(
     """:func:`attach`, with each layer's new adapter taking ``weights[path]`` (``lora_A``, ``lora_B``,
     ``lora_magnitude``) before it goes in: how ``load_adapter`` attaches, all or nothing too."""
     check_adapter_name(adapter)
+    if not isinstance(model, nn.Module) or not isinstance(config, LoraConfig):
+        raise TypeError(
+            f"attach(model, config) wants a torch module and a quantplug.LoraConfig, got a "
+            f"{type(model).__name__} and a {type(config).__name__}"
+        )
     if config.dtype is not None:
         check_dtype(config.dtype, "LoraConfig.dtype")
     plan = _plan(model, config)
