@@ -86,8 +86,9 @@ def quantplug_backend_info():
         shardable=False,
         limits={
             "cuda": "tested on CPU only; the layers are plain nn.Linear, so CUDA should work but is not exercised",
-            "compile_safe": "compressed-tensors' forward is an instance attribute wrapping patch_attr on "
-            "weight.data and no_grad QDQ; not tested under torch.compile",
+            "compile_safe": "compressed-tensors' forward does not trace with fullgraph=True (Dynamo: 'Failed "
+            "to trace builtin operator object', from patch_attr on weight.data and the lru_cache'd "
+            "calculate_range), in every state",
             "shardable": "not tested under FSDP2",
             "zeros": "partial: asymmetric int layers with group strategy only (symmetric and FP8 layers store "
             "no zero point; a channel layer has one group per row)",
