@@ -16,14 +16,11 @@ point's name is its backend's name (``hqq = "quantplug_hqq"`` declares
 backend ``"hqq"``), so both lists work by backend name; a plugin whose entry
 point and backend disagree is not loaded, and ``quantplug doctor`` says why.
 
-Every hook call the core makes goes through :class:`HookRelay`, which calls
-the hookimpls one at a time in pluggy's order (``tryfirst`` first,
-``trylast`` last) so that it knows who answered: a plugin's exception comes
+Every hook call the core makes goes through the registry's
+:class:`~quantplug._relay.HookRelay` (``relay``): a plugin's exception comes
 out as a :class:`~quantplug.PluginError` naming the plugin, its
-distribution, the hook and the backend, chained to the original; a
-``quantplug_detect_layer`` that raises is reported once per plugin and
-skipped, so the other backends keep working. The core's own plugin
-(:mod:`quantplug._builtin`) raises the core's errors as they are.
+distribution, the hook and the backend, and a ``quantplug_detect_layer``
+that raises is reported once and skipped (see :mod:`quantplug._relay`).
 """
 
 from __future__ import annotations
@@ -32,22 +29,20 @@ import os
 import sys
 import threading
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import importlib_metadata as metadata
 import pluggy
 
 from quantplug import hookspecs
-from quantplug._errors import PluginError, PluginWarning, plugin_error
+from quantplug._errors import PluginWarning
 from quantplug._info import BackendInfo, BackendStatus, Status
 from quantplug._kernels import KernelRegister, KernelRegistry
+from quantplug._relay import BLOCK_ENV, BUILTIN_PLUGINS, HookRelay, failure, text, warn_once
 from quantplug._versions import probe_backend
 
 ENTRY_POINT_GROUP = "quantplug.backends"
-BUILTIN_PLUGINS = ("quantplug._builtin",)
-DETECT = "quantplug_detect_layer"
-LOAD_ENV, BLOCK_ENV = "QUANTPLUG_LOAD_PLUGINS", "QUANTPLUG_BLOCK_PLUGINS"
+LOAD_ENV = "QUANTPLUG_LOAD_PLUGINS"
 
 
 class PluginConflictError(RuntimeError):
@@ -89,55 +84,6 @@ def _env_list(name: str) -> set[str] | None:
     return {item.strip() for item in value.split(",") if item.strip()}
 
 
-class HookRelay:
-    """The plugin manager's hooks as the core calls them: one plugin at a time, failures attributed.
-
-    ``relay.quantplug_dequantize(module=layer, backend="hqq")`` asks only the
-    plugin that declared ``"hqq"``, then the core's defaults (the built-in
-    plugin, ``trylast``): a plugin never sees another backend's layers, so
-    its hookimpls need no ``backend`` check, and no plugin can answer for
-    a backend it did not declare. Hooks without a ``backend`` argument
-    (detect, prepare_for_training, ...) ask every plugin, as pluggy does.
-    Either way a plugin's exception is re-raised as a ``PluginError`` (see
-    :meth:`Registry.call`).
-    """
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-
-    def __getattr__(self, name: str) -> _Caller:
-        if name.startswith("_"):
-            raise AttributeError(name)
-        caller = getattr(self._registry.pm.hook, name)
-        if caller.spec is not None and "backend" in caller.spec.argnames:
-            return _BackendCaller(self._registry, name, caller)
-        return _Caller(self._registry, name, caller)
-
-
-class _Caller:
-    """One hook, called through :meth:`Registry.call`; pluggy's own attributes pass through."""
-
-    def __init__(self, registry: Registry, name: str, caller: pluggy.HookCaller) -> None:
-        self._registry, self._name, self._caller = registry, name, caller
-
-    def __call__(self, **kwargs: object) -> object:
-        return self._registry.call(self._name, self._caller.get_hookimpls(), kwargs)
-
-    def __getattr__(self, name: str) -> object:  # get_hookimpls(), spec, ...: pluggy's own
-        return getattr(self._caller, name)
-
-
-class _BackendCaller(_Caller):
-    """One dispatch hook: call it with ``backend=`` and only that backend's plugin answers."""
-
-    def __call__(self, **kwargs: object) -> object:
-        backend = kwargs.get("backend")
-        if not isinstance(backend, str):
-            raise TypeError(f"{self._name}() needs backend=<name>: the backend whose plugin should answer")
-        impls = self._registry.backend_caller(self._name, backend).get_hookimpls()
-        return self._registry.call(self._name, impls, kwargs, backend=backend)
-
-
 class Registry:
     """Everything loaded: the plugin manager, the backends, the kernels, and what failed.
 
@@ -151,7 +97,7 @@ class Registry:
         self.backends: dict[str, BackendStatus] = {}
         self.failures: list[BackendStatus] = []
         self._backend_callers: dict[tuple[str, str], pluggy.HookCaller] = {}
-        self._warned: set[tuple[str, str]] = set()  # (plugin, hook): reported once
+        self.warned: set[tuple[str, str]] = set()  # (plugin, hook): reported once
         self.relay = HookRelay(self)
         self.kernels = KernelRegistry()
         for name in BUILTIN_PLUGINS:
@@ -160,11 +106,11 @@ class Registry:
             for impl in self.pm.hook.quantplug_backend_info.get_hookimpls():
                 if impl.plugin is module:
                     self._add_backend(impl.function(), plugin)
-        self._trace = None
+        self.trace = None  # hook calls the relay makes, written where pluggy writes its own
         if os.environ.get("QUANTPLUG_TRACE_PLUGINS", "") not in ("", "0"):
             self.pm.trace.root.setwriter(sys.stderr.write)
             self.pm.enable_tracing()
-            self._trace = self.pm.trace.root.get("hook")
+            self.trace = self.pm.trace.root.get("hook")
 
     # -- discovery ---------------------------------------------------------
 
@@ -188,7 +134,7 @@ class Registry:
             try:
                 module = ep.load()
             except Exception as exc:
-                self._broken(ep.name, dist, version, f"plugin {ep.value!r} failed to import: {_text(exc)}",
+                self._broken(ep.name, dist, version, f"plugin {ep.value!r} failed to import: {text(exc)}",
                              f"pip install --force-reinstall {dist or ep.name}")  # fmt: skip
                 continue
             try:
@@ -289,10 +235,10 @@ class Registry:
         except Exception as exc:
             if plugin.entry_point is not None:
                 raise _NotLoaded(
-                    f"{where}: quantplug_backend_info raised {_text(exc)}",
+                    f"{where}: quantplug_backend_info raised {text(exc)}",
                     f"report it to {plugin.dist or plugin.name}, or pip install --force-reinstall {plugin.dist}",
                 ) from exc
-            raise self._error(exc, "quantplug_backend_info", plugin.name) from exc
+            raise failure(self, exc, "quantplug_backend_info", plugin.name) from exc
         if not isinstance(info, BackendInfo):
             problem = f"quantplug_backend_info() must return quantplug.BackendInfo, got {type(info).__name__}"
             if plugin.entry_point is not None:
@@ -347,8 +293,8 @@ class Registry:
         left out (the references, and every other plugin's kernels, still serve)."""
         register = KernelRegister(self.kernels)
         for impl in reversed(self.pm.hook.quantplug_register_kernels.get_hookimpls()):
-            if self._trace is not None:
-                self._trace("quantplug_register_kernels", impl.plugin_name)
+            if self.trace is not None:
+                self.trace("quantplug_register_kernels", impl.plugin_name)
             before = list(self.kernels.kernels)
             try:
                 impl.function(*[{"register": register}[arg] for arg in impl.argnames])
@@ -357,8 +303,8 @@ class Registry:
                     raise
                 self.kernels.kernels[:] = before
                 self.kernels.clear_cache()
-                self._warn_once(
-                    impl.plugin_name, "quantplug_register_kernels", exc, "its kernels are not used"
+                warn_once(
+                    self, impl.plugin_name, "quantplug_register_kernels", exc, "its kernels are not used"
                 )
 
     def plugins_changed(self) -> None:
@@ -367,103 +313,6 @@ class Registry:
         self._backend_callers.clear()
         self.kernels.clear()
         self.load_kernels()
-
-    # -- calling hooks -----------------------------------------------------
-
-    def call(
-        self, hook_name: str, impls: Sequence[pluggy.HookImpl], kwargs: dict, backend: str | None = None
-    ) -> object:
-        """Call ``impls`` (as ``get_hookimpls()`` lists them) as pluggy would, one at a time.
-
-        pluggy calls the last-listed impl first (``tryfirst`` ones, then the newest plugin's, then
-        ``trylast``); so does this. A ``firstresult`` hook returns the first non-None answer, any
-        other hook the list of them. A plugin that raises becomes a :class:`PluginError` (also a
-        ``ValueError``/``TypeError``/``NotImplementedError`` when the plugin raised one) naming it,
-        chained to its exception; for ``quantplug_detect_layer`` it is reported instead
-        (:class:`PluginWarning`, once per plugin) and skipped for this call.
-        """
-        spec = getattr(self.pm.hook, hook_name).spec
-        firstresult = bool(spec and spec.opts.get("firstresult"))
-        if self._trace is not None:
-            self._trace(hook_name, kwargs)
-        results = []
-        for impl in reversed(impls):
-            try:
-                args = [kwargs[arg] for arg in impl.argnames]
-            except KeyError as missing:
-                raise TypeError(
-                    f"{hook_name}() called without argument {missing}, which the hook needs"
-                ) from None
-            try:
-                result = impl.function(*args)
-            except PluginError:
-                raise  # a plugin calling back into quantplug: the error already names who failed
-            except Exception as exc:
-                if impl.plugin_name in BUILTIN_PLUGINS:
-                    raise
-                if hook_name == DETECT:
-                    self._warn_once(impl.plugin_name, hook_name, exc, "it claims no layer in this call")
-                    continue
-                raise self._error(exc, hook_name, impl.plugin_name, backend) from exc
-            if result is None:
-                continue
-            if hook_name == DETECT:
-                self._check_detected(result, impl.plugin_name)
-            if firstresult:
-                return result
-            results.append(result)
-        return None if firstresult else results
-
-    def _error(
-        self, exc: Exception, hook_name: str, plugin_name: str, backend: str | None = None
-    ) -> PluginError:
-        plugin = self.plugins.get(plugin_name)
-        return plugin_error(
-            exc,
-            f"{hook_name} raised {_text(exc)}",
-            plugin=plugin_name,
-            dist=plugin.dist if plugin else None,
-            hook=hook_name,
-            backend=backend or ", ".join(self.declared_by(plugin_name)) or None,
-        )
-
-    def _warn_once(self, plugin_name: str, hook_name: str, exc: Exception, consequence: str) -> None:
-        if (plugin_name, hook_name) in self._warned:
-            return
-        self._warned.add((plugin_name, hook_name))
-        plugin = self.plugins.get(plugin_name)
-        dist = plugin.dist if plugin and plugin.dist else "an in-process plugin"
-        warnings.warn(
-            f"plugin {plugin_name!r} (distribution {dist!r}): {hook_name} raised {_text(exc)}; "
-            f"{consequence}, and every other backend keeps working. Report it to {dist}, or block it "
-            f"with {BLOCK_ENV}={plugin_name}",
-            PluginWarning,
-            stacklevel=5,
-        )
-
-    def _check_detected(self, result: object, plugin_name: str) -> None:
-        """A detect answer must be a backend the answering plugin declared."""
-        own = self.declared_by(plugin_name)
-        if isinstance(result, str) and result in own:
-            return
-        plugin = self.plugins.get(plugin_name)
-        owner = (
-            self.backends[result].plugin_name if isinstance(result, str) and result in self.backends else None
-        )
-        why = (
-            f"which plugin {owner!r} declared, not this one"
-            if owner
-            else "which no quantplug_backend_info declared"
-            if isinstance(result, str)
-            else f"a {type(result).__name__}, not a backend name or None"
-        )
-        raise PluginError(
-            f"{DETECT} returned {result!r}, {why}; the plugin declares {own or 'no backend'} "
-            f"(declared backends: {', '.join(sorted(self.backends))})",
-            plugin=plugin_name,
-            dist=plugin.dist if plugin else None,
-            hook=DETECT,
-        )
 
     # -- queries -----------------------------------------------------------
 
@@ -509,10 +358,6 @@ class Registry:
             f"no plugin {plugin!r} is registered; pass the name quantplug.register() returned or the "
             f"plugin object itself (registered plugins: {names})"
         )
-
-
-def _text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 _registry: Registry | None = None
