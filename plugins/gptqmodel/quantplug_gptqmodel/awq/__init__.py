@@ -10,17 +10,19 @@ from __future__ import annotations
 
 from quantplug import BackendInfo, Requirement, hookimpl
 
+from quantplug_gptqmodel._classes import GPTQMODEL_RANGE
+
 NAME = "awq"
 
 # 7.0.0 renamed the kernel this plugin builds (AwqTorchQuantLinear -> AwqTorchLinear); its pack() and
-# dequantize_gemm read the same from v7.0.0 (4-bit only) to 7.6.0 (2-8 bits). 7.7.0 requires
-# torch >= 2.14.1 and is untested here; tested: 7.6.0.
-REQUIREMENT = Requirement("gptqmodel", ">=7.6,<7.7", module="gptqmodel")
+# dequantize_gemm read the same from v7.0.0 (4-bit only) to 7.6.0 (2-8 bits). The range is the one
+# the nox matrix proves (docs/compatibility.md), shared with the gptq backend.
+REQUIREMENT = Requirement("gptqmodel", GPTQMODEL_RANGE, module="gptqmodel")
 
 
 @hookimpl
 def quantplug_backend_info():
-    from quantplug_awq._detect import VARIANTS
+    from quantplug_gptqmodel.awq._detect import VARIANTS
 
     return BackendInfo(
         name=NAME,
@@ -40,6 +42,10 @@ def quantplug_backend_info():
                 "raise NotImplementedError: merge them with mode='dense'"
             ),
             "calibration": "quantplug_quantize is AWQ's quantizer without activation scales (no calibration data)",
+            "quantize": (
+                "partial: bits other than 4 need a gptqmodel whose AwqTorchLinear packs them (SUPPORTS_BITS: "
+                "2-8 from 7.6 on, 4 only before); on an older one qp.quantize raises for them"
+            ),
             "cuda": "CUDA kernels are read through their own forward on an identity matrix; tested on CPU only",
             "zeros": (
                 "partial: sym=False layers in the GEMM layout only; the zero points are integers, so each group "
@@ -56,55 +62,55 @@ def quantplug_backend_info():
 
 @hookimpl
 def quantplug_detect_layer(module):
-    from quantplug_awq._detect import is_awq_layer
+    from quantplug_gptqmodel.awq._detect import is_awq_layer
 
     return NAME if is_awq_layer(module) else None
 
 
 @hookimpl
 def quantplug_compute_dtype(module):
-    from quantplug_awq import _layers
+    from quantplug_gptqmodel.awq import _layers
 
     return _layers.compute_dtype(module)
 
 
 @hookimpl
 def quantplug_wrap_layer(module):
-    from quantplug_awq.lora import AwqLoraLayer
+    from quantplug_gptqmodel.awq.lora import AwqLoraLayer
 
     return AwqLoraLayer(module, NAME)
 
 
 @hookimpl
 def quantplug_dequantize(module):
-    from quantplug_awq import _layers
+    from quantplug_gptqmodel.awq import _layers
 
     return _layers.dequantize(module)
 
 
 @hookimpl
 def quantplug_requantize(module, weight):
-    from quantplug_awq import _layers
+    from quantplug_gptqmodel.awq import _layers
 
     return _layers.requantize(module, weight)
 
 
 @hookimpl
 def quantplug_group_size(module):
-    from quantplug_awq import _layers
+    from quantplug_gptqmodel.awq import _layers
 
     return _layers.group_size(module)
 
 
 @hookimpl
 def quantplug_fold_into_zeros(module, offsets):
-    from quantplug_awq import _layers
+    from quantplug_gptqmodel.awq import _layers
 
     return _layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl
 def quantplug_quantize(linear, variant):
-    from quantplug_awq import _layers
+    from quantplug_gptqmodel.awq import _layers
 
     return _layers.quantize(linear, variant)

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 from quantplug import BackendInfo, Requirement, hookimpl
 
+from quantplug_gptqmodel._classes import GPTQMODEL_RANGE
+
 NAME = "gptq"
 
 # 7.0.0 renamed the kernels this plugin builds (TorchQuantLinear -> TorchLinear); the calls it makes
 # (PackableQuantLinear.dequantize_weight, pack_original, quantizer.Quantizer) read the same in the
-# v7.0.0 and v7.3.4 tags. 7.7.0 requires torch >= 2.14.1 and is untested here; tested: 7.6.0.
-REQUIREMENT = Requirement("gptqmodel", ">=7.6,<7.7", module="gptqmodel")
+# v7.0.0 and v7.3.4 tags. The range is the one the nox matrix proves (docs/compatibility.md), shared
+# with the awq backend: quantplug_gptqmodel/_classes.py.
+REQUIREMENT = Requirement("gptqmodel", GPTQMODEL_RANGE, module="gptqmodel")
 
 
 @hookimpl
 def quantplug_backend_info():
-    from quantplug_gptq._detect import VARIANTS
+    from quantplug_gptqmodel.gptq._detect import VARIANTS
 
     return BackendInfo(
         name=NAME,
@@ -56,55 +59,55 @@ def quantplug_backend_info():
 
 @hookimpl
 def quantplug_detect_layer(module):
-    from quantplug_gptq._detect import is_gptq_layer
+    from quantplug_gptqmodel.gptq._detect import is_gptq_layer
 
     return NAME if is_gptq_layer(module) else None
 
 
 @hookimpl
 def quantplug_compute_dtype(module):
-    from quantplug_gptq import _layers
+    from quantplug_gptqmodel.gptq import _layers
 
     return _layers.compute_dtype(module)
 
 
 @hookimpl
 def quantplug_wrap_layer(module):
-    from quantplug_gptq.lora import GptqLoraLayer
+    from quantplug_gptqmodel.gptq.lora import GptqLoraLayer
 
     return GptqLoraLayer(module, NAME)
 
 
 @hookimpl
 def quantplug_dequantize(module):
-    from quantplug_gptq import _layers
+    from quantplug_gptqmodel.gptq import _layers
 
     return _layers.dequantize(module)
 
 
 @hookimpl
 def quantplug_requantize(module, weight):
-    from quantplug_gptq import _layers
+    from quantplug_gptqmodel.gptq import _layers
 
     return _layers.requantize(module, weight)
 
 
 @hookimpl
 def quantplug_group_size(module):
-    from quantplug_gptq import _layers
+    from quantplug_gptqmodel.gptq import _layers
 
     return _layers.group_size(module)
 
 
 @hookimpl
 def quantplug_fold_into_zeros(module, offsets):
-    from quantplug_gptq import _layers
+    from quantplug_gptqmodel.gptq import _layers
 
     return _layers.fold_into_zeros(module, offsets)
 
 
 @hookimpl
 def quantplug_quantize(linear, variant):
-    from quantplug_gptq import _layers
+    from quantplug_gptqmodel.gptq import _layers
 
     return _layers.quantize(linear, variant)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from quantplug_gptq._gptqmodel import declares_method
-from quantplug_gptq._gptqmodel import parse_variant as _parse_variant
+from quantplug_gptqmodel._classes import declares_method
+from quantplug_gptqmodel._classes import parse_variant as _parse_variant
 
 AWQ_METHOD = "awq"
 

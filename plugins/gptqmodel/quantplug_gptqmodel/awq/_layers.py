@@ -1,6 +1,6 @@
 """AWQ layers (gptqmodel's, and AutoAWQ's ``WQLinear_GEMM``): reading and building them.
 
-Everything here imports torch and gptqmodel; ``quantplug_awq/__init__.py``
+Everything here imports torch and gptqmodel; ``quantplug_gptqmodel/awq/__init__.py``
 imports this module only inside hooks, after it claimed a layer.
 
 How gptqmodel 7.6.0 stores an AWQ layer (CPU, measured):
@@ -26,15 +26,15 @@ How gptqmodel 7.6.0 stores an AWQ layer (CPU, measured):
 from __future__ import annotations
 
 import torch
-from quantplug_gptq import _gptqmodel_torch as shared
-from quantplug_gptq._gptqmodel import mro_names
-from quantplug_gptq._gptqmodel_torch import INT8, OPAQUE, REPACKED
 from torch import nn
 
-from quantplug_awq._detect import parse_variant
+from quantplug_gptqmodel import _torch as shared
+from quantplug_gptqmodel._classes import mro_names
+from quantplug_gptqmodel._torch import INT8, OPAQUE, REPACKED
+from quantplug_gptqmodel.awq._detect import parse_variant
 
 # layout kinds: GEMM, and INT8 (TorchInt8AwqLinear), REPACKED and OPAQUE (GEMV, Marlin, ExLlama) shared
-# with quantplug-gptq (quantplug_gptq/_gptqmodel_torch.py)
+# with quantplug-gptq (quantplug_gptqmodel/_torch.py)
 GEMM = "gemm"  # AWQ GEMM buffers, read with the library's dequantize_gemm
 
 # classes that keep the GEMM layout in memory (until a CPU repack)
@@ -211,6 +211,13 @@ def _pack_torch_awq(
     return layer
 
 
+def packable_bits() -> frozenset[int]:
+    """The bit widths the installed gptqmodel's ``AwqTorchLinear`` packs (``SUPPORTS_BITS``: [4] before 7.6)."""
+    from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
+
+    return frozenset(int(b) for b in getattr(AwqTorchLinear, "SUPPORTS_BITS", (4,)))
+
+
 def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
     """An ``AwqTorchLinear`` (pure torch, has a backward) with AWQ's round-to-nearest codes of ``linear``.
 
@@ -218,6 +225,12 @@ def quantize(linear: nn.Module, variant: str | None) -> nn.Module:
     quantizer on the unscaled weight.
     """
     spec = parse_variant(variant)
+    bits = packable_bits()
+    if spec["bits"] not in bits:
+        raise NotImplementedError(
+            f"awq variant {variant!r}: this gptqmodel's AwqTorchLinear packs {sorted(bits)}-bit layers only "
+            "(SUPPORTS_BITS; gptqmodel 7.6 packs 2-8 bits); use a 4-bit variant or upgrade gptqmodel"
+        )
     weight = linear.weight.detach().float().cpu()
     out_features, in_features = weight.shape
     group_size = spec["group_size"] if spec["group_size"] != -1 else in_features

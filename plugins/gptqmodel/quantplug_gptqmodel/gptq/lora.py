@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-from quantplug_gptq import _layers
-from quantplug_gptq._gptqmodel_torch import GptqmodelLoraLayer
+from quantplug_gptqmodel._torch import GptqmodelLoraLayer
+from quantplug_gptqmodel.gptq import _layers
 
 
 class GptqLoraLayer(GptqmodelLoraLayer):

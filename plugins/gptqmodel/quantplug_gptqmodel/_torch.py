@@ -1,10 +1,10 @@
-"""What quantplug-gptq and quantplug-awq share about gptqmodel's layers once torch is imported.
+"""What the gptq and awq backends share about gptqmodel's layers once torch is imported.
 
 Layout kinds both plugins have besides their own packed one (a per-channel
 int8 copy, a CPU int4pack repack, any other kernel layout), reading a layer
 through its own forward on an identity matrix, the compute dtype, and the
 adapter layer whose base call has a backward to the input. Imports torch,
-not gptqmodel; each plugin's ``__init__.py`` imports this only inside hooks.
+not gptqmodel; each backend's ``__init__.py`` imports this only inside hooks.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from quantplug.plugin import LoraLayer
 from torch import nn
 
-from quantplug_gptq._gptqmodel import mro_names
+from quantplug_gptqmodel._classes import mro_names
 
 IDENTITY_CHUNK = 1024  # rows of the identity matrix per forward when reading an opaque layout
 

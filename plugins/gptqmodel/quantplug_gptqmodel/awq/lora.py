@@ -24,9 +24,9 @@ while the wrapper is in training mode; ``eval()`` drops it.
 from __future__ import annotations
 
 import torch
-from quantplug_gptq._gptqmodel_torch import GptqmodelLoraLayer
 
-from quantplug_awq import _layers
+from quantplug_gptqmodel._torch import GptqmodelLoraLayer
+from quantplug_gptqmodel.awq import _layers
 
 
 class AwqLoraLayer(GptqmodelLoraLayer):

@@ -1,6 +1,6 @@
 """gptqmodel's GPTQ layers: which classes they are, how to read them, how to build them.
 
-Everything here imports torch and gptqmodel; ``quantplug_gptq/__init__.py``
+Everything here imports torch and gptqmodel; ``quantplug_gptqmodel/gptq/__init__.py``
 imports this module only inside hooks, after it claimed a layer.
 
 How gptqmodel 7.6.0 stores a GPTQ layer (CPU, measured):
@@ -31,9 +31,9 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
-from quantplug_gptq import _gptqmodel_torch as shared
-from quantplug_gptq._detect import mro_names, parse_variant
-from quantplug_gptq._gptqmodel_torch import INT8, OPAQUE, REPACKED, is_repacked
+from quantplug_gptqmodel import _torch as shared
+from quantplug_gptqmodel._torch import INT8, OPAQUE, REPACKED, is_repacked
+from quantplug_gptqmodel.gptq._detect import mro_names, parse_variant
 
 # layout kinds: PACKED, and INT8 (TorchInt8Linear), REPACKED and OPAQUE shared with quantplug-awq
 PACKED = "packed"  # gptqmodel GPTQ buffers, read with the library's own dequantize_weight

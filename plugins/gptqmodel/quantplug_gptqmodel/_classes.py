@@ -1,16 +1,20 @@
-"""What quantplug-gptq and quantplug-awq share about gptqmodel's layers, without importing torch or gptqmodel.
+"""What the gptq and awq backends share about gptqmodel's layers, without importing torch or gptqmodel.
 
-Both plugins recognise their layers by class names along the MRO and parse
+Both backends recognise their layers by class names along the MRO and parse
 variant names of the form ``int<bits>-g<group size>|gall-<sym|asym>``; this
 module holds that. The torch-side helpers both use (reading a layer through
 its forward, compute dtype, the adapter layer's base call) are in
-``quantplug_gptq/_gptqmodel_torch.py``. quantplug-awq depends on
-quantplug-gptq for these two modules.
+``quantplug_gptqmodel/_torch.py``. Both are private to this dist.
 """
 
 from __future__ import annotations
 
 import re
+
+# The gptqmodel releases both backends support: what the nox matrix proves (docs/compatibility.md).
+# 7.3-7.5 import requests without declaring it (this dist declares it); 7.3-7.4 also import torchvision,
+# and 7.7.0 requires torch>=2.14.1, so neither can be proved beside torch 2.13.0+cpu here.
+GPTQMODEL_RANGE = ">=7.5,<7.7"
 
 
 def mro_names(module) -> frozenset[str]:

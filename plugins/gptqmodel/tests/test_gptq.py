@@ -8,9 +8,10 @@ holding the same packed buffers, as gptqmodel's loader fills them.
 
 from __future__ import annotations
 
+import gptqmodel_helpers as testing
 import pytest
 import quantplug as qp
-import quantplug_gptq
+import quantplug_gptqmodel.gptq
 import torch
 from gptqmodel.nn_modules.qlinear import PackableQuantLinear
 from gptqmodel.nn_modules.qlinear.torch import TorchLinear, TorchQuantEmbeddings
@@ -18,10 +19,10 @@ from gptqmodel.nn_modules.qlinear.torch_aten_kernel import TorchAtenLinear
 from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
 from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
+from gptqmodel_helpers import IN, OUT, dense, inputs, reference, same_state, state, wrapped
 from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, relative_error
-from quantplug_gptq import _layers, testing
-from quantplug_gptq.testing import IN, OUT, dense, inputs, reference, same_state, state, wrapped
+from quantplug_gptqmodel.gptq import _layers
 from torch import nn
 
 # -- building layers -----------------------------------------------------------
@@ -90,11 +91,11 @@ KERNELS = {
 
 
 def test_import_and_backend_info_are_light():
-    testing.check_import_and_backend_info_are_light("quantplug_gptq")
+    testing.check_import_and_backend_info_are_light("quantplug_gptqmodel.gptq")
 
 
 def test_version_probe():
-    testing.check_version_probe("gptq", quantplug_gptq.REQUIREMENT, "quantplug-gptq")
+    testing.check_version_probe("gptq", quantplug_gptqmodel.gptq.REQUIREMENT, "quantplug-gptqmodel")
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -109,7 +110,7 @@ def test_detect_ignores_other_layers():
     )
     BaseQuantLinear = type("BaseQuantLinear", (nn.Module,), {"SUPPORTS_METHODS": ["gptq"]})  # not gptqmodel's
     for module in (nn.Linear(IN, OUT), awq, embeddings, BaseQuantLinear(), nn.Embedding(4, 4)):
-        assert quantplug_gptq.quantplug_detect_layer(module) is None, type(module).__name__
+        assert quantplug_gptqmodel.gptq.quantplug_detect_layer(module) is None, type(module).__name__
 
 
 # -- dequantize --------------------------------------------------------------------

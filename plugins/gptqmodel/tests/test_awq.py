@@ -10,9 +10,10 @@ constructor and CPU forward.
 
 from __future__ import annotations
 
+import gptqmodel_helpers as testing
 import pytest
 import quantplug as qp
-import quantplug_awq
+import quantplug_gptqmodel.awq
 import torch
 from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 from gptqmodel.nn_modules.qlinear.torch_aten_kernel_awq import TorchAtenAwqLinear
@@ -20,11 +21,10 @@ from gptqmodel.nn_modules.qlinear.torch_awq import AwqTorchLinear
 from gptqmodel.nn_modules.qlinear.torch_fused_awq import TorchFusedAwqLinear
 from gptqmodel.nn_modules.qlinear.torch_int8_awq import TorchInt8AwqLinear
 from gptqmodel.quantization.awq.utils.packing_utils import dequantize_gemm
+from gptqmodel_helpers import IN, OUT, dense, inputs, reference, same_state, state, wrapped
 from quantplug._registry import hook, load_plugins
 from quantplug.testing import BackendConformance, relative_error
-from quantplug_awq import _layers
-from quantplug_gptq import testing
-from quantplug_gptq.testing import IN, OUT, dense, inputs, reference, same_state, state, wrapped
+from quantplug_gptqmodel.awq import _layers
 from torch import nn
 
 # -- building layers -----------------------------------------------------------
@@ -32,6 +32,11 @@ from torch import nn
 
 def awq(variant: str = "int4-g32-asym", seed: int = 0, bias: bool = True) -> nn.Module:
     return qp.quantize(dense(seed, bias), "awq", variant)
+
+
+def packs(variant: str) -> bool:
+    """Whether the installed gptqmodel's AwqTorchLinear packs ``variant``'s bit width (2-8 from 7.6, else 4)."""
+    return _layers.parse_variant(variant)["bits"] in _layers.packable_bits()
 
 
 def as_kernel(source: nn.Module, cls) -> nn.Module:
@@ -111,11 +116,11 @@ KERNELS = {
 
 
 def test_import_and_backend_info_are_light():
-    testing.check_import_and_backend_info_are_light("quantplug_awq")
+    testing.check_import_and_backend_info_are_light("quantplug_gptqmodel.awq")
 
 
 def test_version_probe():
-    testing.check_version_probe("awq", quantplug_awq.REQUIREMENT, "quantplug-awq")
+    testing.check_version_probe("awq", quantplug_gptqmodel.awq.REQUIREMENT, "quantplug-gptqmodel")
 
 
 @pytest.mark.parametrize("kernel", sorted(KERNELS))
@@ -131,7 +136,7 @@ def test_detect_ignores_other_layers():
     nn.Module.__init__(paro)
     lookalike = type("WQLinear_GEMM", (nn.Module,), {"__module__": "mylib.layers"})()  # not AutoAWQ's
     for module in (nn.Linear(IN, OUT), gptq, paro, lookalike, nn.Embedding(4, 4)):
-        assert quantplug_awq.quantplug_detect_layer(module) is None, type(module).__name__
+        assert quantplug_gptqmodel.awq.quantplug_detect_layer(module) is None, type(module).__name__
 
 
 # -- dequantize --------------------------------------------------------------------
@@ -141,6 +146,10 @@ def test_detect_ignores_other_layers():
     "variant", ["int4-g32-asym", "int4-g128-sym", "int4-gall-asym", "int8-g32-asym", "int3-g64-sym"]
 )
 def test_dequantize_is_the_librarys(variant):
+    if not packs(variant):
+        with pytest.raises(NotImplementedError, match="SUPPORTS_BITS"):
+            awq(variant)
+        return
     layer = awq(variant)
     before = state(layer)
     weight = dequant(layer)
@@ -262,9 +271,16 @@ def test_requantize_unsupported_kernel_says_so():
 def test_quantize_variants():
     info = load_plugins().status("awq").info
     assert info.variants[0] == "int4-g128-asym"
-    layer = qp.quantize(dense(), "awq", "int8-g64-sym")
+    if packs("int8-g64-sym"):
+        layer = qp.quantize(dense(), "awq", "int8-g64-sym")
+        assert isinstance(layer, AwqTorchLinear) and not layer.training
+        assert (layer.bits, layer.group_size, layer.sym) == (8, 64, True)
+    else:  # gptqmodel < 7.6: AwqTorchLinear.SUPPORTS_BITS == [4]
+        with pytest.raises(NotImplementedError, match="SUPPORTS_BITS"):
+            qp.quantize(dense(), "awq", "int8-g64-sym")
+    layer = qp.quantize(dense(), "awq", "int4-g64-sym")
     assert isinstance(layer, AwqTorchLinear) and not layer.training
-    assert (layer.bits, layer.group_size, layer.sym) == (8, 64, True)
+    assert (layer.bits, layer.group_size, layer.sym) == (4, 64, True)
     default = qp.quantize(dense(), "awq", None)
     assert (default.bits, default.group_size, default.sym) == (4, IN, False)
     with pytest.raises(ValueError, match="int4-g128-asym"):
