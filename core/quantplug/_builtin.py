@@ -104,6 +104,7 @@ def quantplug_register_kernels(register):
 
     register.kernel("lora_add", kernels.lora_add_reference, name="reference", priority=0)
     register.kernel("lora_linear", kernels.lora_linear_reference, name="reference", priority=0)
+    register.kernel("fused_lora_linear", kernels.fused_lora_linear_reference, name="reference", priority=0)
     register.kernel("lora_mixed_add", kernels.lora_mixed_add_reference, name="reference", priority=0)
     if _triton_usable():
         try:

@@ -120,3 +120,30 @@ def quantplug_quantize(linear, variant):
     from quantplug_hqq import layers
 
     return layers.quantize(linear, variant)
+
+
+@hookimpl
+def quantplug_register_kernels(register):
+    # fused 4-bit (axis=1) dequant-GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own
+    # storage (quantplug_hqq._cuda_kernels); nothing registered without Triton and a CUDA device
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        return
+    try:
+        from quantplug_hqq import _cuda_kernels
+    except Exception:  # a Triton that cannot build for this torch: the library's forward serves
+        return
+    register.kernel(
+        "fused_lora_linear",
+        _cuda_kernels.fused_lora_linear,
+        name="triton-hqq4-lora",
+        backend=NAME,
+        device="cuda",
+        dtypes=_cuda_kernels.DTYPES,
+        priority=10,
+    )

@@ -1,0 +1,80 @@
+"""Run the plugins' fused quantized-GEMV + LoRA Triton kernels on the CPU through Triton's interpreter.
+
+    TRITON_INTERPRET=1 PYTHONPATH=<a Triton install> python scripts/check_fused_cpu.py [bnb hqq torchao]
+
+A correctness check that needs no GPU (slow: a few small shapes): each
+kernel against the layer's dense weight from the plugin's own
+``quantplug_dequantize``, in float64. The GPU tests (tests/gpu) are the real check.
+"""
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "set TRITON_INTERPRET=1"
+
+import quantplug as qp  # noqa: E402
+import torch  # noqa: E402
+from quantplug._registry import hook  # noqa: E402
+
+torch.manual_seed(0)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None):
+    linear = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+    base = qp.quantize(linear, backend, variant)
+    W = hook().quantplug_dequantize(module=base, backend=backend).double()
+    KA = KA or K
+    x = torch.randn(M, K, dtype=dtype)
+    xa = x if KA == K else torch.randn(M, KA, dtype=dtype)
+    A = (torch.randn(R, KA) / KA**0.5).to(dtype)
+    B = (torch.randn(N, R) / R**0.5).to(dtype)
+    truth = x.double() @ W.T + 2.0 * (xa.double() @ A.double().T) @ B.double().T
+    if bias:
+        truth += base.bias.double() if torch.is_tensor(base.bias) else 0
+    results = []
+    for mode in (0, 1, 2):
+        out = fused(base, x, xa, A, B, 2.0, lora_mode=mode) if mode else fused(base, x, None, None, None, 0.0)
+        assert out is not None, f"{backend} did not serve N={N} K={K} M={M}"
+        want = truth if mode else truth - 2.0 * (xa.double() @ A.double().T) @ B.double().T
+        results.append(rel(out, want))
+    ok = all(e < (2e-2 if dtype == torch.bfloat16 else 3e-3) for e in results)
+    print(
+        f"{backend} {variant} {dtype} N={N} K={K} M={M} R={R}: errors {' '.join(f'{e:.1e}' for e in results)} {'ok' if ok else 'FAIL'}"
+    )
+    return ok
+
+
+def main(backends):
+    ok = True
+    for backend in backends:
+        if backend == "bnb":
+            from quantplug_bnb._cuda_kernels import fused_lora_linear as fused
+
+            for variant, (N, K, M, R), dtype in [
+                ("nf4", (48, 256, 1, 4), torch.float16),
+                ("nf4", (40, 512, 3, 16), torch.float16),
+                ("fp4", (64, 256, 9, 8), torch.float16),
+                ("nf4", (33, 128, 2, 1), torch.bfloat16),
+            ]:
+                ok &= check(backend, variant, fused, N, K, M, R, dtype)
+        elif backend == "hqq":
+            from quantplug_hqq._cuda_kernels import fused_lora_linear as fused
+
+            for N, K, M, R in [(48, 256, 1, 4), (64, 512, 5, 16), (34, 128, 2, 2)]:
+                ok &= check(backend, "4bit-g64", fused, N, K, M, R, torch.float16)
+        elif backend == "torchao":
+            from quantplug_torchao._cuda_kernels import fused_lora_linear as fused
+
+            for N, K, M, R in [(48, 256, 1, 4), (64, 512, 5, 16), (33, 96, 2, 2)]:
+                ok &= check(backend, "int8wo", fused, N, K, M, R, torch.float16)
+    return ok
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main(sys.argv[1:] or ["bnb", "hqq", "torchao"]) else 1)

@@ -1,0 +1,336 @@
+# ruff: noqa: B023  (each lambda is timed before the loop moves on)
+"""Sweep and time the plugins' fused quantized-GEMV + LoRA kernels on one GPU, in one call.
+
+    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao] [--shapes 4096x4096,4096x14336]
+        [--tokens 1,16] [--sweep] [--workers 12]
+
+For each format, shape (out x in) and token count, r=16, bf16, it reports
+GPU time from CUDA-graph replay (a graph of calls cycling over enough
+copies of the layer to overflow L2, so the weights come from HBM; median of
+trials), for:
+
+- ``library``: the library's own bare layer (``base(x)``);
+- ``fused_base``: the plugin's fused kernel without an adapter (``A=None``);
+- ``fused_lora1`` / ``fused_lora2``: with the adapter, shrink as its own
+  launch / in the same launch;
+- ``wrapped``: quantplug's adapter layer as users call it (fast kernels);
+- ``wrapped_ref``: the same layer with ``QUANTPLUG_KERNELS=reference``
+  (the library's forward plus the plain adapter).
+
+Bytes are what the wrapped layer must read at least: packed weight, scales
+(and zeros, nested absmax tables), bias, adapter ``A`` and ``B``; GB/s are
+bytes over graph time, and ``% copy`` compares with the measured
+device-to-device copy rate (read + write). ``--sweep`` first times the base
+kernel over a grid of block sizes per token block (compiling the grid in
+parallel worker processes first, so the GPU times only run after) and
+uses the fastest for the rest.
+"""
+
+import argparse
+import itertools
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+
+DTYPE = torch.bfloat16
+R = 16
+L2_BYTES = 60 << 20
+PLUGINS = {
+    "bnb": ("quantplug_bnb", "nf4"),
+    "hqq": ("quantplug_hqq", "4bit-g64"),
+    "torchao": ("quantplug_torchao", "int8wo"),
+}
+
+
+def kernels(fmt):
+    import importlib
+
+    return importlib.import_module(f"{PLUGINS[fmt][0]}._cuda_kernels")
+
+
+def sweep_grid(fmt, block_m):
+    if block_m >= 16:
+        ns, ks = (16, 32, 64), (128, 256, 512)
+    else:
+        ns, ks = (4, 8, 16, 32), (256, 512, 1024, 2048)
+    if fmt == "hqq":  # BLOCK_N counts rows of one half: each program writes twice as many
+        ns = tuple(n // 2 for n in ns)
+    for n, k, warps, stages in itertools.product(ns, ks, (4, 8), (1, 3)):
+        if n * k * block_m > 65536:  # the per-block product would not fit in registers
+            continue
+        yield (n, k, warps, stages)
+
+
+def copy_rate():
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_(0, 255)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    rate = 2 * src.numel() * 10 / start.elapsed_time(end) / 1e6
+    del src, dst
+    return rate
+
+
+def build(fmt, out_features, in_features, seed):
+    import quantplug as qp
+    from quantplug.testing import Holder
+
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=DTYPE)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+    base = qp.quantize(linear, fmt, PLUGINS[fmt][1])
+    model = qp.attach(Holder(base), qp.LoraConfig(r=R, alpha=2 * R, target_modules=["proj"], init="random"))
+    model.eval()
+    return model.proj
+
+
+def nbytes(layer):
+    """Packed weight, scales, zeros, tables, bias and the adapter: what one call must read."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if torch.is_tensor(t) and t.device.type == "cuda":
+            inner = t.__tensor_flatten__()[0] if hasattr(t, "__tensor_flatten__") else None
+            if inner:
+                for name in inner:
+                    add(getattr(t, name))
+                return
+            key = (t.data_ptr(), t.numel())
+            if key not in seen:
+                seen.add(key)
+                total += t.numel() * t.element_size()
+
+    base = layer.base
+    for t in (*base.parameters(), *base.buffers()):
+        add(t)
+    state = getattr(getattr(base, "weight", None), "quant_state", None)
+    if state is not None:
+        for t in (state.absmax, state.code, getattr(state, "offset", None)):
+            add(t)
+        if getattr(state, "state2", None) is not None:
+            add(state.state2.absmax)
+            add(state.state2.code)
+    for value in getattr(base, "meta", {}).values() if isinstance(getattr(base, "meta", None), dict) else ():
+        add(value)
+    add(getattr(base, "W_q", None))
+    add(getattr(base, "bias", None))
+    add(layer.lora_A["default"])
+    add(layer.lora_B["default"])
+    return total
+
+
+def graph_time(calls, trials=7, per_graph=None):
+    """Median GPU time per call (us) of ``calls`` (a list of thunks), replayed from one CUDA graph."""
+    per_graph = per_graph or len(calls)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in calls[: min(3, len(calls))]:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(per_graph):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / per_graph)
+    del graph
+    return statistics.median(times)
+
+
+def compile_worker(jobs):
+    """Run each (fmt, shape, tokens, config, mode) once so Triton's cache holds its binary."""
+    torch.cuda.set_device(0)
+    done = 0
+    for fmt, (n, k), tokens, config, mode in jobs:
+        try:
+            layer = _worker_layer(fmt, n, k)
+            x = torch.randn(tokens, k, device="cuda", dtype=DTYPE)
+            args = (
+                (x, layer.lora_A["default"], layer.lora_B["default"], 2.0)
+                if mode
+                else (None, None, None, 0.0)
+            )
+            with torch.no_grad():
+                kernels(fmt).fused_lora_linear(layer.base, x, *args, config=config, lora_mode=mode or None)
+            torch.cuda.synchronize()
+            done += 1
+        except Exception as exc:  # a config Triton cannot build (registers, shared memory): skipped later
+            print(
+                f"compile {fmt} {config} tokens={tokens}: {type(exc).__name__} {str(exc)[:120]}", flush=True
+            )
+    return done
+
+
+_worker_layers = {}
+
+
+def _worker_layer(fmt, n, k):
+    key = (fmt, n, k)
+    if key not in _worker_layers:
+        _worker_layers[key] = build(fmt, n, k, 0)
+    return _worker_layers[key]
+
+
+def precompile(jobs, workers):
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    chunks = [jobs[i::workers] for i in range(workers)]
+    start = time.perf_counter()
+    with ctx.Pool(workers) as pool:
+        done = sum(pool.map(compile_worker, chunks))
+    print(f"precompiled {done}/{len(jobs)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out")
+    parser.add_argument("--formats", default="bnb,hqq,torchao")
+    parser.add_argument("--shapes", default="4096x4096,4096x14336")
+    parser.add_argument("--tokens", default="1,16")
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--budget", type=float, default=420.0, help="seconds; stop sweeping after this")
+    args = parser.parse_args()
+    t0 = time.perf_counter()
+    import quantplug as qp
+
+    formats = [f for f in args.formats.split(",") if f]
+    shapes = [tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
+    tokens_list = [int(t) for t in args.tokens.split(",")]
+    results = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": [], "sweep": []}
+    import triton
+
+    results["triton"] = triton.__version__
+    results["copy_gbs"] = rate = copy_rate()
+    print(f"{results['device']}: copy rate {rate:.0f} GB/s (read + write)", flush=True)
+    usable = [
+        f
+        for f in formats
+        if {r.name: r for r in qp.backends()}.get(f) and {r.name: r for r in qp.backends()}[f].ok
+    ]
+    formats = usable
+    best = {}
+    if args.sweep:
+        jobs = []
+        for fmt in formats:
+            ck = kernels(fmt)
+            for tokens in tokens_list:
+                block_m = ck._token_block(tokens)
+                for config in sweep_grid(fmt, block_m):
+                    jobs.append((fmt, shapes[0], tokens, config, 0))
+        precompile(jobs, args.workers)
+    out_json = args.out
+    for fmt, (n, k) in itertools.product(formats, shapes):
+        ck = kernels(fmt)
+        probe = build(fmt, n, k, 0)
+        size = nbytes(probe)
+        copies = max(2, math.ceil(2.5 * L2_BYTES / size))
+        layers = [probe] + [build(fmt, n, k, i) for i in range(1, copies)]
+        for tokens in tokens_list:
+            xs = [torch.randn(tokens, k, device="cuda", dtype=DTYPE) for _ in layers]
+            block_m = ck._token_block(tokens)
+            pairs = list(zip(layers, xs))
+            per_graph = max(len(pairs), 64)
+
+            def t(fn):
+                with torch.no_grad():
+                    return graph_time(
+                        [lambda lay=lay, x=x: fn(lay, x) for lay, x in pairs], per_graph=per_graph
+                    )
+
+            config = ck.CONFIGS[block_m]
+            if args.sweep and time.perf_counter() - t0 < args.budget:
+                timed = []
+                for cfg in sweep_grid(fmt, block_m):
+                    try:
+                        us = t(
+                            lambda lay, x: ck.fused_lora_linear(
+                                lay.base, x, None, None, None, 0.0, config=cfg
+                            )
+                        )
+                    except Exception as exc:
+                        print(f"skip {fmt} {cfg}: {type(exc).__name__}", flush=True)
+                        continue
+                    timed.append((us, cfg))
+                    results["sweep"].append(
+                        {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
+                    )
+                timed.sort()
+                if timed:
+                    config = timed[0][1]
+                    print(f"sweep {fmt} {n}x{k} tokens={tokens}: best {timed[:3]}", flush=True)
+            best[(fmt, block_m)] = config
+
+            def lora(lay, x, mode):
+                A, B = lay.lora_A["default"], lay.lora_B["default"]
+                return ck.fused_lora_linear(lay.base, x, x, A, B, 2.0, config=config, lora_mode=mode)
+
+            row = {
+                "format": fmt,
+                "shape": [n, k],
+                "tokens": tokens,
+                "bytes": size,
+                "config": config,
+                "copies": copies,
+            }
+            row["library"] = t(lambda lay, x: lay.base(x))
+            row["fused_base"] = t(
+                lambda lay, x: ck.fused_lora_linear(lay.base, x, None, None, None, 0.0, config=config)
+            )
+            row["fused_lora1"] = t(lambda lay, x: lora(lay, x, 1))
+            row["fused_lora2"] = t(lambda lay, x: lora(lay, x, 2))
+            saved = dict(ck.CONFIGS)
+            ck.CONFIGS[block_m] = config
+            row["wrapped"] = t(lambda lay, x: lay(x))
+            ck.CONFIGS.update(saved)
+            qp.use_reference_kernels(True)
+            try:
+                row["wrapped_ref"] = t(lambda lay, x: lay(x))
+            finally:
+                qp.use_reference_kernels(False)
+            for key in ("library", "fused_base", "fused_lora1", "fused_lora2", "wrapped", "wrapped_ref"):
+                row[f"{key}_gbs"] = size / row[key] / 1e3
+                row[f"{key}_pct_copy"] = 100 * size / row[key] / 1e3 / rate
+            results["rows"].append(row)
+            print(
+                f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {row['library']:7.2f}  "
+                f"fbase {row['fused_base']:6.2f}  f1 {row['fused_lora1']:6.2f}  f2 {row['fused_lora2']:6.2f}  "
+                f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {row['wrapped_ref']:7.2f}  "
+                f"cfg {config}",
+                flush=True,
+            )
+            with open(out_json, "w") as f:
+                json.dump(results, f, indent=1)
+        del layers, probe
+        torch.cuda.empty_cache()
+    results["best_configs"] = {f"{fmt}:{bm}": cfg for (fmt, bm), cfg in best.items()}
+    with open(out_json, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

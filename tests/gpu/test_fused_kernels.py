@@ -1,0 +1,223 @@
+"""The plugins' fused quantized-GEMV + LoRA kernels (op ``fused_lora_linear``) against the reference path.
+
+bnb NF4/FP4 (nested and plain absmax), hqq 4-bit g64 and torchao int8
+weight-only, each built by its own library on the GPU. For every layer:
+fresh random inputs, bf16 and fp16, ranks 1-64, tokens 1-64 (above 16 the
+kernel declines and the library's forward serves: checked too), outputs
+poisoned with NaN before each call, odd shapes, CUDA-graph capture and
+``torch.compile(fullgraph=True)``, and mixed-adapter batches. Truth is the
+layer's dequantized weight (the plugin's own ``quantplug_dequantize``) in
+float64; the fast path must be as close to it as the reference path is.
+"""
+
+import importlib
+
+import pytest
+import quantplug as qp
+import torch
+from quantplug.apps.bench import capture_graph
+from quantplug.testing import Holder
+
+RANKS = (1, 16, 64)
+TOKENS = (1, 2, 3, 5, 16, 64)
+# (backend, variant, plugin module); the bnb "nf4-plain" layer is built without nested absmax
+FORMATS = [
+    ("bnb", "nf4", "quantplug_bnb"),
+    ("bnb", "fp4", "quantplug_bnb"),
+    ("bnb", "nf4-plain", "quantplug_bnb"),
+    ("hqq", "4bit-g64", "quantplug_hqq"),
+    ("torchao", "int8wo", "quantplug_torchao"),
+]
+SHAPES = [(1024, 2048), (1000, 1536)]  # (out, in); the second: out not a multiple of any block
+TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def kernels_module(plugin):
+    pytest.importorskip("triton", reason="the fused kernels are Triton kernels")
+    return importlib.import_module(f"{plugin}._cuda_kernels")
+
+
+def require(backend):
+    status = {row.name: row for row in qp.backends()}.get(backend)
+    if status is None or not status.ok:
+        pytest.skip(f"backend {backend!r} is not usable here: {getattr(status, 'reason', 'not installed')}")
+
+
+def build_base(backend, variant, out_features, in_features, dtype):
+    torch.manual_seed(out_features + in_features)
+    linear = torch.nn.Linear(in_features, out_features, bias=True, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.02)
+        linear.bias.normal_(0, 0.1)
+    if variant == "nf4-plain":
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=True,
+            compute_dtype=dtype,
+            compress_statistics=False,
+            quant_type="nf4",
+        )
+        layer.weight = bnb.nn.Params4bit(linear.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+        layer.bias = torch.nn.Parameter(linear.bias.detach().cpu(), requires_grad=False)
+        return layer.cuda()
+    return qp.quantize(linear, backend, variant)
+
+
+def wrapped(backend, variant, shape, dtype, ranks=RANKS):
+    require(backend)
+    base = build_base(backend, variant, *shape, dtype)
+    model = qp.attach(
+        Holder(base), qp.LoraConfig(r=ranks[0], alpha=2 * ranks[0], target_modules=["proj"], init="random")
+    )
+    layer = model.proj
+    for r in ranks[1:]:
+        layer.add_adapter(f"r{r}", qp.LoraConfig(r=r, alpha=r, target_modules=["proj"], init="random"), dtype)
+    model.eval()
+    return layer
+
+
+def truth(layer, x, names):
+    from quantplug._registry import hook
+
+    weight = hook().quantplug_dequantize(module=layer.base, backend=layer.backend).double()
+    out = x.double() @ weight.T
+    if layer.bias is not None:
+        out = out + layer.bias.double()
+    for name in names:
+        A, B = layer.lora_A[name].double(), layer.lora_B[name].double()
+        out = out + layer.scaling[name] * (x.double() @ A.T) @ B.T
+    return out
+
+
+def rel(a, b):
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def poison(numel, dtype):
+    """Fill a freed block of the caching allocator with NaN, so an unwritten output element shows."""
+    block = torch.full((numel,), float("nan"), device="cuda", dtype=dtype)
+    del block
+
+
+def reference(layer, x):
+    qp.use_reference_kernels(True)
+    try:
+        return layer(x)
+    finally:
+        qp.use_reference_kernels(False)
+
+
+def adapter_name(r):
+    return "default" if r == RANKS[0] else f"r{r}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("shape", SHAPES, ids=["1024x2048", "1000x1536"])
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_fused_matches_reference(backend, variant, plugin, shape, dtype):
+    fused = kernels_module(plugin)
+    layer = wrapped(backend, variant, shape, dtype)
+    kernel = layer.kernels.find("fused_lora_linear", backend, "cuda", dtype)
+    assert kernel is not None and kernel.priority > 0, f"no fused kernel registered for {backend}"
+    with torch.no_grad():
+        for r in RANKS:
+            layer.set_adapter(adapter_name(r))
+            for tokens in TOKENS:
+                x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)
+                name = adapter_name(r)
+                args = (x, layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
+                served = fused.fused_lora_linear(layer.base, x, *args)
+                assert (served is not None) == (tokens <= fused.MAX_TOKENS), (tokens, r)
+                poison(tokens * shape[0] * 4, dtype)
+                got = layer(x)
+                want = truth(layer, x, [name])
+                err, ref_err = rel(got, want), rel(reference(layer, x), want)
+                assert torch.isfinite(got).all(), f"unwritten or non-finite output, r={r} tokens={tokens}"
+                assert err < TOL[dtype] and err <= 2 * ref_err + 1e-3, (r, tokens, err, ref_err)
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_fused_base_only_and_three_dim_input(backend, variant, plugin):
+    """``A=None`` computes the base alone (the tuning script's bare kernel); inputs may be (batch, seq, in)."""
+    fused = kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (768, 1024), dtype, ranks=(8,))
+    with torch.no_grad():
+        x = torch.randn(2, 3, 1024, device="cuda", dtype=dtype)
+        base = fused.fused_lora_linear(layer.base, x, None, None, None, 0.0)
+        assert base.shape == (2, 3, 768)
+        assert rel(base, truth(layer, x, [])) < TOL[dtype]
+        got = layer(x)
+        assert got.shape == (2, 3, 768)
+        assert rel(got, truth(layer, x, ["default"])) < TOL[dtype]
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+@pytest.mark.parametrize("tokens", [1, 4, 16])
+def test_cuda_graph_replays_fresh_inputs(backend, variant, plugin, tokens):
+    """Captured once, replayed on new inputs: the one-launch path's counters reset on every replay."""
+    fused = kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (2048, 2048), dtype, ranks=(16,))
+    static_x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        outputs = []
+        graph = capture_graph(lambda: outputs.append(layer(static_x)), repeat=1)
+        if fused.ONE_LAUNCH:
+            assert layer.base in fused._sync, "the eager warm-up did not give the layer its counters"
+        static_y = outputs[-1]
+        for _ in range(3):
+            fresh = torch.randn_like(static_x)
+            static_x.copy_(fresh)
+            graph.replay()
+            want = truth(layer, fresh, ["default"])
+            assert rel(static_y, want) < TOL[dtype]
+        if fused.ONE_LAUNCH:
+            assert fused._sync[layer.base][:3].tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_one_and_two_launch_paths(backend, variant, plugin):
+    """Both ways to run the adapter: the shrink as its own launch (LORA=1) and inside the GEMV launch (LORA=2)."""
+    fused = kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(16,))
+    x = torch.randn(1, 2048, device="cuda", dtype=dtype)
+    args = (x, layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"])
+    with torch.no_grad():
+        for mode in (1, 2):
+            got = fused.fused_lora_linear(layer.base, x, *args, lora_mode=mode)
+            assert rel(got, truth(layer, x, ["default"])) < TOL[dtype], mode
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_torch_compile_fullgraph(backend, variant, plugin):
+    kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(16,))
+    compiled = torch.compile(layer, fullgraph=True)
+    with torch.no_grad():
+        for tokens in (1, 16):
+            x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+            assert rel(compiled(x), truth(layer, x, ["default"])) < TOL[dtype]
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_mixed_adapter_batch(backend, variant, plugin):
+    """``adapter_names=`` rows beside the fused single-adapter path: each row equals its own adapter's output."""
+    kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(4, 16))
+    names = ["default", "r16", "__base__", "r16"]
+    x = torch.randn(len(names), 2048, device="cuda", dtype=dtype)
+    with torch.no_grad():
+        got = layer(x, adapter_names=names)
+        for row, name in enumerate(names):
+            want = truth(layer, x[row : row + 1], [] if name == "__base__" else [name])
+            assert rel(got[row : row + 1], want) < TOL[dtype], name
+            if name != "__base__":
+                layer.set_adapter(name)
+                assert rel(layer(x[row : row + 1]), want) < TOL[dtype], name
