@@ -15,6 +15,12 @@ from torch import nn
 ROUNDS = 5
 
 
+def same(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Equal up to float32 rounding: CPU matmuls running in several threads at once may block their sums
+    differently (seen: 1e-7 apart). Another adapter's rows are off by O(1) (random adapters, scale 2)."""
+    return torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def linear_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
@@ -87,7 +93,7 @@ def test_threads_serving_different_batches_get_what_each_gets_alone(build):
     for key in inputs:
         assert len(got[key]) == ROUNDS
         for output in got[key]:
-            assert torch.equal(output, want[key]), f"thread {key!r} got another thread's routing"
+            assert same(output, want[key]), f"thread {key!r} got another thread's routing"
 
 
 def test_asyncio_tasks_route_independently():
