@@ -188,10 +188,19 @@ def path_case(tmp_path: Path, case: str) -> tuple[Path, str]:
     if case == "dangling-symlink":
         os.symlink(tmp_path / "gone", tmp_path / "link")
         return tmp_path / "link", r"'.*/link' is a symlink to '.*/gone', which does not exist"
+    if case == "name-too-long":
+        return tmp_path / ("a" * 300), r"is too long a path for this file system"
     raise AssertionError(case)
 
 
-PATH_CASES = ["a-file", "under-a-file", "symlink-loop", "self-loop-on-the-way", "dangling-symlink"]
+PATH_CASES = [
+    "a-file",
+    "under-a-file",
+    "symlink-loop",
+    "self-loop-on-the-way",
+    "dangling-symlink",
+    "name-too-long",
+]
 
 
 @pytest.mark.parametrize("case", PATH_CASES)

@@ -200,6 +200,19 @@ def test_a_bad_backend_info_is_a_broken_row_and_others_load(entry_points, info, 
     assert rows["alpha"].ok and not registry.load_plugins().pm.has_plugin("bad")
 
 
+def test_an_in_process_plugin_whose_backend_info_raises_is_refused_naming_it(entry_points):
+    bad = plugin("bad")
+    cause = OSError("no driver")
+    bad.quantplug_backend_info = qp.hookimpl(raises(cause))
+    before = state(registry.load_plugins())
+    with pytest.raises(
+        qp.PluginError, match=r"quantplug_backend_info raised OSError: no driver \(plugin 'bad'"
+    ) as caught:
+        qp.register(bad, name="bad")
+    assert caught.value.__cause__ is cause
+    assert state(registry.load_plugins()) == before
+
+
 def test_a_hook_wrapper_is_refused(entry_points):
     wrapper = plugin("wrapped")
 

@@ -30,7 +30,7 @@ from torch import nn
 
 from quantplug._config import LoraConfig
 from quantplug._lora import GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
-from quantplug._model import _plan, attach, lora_layers
+from quantplug._model import _plan, attach_weights, lora_layers
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -388,12 +388,5 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
                     f"{str(weights_file)!r}: key {PREFIX + module_path + SUFFIXES[attr]!r} has shape "
                     f"{tuple(tensor.shape)}, the model needs {shapes[attr]} (r={config.r})"
                 )
-    attach(model, config, adapter=adapter)
-    layers = lora_layers(model, adapter)
-    with torch.no_grad():
-        for module_path, found in by_module.items():
-            layer = layers[module_path]
-            for attr, tensor in found.items():
-                param = getattr(layer, attr)[adapter]
-                param.copy_(tensor.to(param.device, param.dtype))
-    return model
+    # each layer's adapter is built with these values off the model, then all go in at once
+    return attach_weights(model, config, adapter, by_module)
