@@ -320,14 +320,31 @@ def _assemble(module: nn.Module, codes: torch.Tensor, scale, zero) -> nn.Module:
     else:
         built = compressor.decompress(packed, scheme)
         if kind == "qdq":
-            weight_dtype = original["weight"].dtype
-            built = {**built, "weight": built["weight"].to(weight_dtype)}
+            weight = _rounds_to(built["weight"].to(original["weight"].dtype), codes, scale, zero, args)
+            built = {**built, "weight": weight}
     # the same tensors as the original, by name (a frozen symmetric layer keeps its zero-filled
     # zero point, which the compressor drops)
     tensors = {
         name: built[name] if name in built else value.detach().clone() for name, value in original.items()
     }
     return _new_layer(module, tensors)
+
+
+def _rounds_to(weight: torch.Tensor, codes: torch.Tensor, scale, zero, args) -> torch.Tensor:
+    """``weight`` with each element moved by at most one step of its dtype so that the forward's own
+    rounding (``quantize`` in the weight's dtype) gives ``codes``: in bf16, ``(q - z) * s / s`` can
+    land on the wrong side of a rounding boundary (2 of 32768 int8 codes of a 128x256 layer)."""
+    from compressed_tensors.quantization.lifecycle.forward import quantize
+
+    wrong = quantize(weight, scale, zero, args).float() != codes
+    for direction in (float("inf"), float("-inf")):
+        if not wrong.any():
+            break
+        moved = torch.nextafter(weight, torch.full_like(weight, direction))
+        fixed = wrong & (quantize(moved, scale, zero, args).float() == codes)
+        weight = torch.where(fixed, moved, weight)
+        wrong &= ~fixed
+    return weight
 
 
 def _new_layer(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:

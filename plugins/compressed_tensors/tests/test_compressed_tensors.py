@@ -128,6 +128,18 @@ def test_requantize_keeps_scheme_state_and_codes(variant, state):
     assert relative_error(layers.dequantize(new), target) <= relative_error(fresh, target) + 1e-7
 
 
+def test_requantize_is_exact_in_bfloat16():
+    """bf16 arithmetic puts (q - z) * s / s on the wrong side of a rounding boundary for a few int8
+    codes; the frozen layer's stored weight is nudged by one bf16 step so its own QDQ gives the codes."""
+    linear = random_linear(256, 128).to(torch.bfloat16)
+    for variant in ("int8-channel", "int4-asym-g32", "fp8-channel"):
+        for state in ("frozen", "compressed", "decompressed"):
+            layer = layers.quantize(linear, variant, state=state)
+            W = layers.dequantize(layer)
+            assert W.dtype == torch.bfloat16
+            assert torch.equal(layers.dequantize(layers.requantize(layer, W)), W), (variant, state)
+
+
 def test_requantize_refuses_what_it_cannot_build():
     layer = ct_layer("int4-g32", "decompressed")
     layer.quantization_scheme = copy.deepcopy(layer.quantization_scheme)
