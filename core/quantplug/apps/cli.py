@@ -24,11 +24,13 @@ trains them, and merges them back.
 
 def _doctor(args: argparse.Namespace) -> int:
     import quantplug as qp
+    from quantplug.apps.backends import missing_first_party
 
     rows = qp.backends()
     if args.json:
         print(json.dumps([row.as_dict() for row in rows], indent=2))
         return 0
+    absent = missing_first_party(rows)
     header = (
         "backend", "status", "plugin", "library", "found", "required", "devices", "merge", "fsdp2",
         "kernel (cpu / cuda)",
@@ -51,21 +53,42 @@ def _doctor(args: argparse.Namespace) -> int:
                 kernel,
             )
         )
+    for name, plugin in absent:
+        state = "not loaded" if plugin.installed() else "not installed"
+        table.append((name, state, plugin.dist, *("-",) * 7))
     widths = [max(len(str(r[i])) for r in (header, *table)) for i in range(len(header))]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
     for r in table:
-        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)))
+        print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     problems = [row for row in rows if not row.ok]
     for row in problems:
         print(f"\n{row.name}: {row.status}: {row.reason}\n  fix: {row.fix}")
+    if absent:
+        print("\nnot installed (first-party plugins of this clone):")
+        width = max(len(name) for name, _ in absent)
+        for name, plugin in absent:
+            how = (
+                "installed, left out by QUANTPLUG_LOAD_PLUGINS / QUANTPLUG_BLOCK_PLUGINS"
+                if plugin.installed()
+                else plugin.install_line()
+            )
+            print(f"  {name:<{width}}  {how}")
     for row in rows:
         if row.info and row.info.limits and args.verbose:
             print(f"\n{row.name} limits:")
             for what, why in row.info.limits.items():
                 print(f"  {what}: {why}")
-    if not problems:
-        print("\nall backends ok")
+    ok = sum(row.ok for row in rows)
+    if not problems and not absent:
+        print(f"\nall {ok} backends ok")
+    else:
+        missing = len(absent)
+        plural = "s" if missing != 1 else ""
+        print(
+            f"\n{ok} of {len(rows)} loaded backends ok"
+            + (f"; {missing} first-party backend{plural} not loaded" if absent else "")
+        )
     return 0
 
 
@@ -82,6 +105,17 @@ def _fsdp2(info) -> str:
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from quantplug.apps.backends import BackendChoiceError, default_backend, resolve
+
+    try:
+        status = resolve(args.backend) if args.backend else default_backend("cpu")
+    except BackendChoiceError as exc:
+        print(f"quantplug demo: {exc}", file=sys.stderr)
+        return 2
+    if status is None:
+        print("quantplug demo: no backend is ok here; see quantplug doctor", file=sys.stderr)
+        return 2
+    args.backend = status.name
     from quantplug.apps.demo import run_demo
 
     return run_demo(args)
@@ -120,7 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
         "PEFT's format and reloads it.",
     )
     demo.add_argument(
-        "--backend", default="bnb", help="backend to quantize with (default: bnb; see quantplug doctor)"
+        "--backend",
+        default=None,
+        help="backend to quantize with, any case (default: the first backend quantplug doctor lists as ok that "
+        "runs on CPU, the dense 'linear' only when no other is)",
     )
     demo.add_argument(
         "--variant", default=None, help="the backend's format, e.g. nf4, fp4, int8 (default: its first)"
@@ -132,7 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--qalora",
         action="store_true",
         help="train QALoRA on the projections (input pooled over the backend's quantization groups; "
-        "needs a group-wise backend: hqq, gptq, awq, torchao, inc) and compare the 'zeros' merge, which "
+        "needs a backend with groups along the input; quantplug doctor's merge column shows 'zeros' for those "
+        "with zero points) and compare the 'zeros' merge, which "
         "keeps the quantized codes and moves the zero points, with 'requantize' and 'dense'; without "
         "--variant, the first variant with groups and zero points",
     )
@@ -141,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the summary as JSON")
+    demo.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the quantization libraries' own output live (by default it goes to OUT/third-party.log "
+        "and one line sums it up)",
+    )
     demo.set_defaults(func=_demo)
 
     bench = sub.add_parser(

@@ -18,8 +18,11 @@ from importlib import resources
 from pathlib import Path
 
 import torch
+from torch import nn
 
 import quantplug as qp
+from quantplug.apps.backends import relative
+from quantplug.apps.quiet import captured
 
 SEQ_LEN = 64
 BATCH = 8
@@ -96,45 +99,68 @@ def save_plot(losses: list[float], path: Path, title: str) -> Path | None:
     return path
 
 
+class _One(nn.Module):
+    """A one-layer model to attach an adapter to."""
+
+    def __init__(self, proj: nn.Module) -> None:
+        super().__init__()
+        self.proj = proj
+
+
 def qalora_variant(backend: str, asked: str | None, info) -> tuple[str | None, int | None, str | None]:
     """The variant a QALoRA demo runs: ``asked``, else the first declared one with input groups whose zero
-    points take the zeros merge (else the first with groups). Returns (variant, group size, why not)."""
-    import transformers  # noqa: F401  before any backend: INC 3.10's RTN refers to it only if imported first
-    from torch import nn
+    points take the zeros merge (else the first with groups). Returns (variant, group size, why not).
 
-    from quantplug._registry import hook
-
-    pm = hook()
+    Each candidate is tried on one 128x128 layer as a user would: quantize, attach a QALoRA adapter
+    (which fails without groups along the input), merge it into the zero points."""
     candidates = [asked] if asked else list(info.variants or [None])
     grouped = None
     for variant in candidates:
         try:
-            probe = qp.quantize(nn.Linear(128, 128), backend, variant)
-        except (ValueError, NotImplementedError, RuntimeError):
+            probe = _One(qp.quantize(nn.Linear(128, 128), backend, variant))
+            qp.attach(probe, qp.LoraConfig(r=4, target_modules=["proj"], use_qalora=True))
+        except (ValueError, NotImplementedError, RuntimeError, qp.PluginError):
             continue
-        group = pm.quantplug_group_size(module=probe, backend=backend)
-        if group is None:
-            continue
+        group = qp.lora_layers(probe)["proj"].qalora_group_size["default"]
         grouped = grouped or (variant, group)
         if "zeros" not in info.merge_modes:
             break
         try:
-            offsets = torch.zeros(128, 128 // group)
-            if pm.quantplug_fold_into_zeros(module=probe, offsets=offsets, backend=backend) is not None:
-                return variant, group, None
-        except (ValueError, NotImplementedError):
+            qp.merge(probe, mode="zeros", progress=False)
+        except (qp.MergeError, ValueError, NotImplementedError):
             continue
+        return variant, group, None
     if grouped is not None:
         return grouped[0], grouped[1], None
     where = f"variant {asked!r}" if asked else f"any of its variants ({', '.join(map(str, candidates))})"
+    grouped_backends = [
+        row.name for row in qp.backends() if row.ok and row.info and "zeros" in row.info.merge_modes
+    ]
     return (
         None,
         None,
         (
             f"backend {backend!r} reports no quantization groups along the input for {where} at hidden size 128 "
-            "(quantplug_group_size): QALoRA pools over them. Try --backend hqq, gptq, awq, torchao or inc"
+            f"(quantplug_group_size): QALoRA pools over them. Backends here with groups and zero points: "
+            f"{', '.join(grouped_backends) or 'none'}"
         ),
     )
+
+
+def logical_parameters(model: nn.Module) -> int:
+    """Parameters of ``model`` as if unquantized: each adapted layer's base counts ``out * in`` plus its bias,
+    whatever its packed storage, so one adapter gives one share on every backend. A bias counts where it is
+    not all zeros: some libraries add a zero bias buffer to layers built without one (neural-compressor
+    3.10's RTN does)."""
+    layers = qp.lora_layers(model).values()
+    stored = {id(p) for layer in layers for p in layer.base.parameters()}
+    other = sum(p.numel() for p in model.parameters() if id(p) not in stored)
+    bases = 0
+    for layer in layers:
+        bias = layer.bias
+        has_bias = bias is not None and bool(torch.count_nonzero(bias.detach()))
+        bases += layer.in_features * layer.out_features + (layer.out_features if has_bias else 0)
+    return other + bases
 
 
 def logits_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
@@ -144,30 +170,47 @@ def logits_agreement(reference: torch.Tensor, other: torch.Tensor) -> dict[str, 
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    """The demo, its third-party output kept in ``<out>/third-party.log`` unless ``args.verbose``."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    as_json = getattr(args, "json", False)
+    with captured(out / "third-party.log", getattr(args, "verbose", False)) as capture:
+        # with --json, standard output holds the JSON alone: the rest goes to standard error
+        console = capture.errors if as_json else capture.console
+        code, summary = _run(args, out, console, started)
+    notes = capture.summary()
+    if summary is not None:
+        notes.append(f"  summary: {relative(out / 'summary.json')}")
+        notes.append(f"  done in {summary['seconds']:.0f} s")
+    for line in notes:
+        print(line, file=console)
+    if as_json and summary is not None:
+        print(json.dumps(summary, indent=2), file=capture.console)
+    console.flush()
+    capture.console.flush()
+    return code
+
+
+def _run(args: argparse.Namespace, out: Path, console, started: float) -> tuple[int, dict | None]:
+    def say(*parts) -> None:
+        print(*parts, file=console, flush=True)
+
     status = qp.load_plugins().status(args.backend)
-    if not status.ok:
-        print(f"backend {args.backend!r} is {status.status}: {status.reason}\n  fix: {status.fix}")
-        return 2
     qalora = getattr(args, "qalora", False)
     if qalora and args.dora:
-        print("--qalora and --dora cannot be combined (as in PEFT); pick one")
-        return 2
+        say("--qalora and --dora cannot be combined (as in PEFT); pick one")
+        return 2, None
     group = None
     if qalora:
         variant, group, problem = qalora_variant(args.backend, args.variant, status.info)
         if problem:
-            print(problem)
-            return 2
+            say(problem)
+            return 2, None
     else:
         variant = args.variant or (status.info.variants[0] if status.info and status.info.variants else None)
     kind = f"QALoRA (groups of {group})" if qalora else ("DoRA" if args.dora else "LoRA")
-    print(
+    say(
         f"quantplug demo: tiny LLaMA (2 layers, hidden 128, byte vocabulary), backend {args.backend} ({variant}), "
         f"{kind}"
     )
@@ -194,37 +237,29 @@ def run_demo(args: argparse.Namespace) -> int:
         qp.attach(model, config)
     qp.prepare_for_training(model)
     params = qp.trainable_parameters(model)
-    total = sum(p.numel() for p in model.parameters())
+    total = logical_parameters(model)
     trainable = sum(p.numel() for p in params)
     layers = qp.lora_layers(model).values()
     kinds = {
         backend: sum(layer.backend == backend for layer in layers)
         for backend in {layer.backend for layer in layers}
     }
-    print(
+    say(
         f"  adapter layers: {', '.join(f'{n} {b}' for b, n in sorted(kinds.items()))}; "
-        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%)"
+        f"trainable {trainable:,} of {total:,} parameters ({100 * trainable / total:.1f}%; "
+        "quantized weights counted as out x in)"
     )
 
-    data = corpus_bytes()
-    optimizer = torch.optim.AdamW(params, lr=5e-3)
-    losses: list[float] = []
-    bar = tqdm(batches(data, args.steps, args.seed), total=args.steps, desc="training", unit="step")
-    for tokens in bar:
-        loss = model(input_ids=tokens, labels=tokens).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+    losses = train(model, params, args, console)
     model.eval()
     tail = losses[-max(1, len(losses) // 10) :]
     loss_before, loss_after = losses[0], sum(tail) / len(tail)
-    print(
+    say(
         f"  loss {loss_before:.3f} (first step) -> {loss_after:.3f} (mean of the last {len(tail)})  {sparkline(losses)}"
     )
     plot = save_plot(losses, out / "loss.png", f"{kind} r={args.rank} on {args.backend} ({variant})")
 
+    data = corpus_bytes()
     probe = next(batches(data, 1, args.seed + 1))
     with torch.no_grad():
         unmerged = model(input_ids=probe).logits
@@ -274,6 +309,7 @@ def run_demo(args: argparse.Namespace) -> int:
         "adapter_kind": "qalora" if qalora else ("dora" if args.dora else "lora"),
         "qalora_group_size": group,
         "trainable_parameters": trainable,
+        "parameters": total,
         "merge": merges,
         "adapter": str(adapter_dir),
         "reload": reload,
@@ -283,23 +319,57 @@ def run_demo(args: argparse.Namespace) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if args.json:
-        print(json.dumps(summary, indent=2))
-        return 0 if reload_ok else 1
-    print("\n  merge         error vs W+ΔW   error / ‖ΔW‖   logits rel. err   top-1 agree   unmerge exact")
+        return (0 if reload_ok else 1), summary
+    say("\n  merge         error vs W+ΔW   error / ‖ΔW‖   logits rel. err   top-1 agree   unmerge exact")
     for mode, row in merges.items():
         if "skipped" in row:
-            print(f"  {mode:<12}  skipped: {row['skipped']}")
+            say(f"  {mode:<12}  skipped: {row['skipped']}")
             continue
-        print(
+        say(
             f"  {mode:<12}  {row['mean_error']:>13.2e}   {row['mean_adapter_error']:>12.3f}   "
             f"{row['relative_error']:>15.2e}   {100 * row['top1_agreement']:>10.1f}%   {'yes' if row['unmerge_exact'] else 'NO'}"
         )
-    print(f"\n  adapter saved (PEFT format): {adapter_dir}")
-    print(
+    say(f"\n  adapter saved (PEFT format): {relative(adapter_dir)}")
+    say(
         f"  reloaded into a fresh quantized model: logits rel. err {reload['relative_error']:.1e}, "
         f"top-1 agree {100 * reload['top1_agreement']:.1f}% -> {'ok' if reload_ok else 'MISMATCH'}"
     )
     if plot:
-        print(f"  loss curve: {plot}")
-    print(f"  done in {summary['seconds']:.0f} s")
-    return 0 if reload_ok and loss_after < loss_before else 1
+        say(f"  loss curve: {relative(plot)}")
+    return (0 if reload_ok and loss_after < loss_before else 1), summary
+
+
+def train(model: nn.Module, params: list, args: argparse.Namespace, console) -> list[float]:
+    """``args.steps`` AdamW steps on the corpus; the losses. A bar on a terminal, else a line every tenth
+    of the run (a bar's carriage returns make one long line in a file or a CI log)."""
+    from tqdm.auto import tqdm
+
+    optimizer = torch.optim.AdamW(params, lr=5e-3)
+    losses: list[float] = []
+    interactive = _isatty(console)
+    bar = tqdm(total=args.steps, desc="training", unit="step", file=console) if interactive else None
+    every = max(1, args.steps // 10)
+    start = time.perf_counter()
+    for step, tokens in enumerate(batches(corpus_bytes(), args.steps, args.seed), 1):
+        loss = model(input_ids=tokens, labels=tokens).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+        elif step % every == 0 or step == args.steps:
+            rate = step / max(time.perf_counter() - start, 1e-9)
+            print(f"  training step {step:>4}/{args.steps}  loss {losses[-1]:.3f}  ({rate:.1f} steps/s)",
+                  file=console, flush=True)  # fmt: skip
+    if bar is not None:
+        bar.close()
+    return losses
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False

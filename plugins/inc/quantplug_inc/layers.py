@@ -21,6 +21,7 @@ Facts about neural-compressor 3.x these rely on (3.10, read back to the v3.0 tag
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -31,6 +32,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from quantplug_inc import is_inc_layer
+
+# neural-compressor 3.10's RTN module (torch/algorithms/weight_only/rtn.py) binds ``transformers`` at its
+# own import only if transformers is imported by then, yet asks ``is_transformers_imported()`` again at
+# each conversion: with transformers imported in between, convert() raises NameError ('transformers' is
+# not defined). Every INC import of this plugin comes after this module's, so import transformers
+# first, when it is installed (it is imported for any transformers model anyway).
+with contextlib.suppress(ImportError):  # without transformers, INC never refers to it
+    import transformers  # noqa: F401
 
 
 @dataclass(frozen=True)

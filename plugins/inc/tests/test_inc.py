@@ -95,6 +95,21 @@ def test_import_is_light():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_quantize_before_and_after_transformers_is_imported():
+    """INC's RTN binds ``transformers`` only if it was imported first; the plugin imports it first, so a
+    layer quantized before transformers is imported, then one after, both work (the demo's order)."""
+    code = (
+        "import sys, torch, quantplug as qp;"
+        "assert 'transformers' not in sys.modules;"
+        "qp.quantize(torch.nn.Linear(64, 64), 'inc', 'int4-g32');"
+        "import transformers;"
+        "layer = qp.quantize(torch.nn.Linear(64, 64), 'inc', 'int4-g32');"
+        "assert qp.detect(layer) == 'inc'"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_backend_status_ok():
     status = qp.load_plugins().status(NAME)
     assert status.status is Status.OK, status
