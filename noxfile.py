@@ -95,16 +95,15 @@ class _Matrix:
         self.install_s += elapsed
         return rc, out
 
-    def plugin(self, backend: str) -> None:
-        # quantplug-awq imports quantplug-gptq's shared gptqmodel helpers
-        dirs = [str(M.plugin_dir("gptq"))] if backend == "awq" else []
-        rc, out = self.pip(
-            "--no-deps",
-            "--no-build-isolation",
-            *(a for d in dirs for a in ("-e", d)),
-            "-e",
-            str(M.plugin_dir(backend)),
-        )
+    def plugin(self, backend: str, source: Path | None = None, deps: bool = True) -> None:
+        """Install the plugin (editable, or ``source``), with the dependencies it declares: what users get.
+
+        The library release under test is installed first, so the plugin's own requirements
+        only add what it declares beside it (quantplug-gptqmodel: requests). ``deps=False``
+        for the doctor checks, which install a release outside the range on purpose.
+        """
+        where = ["-e", str(M.plugin_dir(backend))] if source is None else [str(source)]
+        rc, out = self.pip(*([] if deps else ["--no-deps"]), "--no-build-isolation", *where)
         if rc:
             self.finish("error", f"cannot install plugin {backend}: {out[-300:]}")
             self.session.error(f"cannot install plugin {backend}")
@@ -184,16 +183,13 @@ def _backend_session(session: nox.Session, backend: str, version: str) -> None:
         session.skip(detail)  # a row in the table, not a failure
     if inside:
         m.plugin(backend)
-        targets = [str(M.plugin_dir(backend))]
+        targets = [str(M.plugin_dir(backend) / t) for t in spec.tests]
     else:
         copy, wide = M.make_explore_copy(backend, spec.dist, range_, version, m.tmp / f"plugin-{backend}")
         m.record["tested_range"] = wide
-        rc, out = m.pip("--no-deps", "--no-build-isolation", str(copy))
-        if rc:
-            m.finish("error", f"cannot install the widened plugin copy: {out[-300:]}")
-            session.error("cannot install the widened plugin copy")
+        m.plugin(backend, source=copy)
         targets = [
-            str(copy / "tests"),
+            *(str(copy / t) for t in spec.tests),
             "--rootdir",
             str(copy),
             "-o",
@@ -225,8 +221,8 @@ def _doctor_session(session: nox.Session, backend: str) -> None:
     )
     checks = {"too_old": None, "broken": None, "witness": None}
     problems: list[str] = []
-    for name in (backend, witness.name):
-        m.plugin(name)
+    for name in dict.fromkeys((backend, witness.name)):
+        m.plugin(name, deps=False)
     rc, out = m.pip(witness.spec(witness.releases[-1]))
     if rc:
         m.finish("error", "cannot install the witness: " + M.classify_install_failure(out), checks=checks)
@@ -306,8 +302,35 @@ def _interop_session(session: nox.Session, library: str, version: str) -> None:
         session.error(f"{library} {version}: {failed} failed")
 
 
+def _trainer_session(session: nox.Session, transformers: str, trl: str) -> None:
+    m = _Matrix(session, "trainer", library="transformers+trl", version=f"{transformers} / {trl}")
+    tests = [t for t in M.TRAINER_TESTS if (M.REPO / t).is_file()]
+    if not tests:
+        m.finish("skipped", "no Trainer test files yet")
+        session.skip("no trainer tests")
+    for backend, _ in M.TRAINER_BACKENDS:
+        m.plugin(backend, deps=False)
+    libs = [M.BACKENDS[b].spec(v) for b, v in M.TRAINER_BACKENDS]
+    rc, out = m.pip(*libs, f"transformers=={transformers}", f"trl=={trl}")
+    if rc:
+        detail = M.classify_install_failure(out)
+        m.finish("cannot install", detail)
+        session.skip(detail)
+    counts = m.pytest(*[str(M.REPO / t) for t in tests])
+    failed = counts["failed"] + counts["errors"]
+    outcome = "error" if counts["passed"] == 0 and failed == 0 else ("pass" if failed == 0 else "fail")
+    m.record["installed"] = M.installed(m.python, ["transformers", "trl", "peft", "datasets", "torch"])
+    m.finish(outcome, "", tests=counts)
+    if outcome != "pass":
+        session.error(f"transformers {transformers} + trl {trl}: {failed} failed")
+
+
+MATRIX_SESSIONS: list[str] = []  # every matrix session's name, in the order nox lists them
+
+
 def _define_matrix_sessions() -> None:
     for backend, spec in M.BACKENDS.items():
+        MATRIX_SESSIONS.extend(f"matrix_{backend}({v})" for v in spec.versions)
 
         def run(session: nox.Session, version: str, backend: str = backend) -> None:
             _backend_session(session, backend, version)
@@ -317,7 +340,8 @@ def _define_matrix_sessions() -> None:
         nox.session(
             name=f"matrix_{backend}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False
         )(nox.parametrize("version", versions, ids=versions)(run))
-    doctor_backends = [b for b, s in M.BACKENDS.items() if s.too_old]
+    doctor_backends = [b for b in M.DOCTOR_BACKENDS if M.BACKENDS[b].too_old]
+    MATRIX_SESSIONS.extend(f"matrix_doctor({b})" for b in doctor_backends)
 
     def run_doctor(session: nox.Session, backend: str) -> None:
         """A too-old release, then a broken install (no metadata): doctor says so, the witness backend still works."""
@@ -327,6 +351,7 @@ def _define_matrix_sessions() -> None:
         nox.parametrize("backend", doctor_backends, ids=doctor_backends)(run_doctor)
     )
     for library, versions in M.INTEROP.items():
+        MATRIX_SESSIONS.extend(f"matrix_{library}({v})" for v in versions)
 
         def run_interop(session: nox.Session, version: str, library: str = library) -> None:
             _interop_session(session, library, version)
@@ -336,14 +361,78 @@ def _define_matrix_sessions() -> None:
             name=f"matrix_{library}", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False
         )(nox.parametrize("version", list(versions), ids=list(versions))(run_interop))
 
+    def run_trainer(session: nox.Session, pair: tuple[str, str]) -> None:
+        """The Trainer/SFTTrainer tests on the oldest and the newest supported (transformers, trl)."""
+        _trainer_session(session, *pair)
+
+    ids = [f"{a}-{b}" for a, b in M.TRAINER]
+    MATRIX_SESSIONS.extend(f"matrix_trainer({i})" for i in ids)
+    nox.session(name="matrix_trainer", python=PYTHON, reuse_venv=False, tags=MATRIX_TAGS, default=False)(
+        nox.parametrize("pair", [list(p) for p in M.TRAINER], ids=ids)(run_trainer)
+    )
+
 
 _define_matrix_sessions()
 
 
-@nox.session(python=PYTHON, reuse_venv=False, default=False, tags=["matrix_ci"])
+def ci_sessions() -> list[str]:
+    """The CI subset: the oldest supported release of every library (CI's own test run has the newest).
+
+    ``.ci/run`` installs the newest releases the constraints allow and runs every plugin's tests on
+    them, so the subset adds the other end of each range: the oldest in-range release of each backend,
+    the oldest transformers and peft under the interop tests, the oldest (transformers, trl) pair
+    under the Trainer tests, and one too-old + broken doctor check.
+    """
+    names = []
+    for backend, spec in M.BACKENDS.items():
+        if not M.plugin_available(backend):
+            continue
+        oldest = M.oldest_inside(backend)
+        newest = next((v for v in reversed(spec.releases) if M.in_range(v, _range(backend))), None)
+        if oldest is not None and oldest != newest:  # a one-release range: CI's own run covers it
+            names.append(f"matrix_{backend}({oldest})")
+    names += [f"matrix_{lib}({_oldest_supported(lib, vs)})" for lib, vs in M.INTEROP.items()]
+    names.append(f"matrix_trainer({M.TRAINER[0][0]}-{M.TRAINER[0][1]})")
+    names.append("matrix_doctor(quanto)")
+    return names
+
+
+def _range(backend: str) -> str | None:
+    declared = M.declared_range(backend, M.BACKENDS[backend].dist)
+    return declared["requirement"] or declared["pyproject"]
+
+
+def _oldest_supported(library: str, versions: tuple[str, ...]) -> str:
+    """The oldest release of ``library`` the core's extras allow (``peft>=0.18``, ``transformers>=4.56``)."""
+    return next(v for v in versions if M.in_range(v, M.core_range(library)))
+
+
+@nox.session(venv_backend="none", default=False)
 def matrix_ci(session: nox.Session) -> None:
-    """CI subset of the matrix: quanto 0.2.6 (too old), then the same without metadata (broken); hqq keeps working."""
-    _doctor_session(session, "quanto")
+    """CI subset of the matrix (:func:`ci_sessions`): the oldest supported releases, one doctor check."""
+    envdir = Path(session.cache_dir).parent
+    folder = envdir / "matrix-ci-results"
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.json"):
+        old.unlink()
+    names = ci_sessions()
+    started = time.time()
+    cmd = [
+        sys.executable,
+        "-m",
+        "nox",
+        "-f",
+        str(M.REPO / "noxfile.py"),
+        "--envdir",
+        str(envdir),
+        "-s",
+        *names,
+    ]
+    session.log("$ " + " ".join(cmd))
+    rc = subprocess.run(cmd, env={**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder)}).returncode
+    session.log(f"matrix_ci: {len(names)} sessions in {(time.time() - started) / 60:.1f} min, nox exit {rc}")
+    if rc:
+        session.error("a CI matrix session failed")
 
 
 @nox.session(venv_backend="none", default=False)
@@ -352,34 +441,59 @@ def compatibility(session: nox.Session) -> None:
     folder = Path(session.posargs[0]) if session.posargs else M.results_dir(Path(session.cache_dir).parent)
     if not any(folder.glob("*.json")):
         session.error(f"no matrix records in {folder}: run `nox -s matrix` first")
-    M.write_docs(folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json")
-    session.log(f"wrote docs/compatibility.md and docs/compatibility.json from {folder}")
+    M.write_docs(
+        folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json", blocks=True
+    )
+    session.log(f"wrote docs/compatibility.md, .json and the version blocks of the other docs from {folder}")
 
 
 @nox.session(venv_backend="none", default=False)
 def matrix(session: nox.Session) -> None:
-    """The full backend version matrix, sequentially (``-- -k bnb`` style nox args are forwarded), then the docs."""
+    """The full backend version matrix, then the docs (``-- -s NAME ...`` style nox args run a subset).
+
+    The sessions run in ``QUANTPLUG_MATRIX_JOBS`` (default 2) nox processes side by side, each a
+    share of the list dealt round-robin, its output in ``<envdir>/matrix-job-N.log``: on a 2-core
+    machine that others share, two streams of mostly single-threaded installs and tests finish in
+    about 0.6x the sequential time. Every session writes its own record, so the streams never meet.
+    """
     envdir = Path(session.cache_dir).parent
     folder = M.results_dir(envdir)
     folder.mkdir(parents=True, exist_ok=True)
     if not session.posargs:  # a full run replaces the last one's records
         for old in folder.glob("*.json"):
             old.unlink()
-    started = time.time()
-    cmd = [sys.executable, "-m", "nox", "-f", str(M.REPO / "noxfile.py"), "--envdir", str(envdir)]
-    cmd += list(session.posargs) or ["-t", "matrix_run"]
-    session.log("$ " + " ".join(cmd))
-    env = {**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder)}
-    rc = subprocess.run(cmd, env=env).returncode
+    started, started_at = time.time(), M.now()
+    M.ensure_base(envdir, log=session.log)  # once, before the streams share it
+    nox_cmd = [sys.executable, "-m", "nox", "-f", str(M.REPO / "noxfile.py"), "--envdir", str(envdir)]
+    env = {**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder), "QUANTPLUG_MATRIX_BASE_FROZEN": "1"}
+    jobs = max(1, int(os.environ.get("QUANTPLUG_MATRIX_JOBS", "2")))
+    if session.posargs:
+        shards = [list(session.posargs)]
+    else:
+        shards = [["-s", *MATRIX_SESSIONS[i::jobs]] for i in range(jobs) if MATRIX_SESSIONS[i::jobs]]
+    procs = []
+    for i, args in enumerate(shards):
+        log = envdir / f"matrix-job-{i}.log"
+        session.log(f"$ {' '.join(nox_cmd + args)} > {log}")
+        procs.append(
+            subprocess.Popen(nox_cmd + args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        )
+    codes = [p.wait() for p in procs]
+    rc = max(codes)
     run = {
-        "started": M.now(),
+        "started": started_at,
         "wall_s": round(time.time() - started, 1),
         "nox_exit": rc,
+        "jobs": len(shards),
         "command": "nox -s matrix",
     }
     if not session.posargs:
         (folder / "run.json").write_text(json.dumps(run, indent=2))
-    M.write_docs(folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json")
-    session.log(f"matrix: {run['wall_s'] / 60:.1f} min, nox exit {rc}; wrote docs/compatibility.md")
+    M.write_docs(
+        folder, M.REPO / "docs" / "compatibility.md", M.REPO / "docs" / "compatibility.json", blocks=True
+    )
+    session.log(
+        f"matrix: {run['wall_s'] / 60:.1f} min in {len(shards)} streams, nox exit {codes}; wrote docs"
+    )
     if rc:
         session.error("some matrix sessions failed (see docs/compatibility.md)")

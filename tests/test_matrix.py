@@ -26,9 +26,22 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "tools"))
 import matrix as M  # noqa: E402
 
-PLUGINS = sorted(
-    p.name for p in (REPO / "plugins").iterdir() if (p / "pyproject.toml").is_file() and p.name != "template"
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+
+def _entry_points(folder: Path) -> list[str]:
+    project = tomllib.loads((folder / "pyproject.toml").read_text()).get("project", {})
+    return list(project.get("entry-points", {}).get("quantplug.backends", {}))
+
+
+PLUGIN_FOLDERS = sorted(
+    p for p in (REPO / "plugins").iterdir() if (p / "pyproject.toml").is_file() and p.name != "template"
 )
+# backends, not folders: one dist may declare several (plugins/gptqmodel: gptq and awq)
+PLUGINS = sorted(name for folder in PLUGIN_FOLDERS for name in _entry_points(folder))
 
 
 # -- what the matrix reads from the plugins ---------------------------------------------------------
@@ -68,6 +81,30 @@ def test_matrix_covers_the_declared_range_from_its_oldest_release(backend):
         assert not M.in_range(spec.too_old, declared), (
             f"{backend}: too_old {spec.too_old} is inside {declared}"
         )
+
+
+@pytest.mark.parametrize("backend", PLUGINS)
+def test_the_matrix_finds_each_backend_in_its_folder(backend):
+    folder = M.plugin_dir(backend)
+    assert backend in _entry_points(folder), f"{folder} declares no entry point {backend!r}"
+
+
+def test_docs_show_the_declared_ranges_from_one_source():
+    """docs/backends.md and every plugin README show the ranges through generated blocks, and each
+    block says what the plugins declare (pyproject = BackendInfo) and the last matrix run proved."""
+    data = json.loads((REPO / "docs" / "compatibility.json").read_text())
+    docs = M.compat_doc_files()
+    assert REPO / "docs" / "backends.md" in docs
+    for folder in PLUGIN_FOLDERS:
+        readme = folder / "README.md"
+        names = {m["name"] for m in M.COMPAT_BLOCK.finditer(readme.read_text())}
+        assert names & set(_entry_points(folder)), f"{readme}: no <!-- compat:begin NAME --> block"
+    stale = [str(d) for d in docs if M.render_compat_blocks(d.read_text(), data, d) != d.read_text()]
+    assert not stale, f"stale version blocks (run `nox -s compatibility`): {stale}"
+    table = (REPO / "docs" / "backends.md").read_text()
+    for backend in M.BACKENDS:
+        if M.plugin_available(backend):
+            assert f"`{M.compat_row(backend, data)['range']}`" in table
 
 
 def test_widened_keeps_upper_bounds():

@@ -63,6 +63,8 @@ class Backend:
     too_old: str | None = None
     pip_name: str | None = None  # what to pip install, when it differs from dist (extras)
     witness: str = "hqq"
+    folder: str | None = None  # plugins/<folder> when one dist declares several backends (gptqmodel)
+    tests: tuple[str, ...] = ("tests",)  # the plugin folder's test paths for this backend
 
     @property
     def releases(self) -> tuple[str, ...]:
@@ -73,76 +75,77 @@ class Backend:
         return f"{self.pip_name or self.dist}=={version}"
 
 
-# Oldest release each plugin claimed -> newest, plus releases below the range (explore rows) and
-# too_old, the newest release below the range (the doctor check). A release counts as proved when a
-# plain install of it passes; "x/req,req" variants only explain why a plain install fails.
+# Oldest release each plugin claims -> newest, plus the newest release below the range (an explore
+# row: why the range stops there; the older ones failed the same way in earlier runs and were dropped
+# to keep the run short) and too_old, a release below the range (the doctor check). A
+# release counts as proved when a plain install of it (the plugin's own declared dependencies
+# included) passes; "x/req,req" variants only explain why a plain install fails.
 BACKENDS: dict[str, Backend] = {
     b.name: b
     for b in (
         Backend(
             "bnb",
             "bitsandbytes",
-            ("0.45.5", "0.46.0", "0.47.0", "0.48.2", "0.49.2", "0.50.0", "0.50.1", "0.50.2"),
+            ("0.49.2", "0.50.0", "0.50.1", "0.50.2"),
             too_old="0.49.2",
         ),
         Backend(
             "hqq",
             "hqq",
-            ("0.2.2", "0.2.3", "0.2.5", "0.2.6", "0.2.7", "0.2.7.post1", "0.2.8.post1"),
+            ("0.2.6", "0.2.7", "0.2.7.post1", "0.2.8.post1"),
             too_old="0.2.6",
             witness="quanto",
         ),
-        Backend("torchao", "torchao", ("0.17.0", "0.18.0"), too_old="0.17.0"),
-        Backend("quanto", "optimum-quanto", ("0.2.6", "0.2.7"), too_old="0.2.6"),
-        Backend("aqlm", "aqlm", ("1.1.0", "1.1.3", "1.1.4", "1.1.5", "1.1.6", "1.1.7"), too_old="1.1.6"),
+        Backend("torchao", "torchao", ("0.14.1", "0.15.0", "0.16.0", "0.17.0", "0.18.0"), too_old="0.14.1"),
+        Backend("quanto", "optimum-quanto", ("0.2.5", "0.2.6", "0.2.7"), too_old="0.2.5"),
+        Backend("aqlm", "aqlm", ("1.1.6", "1.1.7"), too_old="1.1.6"),
         Backend(
             "inc",
             "neural-compressor",
             # 3.0-3.7 import pkg_resources and six without declaring them: variants run them beside those
-            (
-                "3.0",
-                "3.0/setuptools<81",
-                "3.4.1",
-                "3.7.1",
-                "3.7.1/setuptools<81",
-                "3.7.1/setuptools<81,six",
-                "3.8.1",
-                "3.9",
-                "3.10",
-            ),
+            ("3.7.1", "3.7.1/setuptools<81,six", "3.8.1", "3.9", "3.10"),
             too_old="3.7.1",
             pip_name="neural-compressor[pt]",
         ),
-        # gptqmodel 7.3-7.5 import requests (7.3.6 also torchvision) without declaring them: variants show
-        # whether the plugin works with them once those are installed beside them
+        # One dist (plugins/gptqmodel) declares both backends and depends on requests, which gptqmodel
+        # 7.3-7.5 import without declaring. 7.3.x-7.4.0 also import torchvision: the variant row shows
+        # that the only torchvision for torch 2.13.0 here (0.28.0, a CUDA build) cannot load beside the
+        # CPU torch. 7.7.0 requires torch>=2.14.1.
         Backend(
             "gptq",
             "gptqmodel",
-            (
-                "7.0.0",
-                "7.3.6",
-                "7.3.6/requests",
-                "7.4.0",
-                "7.5.0",
-                "7.5.0/requests",
-                "7.6.0",
-                "7.7.0",
-            ),
-            too_old="7.5.0",
+            ("7.4.0", "7.4.0/torchvision==0.28.0", "7.5.0", "7.6.0", "7.7.0"),
+            too_old="7.4.0",
+            folder="gptqmodel",
+            tests=("tests/test_gptq.py",),
         ),
-        Backend("awq", "gptqmodel", ("7.0.0", "7.5.0", "7.5.0/requests", "7.6.0")),
+        Backend("awq", "gptqmodel", ("7.5.0", "7.6.0"), folder="gptqmodel", tests=("tests/test_awq.py",)),
+        Backend(
+            "compressed_tensors",
+            "compressed-tensors",
+            ("0.17.1", "0.18.0", "0.19.0", "0.20.1"),
+            too_old="0.17.1",
+        ),
         # PyPI has only a CPython 3.10 CUDA wheel of eetq 1.0.0 and no sdist: a "cannot install" row here
         Backend("eetq", "eetq", ("1.0.0",)),
     )
 }
 
+# The doctor check (too old, then broken) is the core's; it runs for these backends (CI: quanto).
+DOCTOR_BACKENDS = ("quanto", "torchao", "gptq")
+
 # Interop: vary one library, keep the rest at the base's newest; these test files need bnb.
 INTEROP_TESTS = ("tests/test_peft_interop.py", "tests/test_transformers_models.py")
 INTEROP_BACKEND = ("bnb", "0.50.2")
 INTEROP = {
-    "transformers": ("4.56.2", "4.57.6", "5.0.0", "5.12.0", "5.24.0"),
-    "peft": ("0.17.1", "0.18.1", "0.19.1", "0.21.2"),
+    "transformers": ("4.56.2", "4.57.6", "5.0.0", "5.25.0"),
+    "peft": ("0.17.1", "0.18.1", "0.21.2"),
 }
+# Trainer/SFTTrainer: the oldest and the newest supported (transformers, trl) pairs, with the bnb and
+# hqq plugins the tests train on (the core's extras: transformers>=4.56, trl>=0.24).
+TRAINER_TESTS = ("tests/test_trainer.py",)
+TRAINER_BACKENDS = (("bnb", "0.50.2"), ("hqq", "0.2.8.post1"))
+TRAINER = (("4.56.2", "0.24.0"), ("5.25.0", "1.16.0"))
 
 
 # -- paths ---------------------------------------------------------------------------------------
@@ -156,7 +159,21 @@ def results_dir(default_envdir: Path | None = None) -> Path:
 
 
 def plugin_dir(backend: str) -> Path:
-    return REPO / "plugins" / backend
+    spec = BACKENDS.get(backend)
+    return REPO / "plugins" / ((spec.folder if spec else None) or backend)
+
+
+def plugin_sources(root: Path) -> list[Path]:
+    """The plugin's package sources (``quantplug_*/``, subpackages included), not its tests."""
+    return sorted(p for p in root.glob("quantplug_*/**/*.py") if p.is_file())
+
+
+def oldest_inside(backend: str) -> str | None:
+    """The oldest plain release in the matrix inside the plugin's declared range (the CI subset runs it)."""
+    spec = BACKENDS[backend]
+    declared = declared_range(backend, spec.dist)
+    range_ = declared["requirement"] or declared["pyproject"]
+    return next((v for v in spec.releases if in_range(v, range_)), None)
 
 
 def plugin_available(backend: str) -> bool:
@@ -189,9 +206,7 @@ def declared_range(backend: str, dist: str) -> dict:
             req = Requirement(line)
             if canon(req.name) == canon(dist):
                 result["pyproject"] = str(req.specifier)
-    text = "\n".join(
-        p.read_text() for p in sorted((root / f"quantplug_{backend}").glob("*.py")) if p.is_file()
-    )
+    text = "\n".join(p.read_text() for p in plugin_sources(root))
     match = re.search(r'Requirement\(\s*"' + re.escape(dist) + r'"\s*,\s*("([^"]*)"|[A-Z_]+)', text)
     if match:
         spec = match.group(2)
@@ -200,6 +215,18 @@ def declared_range(backend: str, dist: str) -> dict:
             spec = const.group(1) if const else None
         result["requirement"] = str(SpecifierSet(spec)) if spec is not None else None
     return result
+
+
+def core_range(library: str) -> str | None:
+    """The range quantplug's own pyproject allows for ``library`` (dependencies or any extra)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text()).get("project", {})
+    lines = [*project.get("dependencies", [])]
+    lines += [line for group in project.get("optional-dependencies", {}).values() for line in group]
+    for line in lines:
+        req = Requirement(line)
+        if canon(req.name) == canon(library):
+            return str(req.specifier)
+    return None
 
 
 def canon(name: str) -> str:
@@ -278,6 +305,10 @@ def ensure_base(envdir: Path, log=print) -> Path:
     """The shared base venv (torch + quantplug core + test tools); built once, rebuilt when its inputs change."""
     base = envdir / "matrix-base"
     python = base / "bin" / "python"
+    if os.environ.get("QUANTPLUG_MATRIX_BASE_FROZEN") and python.exists():
+        return (
+            base  # `nox -s matrix` built it before starting sessions side by side: never rebuild under them
+        )
     core = (REPO / "pyproject.toml").read_text()
     stamp = _stamp([*BASE_REQUIREMENTS, core, str(REPO), sys.version])
     stamp_file = base / ".matrix-stamp"
@@ -609,6 +640,7 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
     interop = sorted(
         (r for r in records if r.get("kind") == "interop"), key=lambda r: (r["library"], _vkey(r["version"]))
     )
+    trainer_rows = [_slim(r) for r in records if r.get("kind") == "trainer"]
     total_session_s = sum(r.get("timing", {}).get("total_s", 0) for r in records)
     overheads = [
         r["timing"]["overhead_s"] for r in records if r.get("timing", {}).get("overhead_s") is not None
@@ -626,8 +658,9 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
         f"- torch {env.get('torch', '?')}, Python {env.get('python', '?')}, {env.get('platform', '?')}",
     ]
     if run.get("wall_s"):
+        streams = f"{run['jobs']} streams side by side" if run.get("jobs", 1) > 1 else "sequential"
         lines.append(
-            f"- matrix wall time: {run['wall_s'] / 60:.1f} min for {len(records)} sessions (sequential)"
+            f"- matrix wall time: {run['wall_s'] / 60:.1f} min for {len(records)} sessions ({streams})"
         )
     else:
         lines.append(f"- sessions: {len(records)}, {total_session_s / 60:.1f} min in all")
@@ -736,7 +769,43 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
                 if why:
                     detail += f"; cause: `{why}`"
             lines.append(f"| {r['library']} | {r['version']} | {r['outcome']} | {counts} | {_cell(detail)} |")
+    trainer = sorted((r for r in records if r.get("kind") == "trainer"), key=lambda r: r["version"])
+    if trainer:
+        lines += [
+            "",
+            "## Trainer and SFTTrainer",
+            "",
+            f"`{' '.join(TRAINER_TESTS)}` on the oldest and the newest supported transformers / trl pair",
+            "(" + ", ".join(f"{b} {v}" for b, v in TRAINER_BACKENDS) + ").",
+            "",
+            "| transformers / trl | result | tests (pass/fail/skip) | detail |",
+            "|---|---|---|---|",
+        ]
+        for r in trainer:
+            t = r.get("tests") or {}
+            counts = (
+                f"{t.get('passed', 0)}/{t.get('failed', 0) + t.get('errors', 0)}/{t.get('skipped', 0)}"
+                if t
+                else "-"
+            )
+            detail = r.get("detail") or ""
+            if t.get("failed_tests"):
+                detail = ", ".join(f"`{x.split('::')[-1]}`" for x in t["failed_tests"][:3])
+                why = top_reason(r, t["failed_tests"])
+                if why:
+                    detail += f"; cause: `{why}`"
+            lines.append(f"| {r['version']} | {r['outcome']} | {counts} | {_cell(detail)} |")
     lines += [
+        "",
+        "## CI",
+        "",
+        "CI (`.ci/run`) runs the whole test suite on the newest releases the constraints allow, then",
+        "`nox -s matrix_ci`: the oldest in-range release of every backend with more than one, the oldest",
+        "supported transformers and peft under the interop tests, the oldest transformers / trl pair under",
+        "the Trainer tests, and one too-old + broken doctor check. So both ends of every range run on",
+        "every change; the releases between them run here.",
+        "",
+        *TORCH_AXIS_PLAN,
         "",
         "Regenerate: `nox -s matrix` (everything: about 50 min on 2 cores) or `nox -s compatibility` (this page only).",
         "",
@@ -752,8 +821,34 @@ def render(folder: Path, run: dict | None = None) -> tuple[str, dict]:
             for name, s in summary.items()
         },
         "interop": [_slim(r) for r in interop],
+        "trainer": trainer_rows,
     }
     return "\n".join(lines), data
+
+
+TORCH_AXIS_PLAN = (
+    "## Plan: a torch axis",
+    "",
+    f"Every row above runs torch {TORCH} (the CPU wheel), the only torch on this machine's disk. Some",
+    "releases are out of reach for that alone: gptqmodel 7.7.0 requires torch>=2.14.1, and gptqmodel",
+    "7.3.x-7.4.0 import torchvision, whose only wheel for torch 2.13.0 here (0.28.0) is a CUDA build that",
+    "does not load beside the CPU torch. On a machine that has the wheels, the matrix takes torch as one",
+    "more axis, in four steps:",
+    "",
+    "1. `TORCH` becomes `TORCHES` in tools/matrix.py: a few (torch, index URL, torchvision) triples, e.g.",
+    "   2.13.0 and 2.14.1 from `https://download.pytorch.org/whl/cpu` (CPU torchvision builds included).",
+    "2. `ensure_base` builds one base venv per torch (`matrix-base-<torch>`), keyed in its stamp as today;",
+    "   `constraints_file` writes one constraints file per torch, pinning torch and torchvision together.",
+    "3. Every session is parametrized by torch as well (`matrix_gptq(7.7.0, torch=2.14.1)`); a backend",
+    "   lists, per release, the torches to try (by default: the newest torch only, plus the oldest for the",
+    "   oldest in-range release), so the run grows by the releases that need another torch, not 2x.",
+    "   A release that cannot install beside a given torch stays a `cannot install` row for that torch.",
+    "4. Records carry `env.torch` already; the tables gain a torch column, and a range is proved per",
+    "   torch: the README shows the range for the newest torch and notes releases that need another.",
+    "",
+    "Cost: with two torches, about 15 more sessions (gptqmodel 7.3.6, 7.4.0, 7.7.0 for gptq and awq;",
+    "the oldest release of each other backend on the second torch), about 10 more minutes on 2 cores.",
+)
 
 
 def _slim(r: dict) -> dict:
@@ -797,7 +892,97 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")[:300]
 
 
-def write_docs(folder: Path, md_path: Path, json_path: Path) -> None:
+def write_docs(folder: Path, md_path: Path, json_path: Path, blocks: bool = False) -> None:
+    """Write compatibility.md and .json from ``folder``'s records; ``blocks``: also the other docs' ranges."""
     md, data = render(folder)
     md_path.write_text(md)
     json_path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    if blocks:
+        update_compat_blocks(data)
+
+
+# -- the version ranges other docs show, generated from one source ----------------------------------
+#
+# docs/backends.md and each plugin's README hold blocks
+#     <!-- compat:begin NAME --> ... <!-- compat:end -->
+# (NAME: a backend, or "all" for the table of every backend) whose body is generated from the
+# plugins' declared ranges (pyproject = BackendInfo, which tests/test_matrix.py checks) and the
+# last matrix run (docs/compatibility.json). `nox -s matrix` and `nox -s compatibility` rewrite
+# them; tests/test_matrix.py fails when one is stale.
+
+COMPAT_BLOCK = re.compile(r"(<!-- compat:begin (?P<name>\w+) -->\n)(?P<body>.*?)(<!-- compat:end -->)", re.S)
+COMPAT_DOCS = ("docs/backends.md", "plugins/*/README.md")
+
+
+def compat_doc_files() -> list[Path]:
+    return sorted({p for pattern in COMPAT_DOCS for p in REPO.glob(pattern)})
+
+
+def _versions_of(data: dict, name: str, verdict: str) -> list[str]:
+    rows = ((data.get("backends") or {}).get(name) or {}).get("rows") or []
+    return [r["version"] for r in rows if not r.get("with") and (r.get("verdict") or "").startswith(verdict)]
+
+
+def compat_row(name: str, data: dict) -> dict:
+    """What the docs say about ``name``: its library, declared range and the matrix's verdicts."""
+    spec = BACKENDS[name]
+    declared = declared_range(name, spec.dist) if plugin_available(name) else {}
+    return {
+        "library": spec.dist,
+        "range": pretty(declared.get("requirement") or declared.get("pyproject")),
+        "works": _versions_of(data, name, "works"),
+        "fails": _versions_of(data, name, "fails"),
+        "cannot": _versions_of(data, name, "cannot install"),
+    }
+
+
+def compat_body(name: str, data: dict, doc: Path) -> str:
+    link = os.path.relpath(REPO / "docs" / "compatibility.md", doc.parent).replace(os.sep, "/")
+    torch = data.get("torch_pin") or TORCH
+    if name == "all":
+        lines = [
+            f"| backend | library | supported range | passing releases (torch {torch}, CPU) | failing or not installable here |",
+            "|---|---|---|---|---|",
+        ]
+        for backend in BACKENDS:
+            row = compat_row(backend, data)
+            bad = [f"{v} (fails)" for v in row["fails"]] + [f"{v} (cannot install)" for v in row["cannot"]]
+            lines.append(
+                f"| {backend} | {row['library']} | `{row['range']}` | {', '.join(row['works']) or '-'} "
+                f"| {', '.join(bad) or '-'} |"
+            )
+        lines += [
+            "",
+            f"Generated from the plugins' declared ranges and the last matrix run ([details]({link})).",
+        ]
+        return "\n".join(lines) + "\n"
+    row = compat_row(name, data)
+    text = f"Supported: `{row['library']}{row['range']}`. "
+    text += f"Passing in the last matrix run (torch {torch}, CPU): {', '.join(row['works']) or 'none'}"
+    if row["fails"]:
+        text += f"; failing: {', '.join(row['fails'])}"
+    if row["cannot"]:
+        text += f"; cannot install here: {', '.join(row['cannot'])}"
+    return text + f". Generated from the plugin's declared range and [the matrix]({link}).\n"
+
+
+def render_compat_blocks(text: str, data: dict, doc: Path) -> str:
+    def body(match: re.Match) -> str:
+        name = match["name"]
+        if name != "all" and name not in BACKENDS:
+            return match.group(0)
+        return match.group(1) + compat_body(name, data, doc) + match.group(4)
+
+    return COMPAT_BLOCK.sub(body, text)
+
+
+def update_compat_blocks(data: dict) -> list[Path]:
+    """Rewrite every compat block in docs/backends.md and the plugin READMEs; the files changed."""
+    changed = []
+    for doc in compat_doc_files():
+        text = doc.read_text()
+        new = render_compat_blocks(text, data, doc)
+        if new != text:
+            doc.write_text(new)
+            changed.append(doc)
+    return changed

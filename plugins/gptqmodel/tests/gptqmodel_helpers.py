@@ -1,4 +1,4 @@
-"""Test helpers shared by quantplug-gptq's and quantplug-awq's tests: layers, models, and checks both run.
+"""Test helpers shared by the gptq and awq backends' tests: layers, models, and checks both run.
 
 Each ``check_*`` function is the body of a test both plugins have, run on a
 layer the calling test builds, for the backend it names.

@@ -1,4 +1,4 @@
-"""quantplug-awq on AWQ layers built by gptqmodel itself, on CPU.
+"""The awq backend of quantplug-gptqmodel on AWQ layers built by gptqmodel itself, on CPU.
 
 Layers: ``AwqTorchLinear`` from ``quantplug_quantize`` (AWQ's quantizer, then
 the library's ``pack``), and ``TorchFusedAwqLinear`` / ``TorchAtenAwqLinear`` /

@@ -1,4 +1,4 @@
-"""quantplug-gptq on layers built by gptqmodel itself, on CPU.
+"""The gptq backend of quantplug-gptqmodel on layers built by gptqmodel itself, on CPU.
 
 Layers: ``TorchLinear`` from ``quantplug_quantize`` (RTN), one ``TorchLinear``
 quantized by gptqmodel's own GPTQ algorithm on random calibration batches

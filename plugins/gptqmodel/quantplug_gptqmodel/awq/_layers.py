@@ -34,7 +34,7 @@ from quantplug_gptqmodel._torch import INT8, OPAQUE, REPACKED
 from quantplug_gptqmodel.awq._detect import parse_variant
 
 # layout kinds: GEMM, and INT8 (TorchInt8AwqLinear), REPACKED and OPAQUE (GEMV, Marlin, ExLlama) shared
-# with quantplug-gptq (quantplug_gptqmodel/_torch.py)
+# with the gptq backend (quantplug_gptqmodel/_torch.py)
 GEMM = "gemm"  # AWQ GEMM buffers, read with the library's dequantize_gemm
 
 # classes that keep the GEMM layout in memory (until a CPU repack)
@@ -257,7 +257,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     cls = type(module)
     if not (names & GEMM_CLASSES or "TorchInt8AwqLinear" in names):
         raise NotImplementedError(
-            f"quantplug-awq cannot requantize into {cls.__name__}: only the GEMM-layout kernels "
+            f"quantplug-gptqmodel (awq) cannot requantize into {cls.__name__}: only the GEMM-layout kernels "
             f"({', '.join(sorted(GEMM_CLASSES))}) and TorchInt8AwqLinear are built here; merge with mode='dense'"
         )
     sym = bool(getattr(module, "sym", False))  # AutoAWQ layers are zero-point (asymmetric)

@@ -35,7 +35,7 @@ from quantplug_gptqmodel import _torch as shared
 from quantplug_gptqmodel._torch import INT8, OPAQUE, REPACKED, is_repacked
 from quantplug_gptqmodel.gptq._detect import mro_names, parse_variant
 
-# layout kinds: PACKED, and INT8 (TorchInt8Linear), REPACKED and OPAQUE shared with quantplug-awq
+# layout kinds: PACKED, and INT8 (TorchInt8Linear), REPACKED and OPAQUE shared with the awq backend
 PACKED = "packed"  # gptqmodel GPTQ buffers, read with the library's own dequantize_weight
 
 
@@ -255,7 +255,7 @@ def requantize(module: nn.Module, weight: torch.Tensor) -> nn.Module:
     cls = type(module)
     if "PackableQuantLinear" not in names and "TorchInt8Linear" not in names:
         raise NotImplementedError(
-            f"quantplug-gptq cannot requantize into {cls.__name__}: it has no CPU packer and was only tested "
+            f"quantplug-gptqmodel (gptq) cannot requantize into {cls.__name__}: it has no CPU packer and was only tested "
             "on the torch kernels; merge with mode='dense', or load the model with backend=BACKEND.GPTQ_TORCH"
         )
     g_idx = getattr(module, "g_idx", None)
