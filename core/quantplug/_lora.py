@@ -50,6 +50,7 @@ from quantplug._checks import (  # noqa: F401  (GroupSizeError, check_adapter_na
     checked_weight,
 )
 from quantplug._config import LoraConfig
+from quantplug._lean import LeanLoraLinear, lean_applies
 from quantplug._routing import routed_rows
 
 NOT_CONNECTED = (
@@ -380,18 +381,38 @@ class LoraLayer(nn.Module):
                 self.scaling[name],
             )
             if y is None:  # the first adapter goes with the base call: a kernel may run them side by side
-                if not self._dense_merged:  # or fuse them into one kernel over the base's own storage
-                    fused = kernels.find("fused_lora_linear", self.backend, x.device.type, x.dtype)
-                    y = fused.fn(self.base, x, *args) if fused is not None and fused.priority > 0 else None
-                    if y is not None:
-                        continue
-                linear = kernels.resolve("lora_linear", self.backend, x.device.type, x.dtype)
-                if linear.priority > 0:
-                    y = linear.fn(self._call_base, x, *args)
-                    continue
-                y = self._call_base(x)
+                if lean_applies(
+                    self, x, args[1], args[2]
+                ):  # training: one autograd node, no dense weight kept
+                    y = LeanLoraLinear.apply(x, *args, self)
+                else:
+                    y = self.base_with_adapter(x, *args)
+                continue
             y = kernels.resolve("lora_add", self.backend, x.device.type, x.dtype).fn(y, *args)
         return self._call_base(x) if y is None else y
+
+    def base_with_adapter(
+        self, x: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """``base(x) + scale * (xa @ A.T) @ B.T`` through the fastest registered kernel for this layer.
+
+        A ``fused_lora_linear`` kernel reads the base's own storage; else a
+        ``lora_linear`` kernel runs the adapter beside the base; else the base,
+        then ``lora_add``. The lean training node calls it for its forward too.
+        """
+        kernels = self.kernels
+        if not self._dense_merged:
+            fused = kernels.find("fused_lora_linear", self.backend, x.device.type, x.dtype)
+            if fused is not None and fused.priority > 0:
+                y = fused.fn(self.base, x, xa, A, B, scale)
+                if y is not None:  # None: not this call's shape; the next kernel serves it
+                    return y
+        linear = kernels.resolve("lora_linear", self.backend, x.device.type, x.dtype)
+        if linear.priority > 0:
+            return linear.fn(self._call_base, x, xa, A, B, scale)
+        return kernels.resolve("lora_add", self.backend, x.device.type, x.dtype).fn(
+            self._call_base(x), xa, A, B, scale
+        )
 
     def _mixed_forward(self, y: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         if isinstance(adapter_names, str):
