@@ -16,7 +16,7 @@ from torch import nn
 pytest.importorskip("compressed_tensors")
 
 from compressed_tensors.compressors import ModelCompressor
-from compressed_tensors.compressors.base import decompress_module
+from compressed_tensors.compressors.base import compress_module, decompress_module
 from compressed_tensors.quantization import (
     QuantizationArgs,
     QuantizationConfig,
@@ -140,6 +140,25 @@ def test_requantize_is_exact_in_bfloat16():
             assert torch.equal(layers.dequantize(layers.requantize(layer, W)), W), (variant, state)
 
 
+def test_library_roundtrip_moves_bf16_int8_codes():
+    """The trap: compressed-tensors' own decompress -> compress is not exact for int8 in bf16 (8 mantissa
+    bits cannot hold (q - z) * s for |q - z| >= 128, and compress rounds in bf16), so re-saving a loaded
+    bf16 W8A16/W8A8 model moves some codes by one step, with or without quantplug. int4, FP8, and int8 in
+    fp16/fp32 come back exactly."""
+    for variant, dtype, moves in (
+        ("int8-channel", torch.bfloat16, True),
+        ("int8-channel", torch.float16, False),
+        ("int4-g32", torch.bfloat16, False),
+        ("fp8-channel", torch.bfloat16, False),
+    ):
+        layer = layers.quantize(random_linear(256, 128).to(dtype), variant, state="compressed")
+        again = copy.deepcopy(layer)
+        decompress_module(again)
+        compress_module(again)
+        changed = any(not torch.equal(again.state_dict()[k], v) for k, v in layer.state_dict().items())
+        assert changed == moves, (variant, dtype)
+
+
 def test_requantize_refuses_what_it_cannot_build():
     layer = ct_layer("int4-g32", "decompressed")
     layer.quantization_scheme = copy.deepcopy(layer.quantization_scheme)
@@ -198,11 +217,11 @@ def test_activation_qdq_gradient():
 # -- whole models through transformers ------------------------------------------------------------------
 
 
-def compress_tiny_llama(variant: str) -> nn.Module:
+def compress_tiny_llama(variant: str, dtype: torch.dtype = torch.float32) -> nn.Module:
     """A tiny LLaMA quantized by compressed-tensors' own API: apply_quantization_config, min-max qparams
     (the library's calculate_qparams, no calibration data), frozen, ready to compress."""
     weights, inputs = VARIANTS[variant]
-    model = tiny_llama(0)
+    model = tiny_llama(0).to(dtype)
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(**weights),
@@ -236,7 +255,7 @@ def save_compressed(model: nn.Module, path) -> None:
 def load(path) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+    return AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype="auto")
 
 
 def train(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:
@@ -250,13 +269,17 @@ def train(model: nn.Module, ids: torch.Tensor, steps: int = 3) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("variant", ["int4-g32", "int8-channel", "fp8-dynamic"])
-def test_checkpoint_lora_merge_checkpoint(variant, tmp_path):
+@pytest.mark.parametrize(
+    ("variant", "dtype"),
+    [("int4-g32", torch.float32), ("int8-channel", torch.bfloat16), ("fp8-dynamic", torch.float32)],
+)
+def test_checkpoint_lora_merge_checkpoint(variant, dtype, tmp_path):
     """compressed checkpoint -> from_pretrained -> LoRA, 3 steps -> requantize merge -> compressed
     checkpoint -> from_pretrained: the reloaded model gives the merged model's logits."""
-    save_compressed(compress_tiny_llama(variant), tmp_path / "base")
+    save_compressed(compress_tiny_llama(variant, dtype), tmp_path / "base")
     model = load(tmp_path / "base")
     q_proj = model.model.layers[0].self_attn.q_proj
+    assert layers.compute_dtype(q_proj) == dtype
     assert layers.state(q_proj) == "compressed" and qp.detect(q_proj) == NAME
     qp.attach(model, qp.LoraConfig(r=8, alpha=16, target_modules=PROJECTIONS))
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -268,6 +291,7 @@ def test_checkpoint_lora_merge_checkpoint(variant, tmp_path):
     assert len(report.layers) == 14 and not any(isinstance(m, qp.LoraLayer) for m in model.modules())
     with torch.no_grad():
         merged = model(input_ids=ids).logits
+    weights = {name: layers.dequantize(m) for name, m in model.named_modules() if is_ct_layer(m)}
     save_compressed(model, tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "config.json").read_text())["quantization_config"]
     (group,) = config["config_groups"].values()
@@ -277,10 +301,19 @@ def test_checkpoint_lora_merge_checkpoint(variant, tmp_path):
     reloaded = load(tmp_path / "merged")
     with torch.no_grad():
         got = reloaded(input_ids=ids).logits
-    assert torch.equal(got, merged), relative_error(got, merged)
-    # the merge moved the model by about what the report says it lost
-    worst = max(entry.error for entry in report.layers)
-    assert relative_error(got, unmerged) < 2 * worst
+    errors = {entry.name: entry.error for entry in report.layers}
+    for name, module in reloaded.named_modules():
+        if name in weights:
+            drift = relative_error(layers.dequantize(module), weights[name])
+            # compressed-tensors re-rounds a decompressed bf16 int8 weight as it compresses it
+            # (test_library_roundtrip_moves_bf16_int8_codes): there the checkpoint drifts, within the merge's error
+            assert drift == 0 if dtype == torch.float32 else drift < errors[name], (name, drift)
+    if dtype == torch.float32:
+        assert torch.equal(got, merged), relative_error(got, merged)
+    # the merge moved the model by about what the report says it lost (bf16 activations add ~1e-2 of rounding)
+    tolerance = 2 * max(errors.values()) + (0 if dtype == torch.float32 else 1e-2)
+    assert relative_error(got, unmerged) < tolerance
+    assert relative_error(got, merged) < tolerance
     for name, module in reloaded.named_modules():
         if name.endswith("q_proj"):
             assert module.quantization_scheme == q_proj.quantization_scheme
