@@ -25,6 +25,10 @@ in ``tests/test_compressed_tensors.py``:
 - the QDQ of activations (``FP8_DYNAMIC``, ``W8A8``) runs under
   ``torch.no_grad``: no gradient reaches the layer's input. The adapter layer
   and ``prepare_for_training`` use a straight-through estimator instead.
+- the library's own decompress -> compress moves some bf16 int8 codes by one step (bf16 cannot
+  hold ``(q - z) * s`` for ``|q - z| >= 128``): a decompressed bf16 int8 layer, merged or not,
+  drifts when it is saved. A frozen layer's forward rounds in bf16 too, so a requantized frozen
+  layer stores a weight nudged to round back to its codes (:func:`_rounds_to`).
 - symmetric int4 min-max requantization is not idempotent: the scale is
   ``absmax / 7.5`` and codes reach -8, so the scale of a dequantized weight is
   not the scale it was built with. Requantize keeps, per scale entry,
