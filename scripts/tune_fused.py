@@ -53,16 +53,17 @@ def kernels(fmt):
 
 
 def sweep_grid(fmt, block_m):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try; warps and stages mattered least on the H200."""
     if block_m >= 16:
-        ns, ks = (16, 32, 64), (128, 256, 512)
+        ns, ks, stages = (16, 32), (128, 256), (1, 3)
     else:
-        ns, ks = (4, 8, 16, 32), (256, 512, 1024, 2048)
+        ns, ks, stages = (4, 8, 16, 32), (256, 512, 1024), (1,)
     if fmt == "hqq":  # BLOCK_N counts rows of one half: each program writes twice as many
-        ns = tuple(n // 2 for n in ns)
-    for n, k, warps, stages in itertools.product(ns, ks, (4, 8), (1, 3)):
+        ns = tuple(max(2, n // 2) for n in ns)
+    for n, k, st, sk in itertools.product(ns, ks, stages, (1, 2, 4, 8)):
         if n * k * block_m > 65536:  # the per-block product would not fit in registers
             continue
-        yield (n, k, warps, stages)
+        yield (n, k, 4, st, sk)
 
 
 def copy_rate():
@@ -173,7 +174,9 @@ def compile_worker(jobs):
                 else (None, None, None, 0.0)
             )
             with torch.no_grad():
-                kernels(fmt).fused_lora_linear(layer.base, x, *args, config=config, lora_mode=mode or None)
+                kernels(fmt).fused_lora_linear(
+                    layer.base, x, *args, config=config, lora_mode=mode or None, force=True
+                )
             torch.cuda.synchronize()
             done += 1
         except Exception as exc:  # a config Triton cannot build (registers, shared memory): skipped later
@@ -268,7 +271,7 @@ def main():
                     try:
                         us = t(
                             lambda lay, x: ck.fused_lora_linear(
-                                lay.base, x, None, None, None, 0.0, config=cfg
+                                lay.base, x, None, None, None, 0.0, config=cfg, force=True
                             )
                         )
                     except Exception as exc:
@@ -286,7 +289,9 @@ def main():
 
             def lora(lay, x, mode):
                 A, B = lay.lora_A["default"], lay.lora_B["default"]
-                return ck.fused_lora_linear(lay.base, x, x, A, B, 2.0, config=config, lora_mode=mode)
+                return ck.fused_lora_linear(
+                    lay.base, x, x, A, B, 2.0, config=config, lora_mode=mode, force=True
+                )
 
             row = {
                 "format": fmt,
@@ -298,7 +303,9 @@ def main():
             }
             row["library"] = t(lambda lay, x: lay.base(x))
             row["fused_base"] = t(
-                lambda lay, x: ck.fused_lora_linear(lay.base, x, None, None, None, 0.0, config=config)
+                lambda lay, x: ck.fused_lora_linear(
+                    lay.base, x, None, None, None, 0.0, config=config, force=True
+                )
             )
             row["fused_lora1"] = t(lambda lay, x: lora(lay, x, 1))
             row["fused_lora2"] = t(lambda lay, x: lora(lay, x, 2))

@@ -14,18 +14,21 @@ program dequantizes its ``BLOCK_N`` rows in registers (code lookup times
 absmax in float32, as ``dequantize_4bit`` does) and multiplies them by the
 1-16 input rows it holds.
 
-The adapter rides in the same launch (``LORA=2``): the first ``SPLITS``
-programs to start (a ticket from an atomic counter, so they are always
-running, never waiting) compute the shrink ``xa @ A.T`` over one slice of
-the input each, into a float32 scratch; the GEMV programs compute their
-rows of the base output first, then wait for the shrink counter (already
-complete by then), sum the slices, expand against their rows of ``B`` and
-add. The last program to finish resets the counters, so the next call (and
-every CUDA-graph replay) starts from zero. The counters belong to the layer
-(one small int32 tensor per ``Linear4bit``, made on its first eager call):
-one layer is never run on two streams at once. Where no counter exists yet
-(first call under graph capture) the shrink is its own launch before the
-GEMV (``LORA=1``).
+The adapter: the shrink ``xa @ A.T`` runs as its own short launch (about
+32 programs, one slice of the input each, into a float32 scratch) before the
+GEMV (``LORA=1``), and each GEMV program expands its rows (``t @ B.T``) and
+adds them before it stores. :data:`ONE_LAUNCH` puts the shrink in the same
+launch instead (``LORA=2``): the first ``SPLITS`` programs to start (a ticket
+from an atomic counter, so they are always running, never waiting) compute
+the slices, and the GEMV programs wait for their counter before the expand;
+the last program out resets the counters. Measured slower on the H200 (the
+atomics cost more than the launch), so it is off. The counters belong to the
+layer (a small int32 tensor per layer, made on its first eager call; one
+layer never runs on two streams at once). Split-K (``SPLITK`` in
+:data:`CONFIGS`): each row block's input range is split over programs that
+store float32 partial sums; the last to arrive (a per-row-block counter,
+reset by it) sums them and runs the epilogue. A layer first called under
+CUDA-graph capture has no counters yet and runs unsplit.
 
 It serves a call only when it can reproduce the layer's forward: CUDA
 tensors in bf16/fp16 matching the layer's compute dtype, no autograd, at
@@ -52,14 +55,19 @@ MAX_RANK = 64
 # Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
 ONE_LAUNCH = False
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per token block (1, 2, 4: FMA; 16: tensor cores).
-# From scripts/tune_fused.py on an H200 (see docs/performance.md).
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1, 2, 4: FMA; 16: tensor cores),
+# the 1- and 16-token rows from scripts/tune_fused.py's sweep on an H200 (2026-12-04), 2 and 4 interpolated.
 CONFIGS = {
-    1: (16, 512, 4, 2),
-    2: (8, 512, 4, 2),
-    4: (8, 256, 4, 2),
-    16: (32, 256, 4, 2),
+    1: (16, 1024, 4, 1, 1),
+    2: (8, 1024, 4, 1, 1),
+    4: (8, 512, 4, 1, 1),
+    16: (32, 128, 4, 1, 4),
 }
+# Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
+# slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
+# lookups per byte keep it ALU-bound, docs/performance.md), so the library's forward plus the core's
+# lora_linear serve. ``fused_lora_linear(..., force=True)`` still runs it (tests, tuning).
+SERVE = False
 
 
 def _token_block(m: int) -> int:
@@ -159,14 +167,14 @@ def _finish(sync_ptr, LORA: tl.constexpr):
 @triton.jit
 def _nf4_lora_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, bias_ptr,
-    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr,
-    M, N, K, KA, R, scale,
+    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS,
     stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
     BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, HAS_BIAS: tl.constexpr,
     LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
 ):  # fmt: skip
     if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
         ticket = tl.atomic_add(sync_ptr, 1)
@@ -193,7 +201,9 @@ def _nf4_lora_kernel(
     else:
         HALF: tl.constexpr = BLOCK_K // 2
         G: tl.constexpr = BLOCK_K // BS
-        rn = (ticket - SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_block = (ticket - SPLITS) % GRID_N
+        split = (ticket - SPLITS) // GRID_N
+        rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rn_safe = tl.where(n_mask, rn, 0)
         rm = tl.arange(0, BLOCK_M)
@@ -204,7 +214,7 @@ def _nf4_lora_kernel(
         row_bytes = rn_safe.to(tl.int64) * (K // 2)
         row_groups = rn_safe.to(tl.int64) * (K // BS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             g = row_groups[:, None] + (k0 // BS + rg)[None, :]
             if EVEN_K:
                 packed = tl.load(w_ptr + row_bytes[:, None] + (k0 // 2 + rj)[None, :])
@@ -244,16 +254,40 @@ def _nf4_lora_kernel(
                     + lo[None, :, :] * x_odd.to(tl.float32)[:, None, :]
                 )
                 acc += tl.sum(part, axis=2)
-        out = acc.to(y_ptr.dtype.element_ty)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rn_safe).to(tl.float32)
-            out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
-        if LORA > 0:
-            out = _lora_epilogue(
-                out, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
-            )  # fmt: skip
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
+        if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
+            tl.store(
+                ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + split * (BLOCK_M * N),
+                acc,
+                mask=n_mask[None, :],
+            )
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + row_block, 1, sem="acq_rel")
+            last = arrived == SPLITK - 1
+        else:
+            last = True
+        if last:
+            if SPLITK > 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLITK):
+                    acc += tl.load(
+                        ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + s * (BLOCK_M * N),
+                        mask=n_mask[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                tl.atomic_xchg(cnt_ptr + row_block, 0)
+            out = acc.to(y_ptr.dtype.element_ty)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + rn_safe).to(tl.float32)
+                out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+            if LORA > 0:
+                out = _lora_epilogue(
+                    out, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+                    LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                )  # fmt: skip
+            tl.store(
+                y_ptr + rm[:, None] * stride_ym + rn[None, :], out, mask=m_mask[:, None] & n_mask[None, :]
+            )
     _finish(sync_ptr, LORA)
 
 
@@ -264,6 +298,7 @@ def _nf4_lora_kernel(
 # TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters
+_counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
 
 
 def _compiling() -> bool:
@@ -311,14 +346,14 @@ def _block_k(K: int, blocksize: int, want: int) -> int | None:
     return bk if bk >= blocksize and bk % blocksize == 0 else None
 
 
-def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None):
+def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False):
     """``Linear4bit(x) + scale * (xa @ A.T) @ B.T`` in one launch, or ``None`` when not served here.
 
     ``config`` ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` and ``lora_mode``
     (0: base only, 1: shrink launched first, 2: one launch) are for the tuning
-    script; ``A is None`` computes the base alone.
+    script; ``A is None`` computes the base alone; ``force`` runs it where :data:`SERVE` is off.
     """
-    if _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
+    if not (SERVE or force) or _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
         return None
     lora = A is not None
     tensors = (x, xa, A, B) if lora else (x,)
@@ -343,7 +378,7 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
     if bias is not None and (bias.device != x.device or bias.numel() != N):
         return None
     block_m = _token_block(M)
-    block_n, want_k, warps, stages = config or CONFIGS[block_m]
+    block_n, want_k, warps, stages, splitk = (*(config or CONFIGS[block_m]), 1)[:5]
     block_k = _block_k(K, blocksize, want_k)
     if block_k is None:
         return None
@@ -396,15 +431,23 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
         xa2, A, B, part, sync = x2, x2, x2, y, y
         KA = R = splits = 1
         k_per_split = shrink_k = block_r = block_s = 16
-    _nf4_lora_kernel[(grid_n + (splits if mode == 2 else 0),)](
+    k_blocks = triton.cdiv(K, block_k)
+    counters = _counters.get(module)
+    if splitk > 1 and counters is None and not _capturing():
+        counters = _counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
+    splitk = min(splitk, k_blocks) if counters is not None else 1  # first call under capture: no counters
+    k_split = triton.cdiv(k_blocks, splitk) * block_k
+    splitk = triton.cdiv(K, k_split)
+    ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
+    _nf4_lora_kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
         x2, packed, absmax, state.code, abs2, code2, offset, bias if bias is not None else y,
-        xa2, A, B, part, sync, y,
-        M, N, K, KA, R, float(scale) if lora else 0.0,
+        xa2, A, B, part, sync, y, ws, counters if splitk > 1 else y,
+        M, N, K, KA, R, float(scale) if lora else 0.0, grid_n, k_split,
         x2.stride(0), xa2.stride(0), A.stride(0), B.stride(0), y.stride(0),
         BS=blocksize, BS2=bs2, NESTED=nested, HAS_BIAS=bias is not None,
         LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
         BLOCK_S=block_s, BLOCK_R=block_r,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y.view(*x.shape[:-1], N)

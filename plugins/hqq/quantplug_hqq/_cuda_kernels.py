@@ -14,9 +14,9 @@ row, so byte ``(n, k)`` of ``W_q`` viewed as ``(out/2, in)`` holds
 Each program reads one block of bytes and produces its rows of both halves:
 ``(q - zero) * scale`` in registers, times the 1-16 input rows.
 
-The adapter rides in the same launch: see ``quantplug_bnb._cuda_kernels``
-(the same shrink/wait/expand scheme, kept in each plugin because plugins do
-not import each other): the first programs to start compute the shrink, the
+The adapter, split-K and the one-launch variant work as in
+``quantplug_bnb._cuda_kernels`` (the same scheme, kept in each plugin
+because plugins do not import each other): the first programs to start compute the shrink, the
 GEMV programs add ``scale * t @ B.T`` to their rows after their own work.
 
 It serves a call only when it can reproduce the layer's forward
@@ -45,14 +45,18 @@ MAX_RANK = 64
 # Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
 ONE_LAUNCH = False
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per token block (1, 2, 4: FMA; 16: tensor cores); BLOCK_N
-# counts rows of one half (each program writes 2 * BLOCK_N rows). From scripts/tune_fused.py on an H200.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1, 2, 4: FMA; 16: tensor cores),
+# BLOCK_N counting rows of one half (each program writes twice as many);
+# the 1- and 16-token rows from scripts/tune_fused.py's sweep on an H200 (2026-12-04), 2 and 4 interpolated.
 CONFIGS = {
-    1: (8, 256, 4, 2),
-    2: (8, 128, 4, 2),
-    4: (4, 128, 4, 2),
-    16: (16, 128, 4, 2),
+    1: (2, 1024, 4, 1, 1),
+    2: (2, 1024, 4, 1, 1),
+    4: (2, 512, 4, 1, 1),
+    16: (32, 128, 4, 3, 1),
 }
+# Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
+# backend, which dequantizes the whole weight on every call: docs/performance.md).
+SERVE = True
 
 
 def _token_block(m: int) -> int:
@@ -152,14 +156,14 @@ def _finish(sync_ptr, LORA: tl.constexpr):
 @triton.jit
 def _hqq4_lora_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr,
-    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr,
-    M, N, K, KA, R, scale,
+    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS,
     stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
     GS: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
     LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
 ):  # fmt: skip
     if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
         ticket = tl.atomic_add(sync_ptr, 1)
@@ -186,7 +190,9 @@ def _hqq4_lora_kernel(
     else:
         G: tl.constexpr = BLOCK_K // GS
         HALF_N = N // 2
-        rn = (ticket - SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the top half
+        row_block = (ticket - SPLITS) % GRID_N
+        split = (ticket - SPLITS) // GRID_N
+        rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the top half
         n_mask = rn < HALF_N
         rn_safe = tl.where(n_mask, rn, 0)
         rm = tl.arange(0, BLOCK_M)
@@ -198,7 +204,7 @@ def _hqq4_lora_kernel(
         groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
         acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             g = (k0 // GS + rg)[None, :]
             if EVEN_K:
                 packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :])
@@ -244,22 +250,56 @@ def _hqq4_lora_kernel(
                 xf = xt.to(tl.float32)[:, None, :]
                 acc_top += tl.sum(w_top.to(tl.float32)[None, :, :] * xf, axis=2)
                 acc_bot += tl.sum(w_bot.to(tl.float32)[None, :, :] * xf, axis=2)
-        for half in tl.static_range(2):
-            rows = rn_safe + half * HALF_N
-            out = (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty)
-            if HAS_BIAS:
-                bias = tl.load(bias_ptr + rows).to(tl.float32)
-                out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
-            if LORA > 0:
-                out = _lora_epilogue(
-                    out, rm, rows, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                    LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
-                )  # fmt: skip
+        if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
             tl.store(
-                y_ptr + rm[:, None] * stride_ym + (rn + half * HALF_N)[None, :],
-                out,
-                mask=m_mask[:, None] & n_mask[None, :],
+                ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + split * (BLOCK_M * N),
+                acc_top,
+                mask=n_mask[None, :],
             )
+            tl.store(
+                ws_ptr + rm[:, None] * N + (rn_safe + HALF_N)[None, :] + split * (BLOCK_M * N),
+                acc_bot,
+                mask=n_mask[None, :],
+            )
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + row_block, 1, sem="acq_rel")
+            last = arrived == SPLITK - 1
+        else:
+            last = True
+        if last:
+            if SPLITK > 1:
+                acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLITK):
+                    acc_top += tl.load(
+                        ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + s * (BLOCK_M * N),
+                        mask=n_mask[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                    acc_bot += tl.load(
+                        ws_ptr + rm[:, None] * N + (rn_safe + HALF_N)[None, :] + s * (BLOCK_M * N),
+                        mask=n_mask[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                tl.atomic_xchg(cnt_ptr + row_block, 0)
+            for half in tl.static_range(2):
+                rows = rn_safe + half * HALF_N
+                out = (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty)
+                if HAS_BIAS:
+                    bias = tl.load(bias_ptr + rows).to(tl.float32)
+                    out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+                if LORA > 0:
+                    out = _lora_epilogue(
+                        out, rm, rows, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+                        LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                    )  # fmt: skip
+                tl.store(
+                    y_ptr + rm[:, None] * stride_ym + (rn + half * HALF_N)[None, :],
+                    out,
+                    mask=m_mask[:, None] & n_mask[None, :],
+                )
     _finish(sync_ptr, LORA)
 
 
@@ -270,6 +310,7 @@ def _hqq4_lora_kernel(
 # TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters
+_counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
 
 
 def _compiling() -> bool:
@@ -317,15 +358,15 @@ def _block_k(K: int, group: int, want: int) -> int | None:
     return bk if bk >= group and bk % group == 0 else None
 
 
-def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, exact=False):
+def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False):
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` in one launch, or ``None`` when not served here.
 
     ``config`` ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` and ``lora_mode``
     (0: base only, 1: shrink launched first, 2: one launch) are for the tuning
-    script; ``A is None`` computes the base alone. ``exact`` rounds the
+    script; ``A is None`` computes the base alone; ``force`` runs it where :data:`SERVE` is off. ``exact`` rounds the
     dequantized weight as hqq does (tensor-core path only).
     """
-    if _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
+    if not (SERVE or force) or _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
         return None
     lora = A is not None
     tensors = (x, xa, A, B) if lora else (x,)
@@ -350,7 +391,7 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
     if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
         return None
     block_m = _token_block(M)
-    block_n, want_k, warps, stages = config or CONFIGS[block_m]
+    block_n, want_k, warps, stages, splitk = (*(config or CONFIGS[block_m]), 1)[:5]
     block_k = _block_k(K, group, want_k)
     if block_k is None:
         return None
@@ -385,15 +426,23 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
         xa2, A, B, part, sync = x2, x2, x2, y, y
         KA = R = splits = 1
         k_per_split = shrink_k = block_r = block_s = 16
-    _hqq4_lora_kernel[(grid_n + (splits if mode == 2 else 0),)](
+    k_blocks = triton.cdiv(K, block_k)
+    counters = _counters.get(module)
+    if splitk > 1 and counters is None and not _capturing():
+        counters = _counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
+    splitk = min(splitk, k_blocks) if counters is not None else 1  # first call under capture: no counters
+    k_split = triton.cdiv(k_blocks, splitk) * block_k
+    splitk = triton.cdiv(K, k_split)
+    ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
+    _hqq4_lora_kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
         x2, W_q, w_scale, w_zero, bias if bias is not None else y,
-        xa2, A, B, part, sync, y,
-        M, N, K, KA, R, float(scale) if lora else 0.0,
+        xa2, A, B, part, sync, y, ws, counters if splitk > 1 else y,
+        M, N, K, KA, R, float(scale) if lora else 0.0, grid_n, k_split,
         x2.stride(0), xa2.stride(0), A.stride(0), B.stride(0), y.stride(0),
         GS=group, HAS_BIAS=bias is not None, EXACT=exact and block_m >= 16,
         LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
         BLOCK_S=block_s, BLOCK_R=block_r,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y.view(*x.shape[:-1], N)

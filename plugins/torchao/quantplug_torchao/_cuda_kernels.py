@@ -11,9 +11,9 @@ torchao's weight-only linear for a per-row ``Int8Tensor`` is
 read there), and so is this kernel, with the product accumulated in float32
 and rounded where torchao rounds.
 
-The adapter rides in the same launch: see ``quantplug_bnb._cuda_kernels``
-(the same shrink/wait/expand scheme, kept in each plugin because plugins do
-not import each other).
+The adapter, split-K and the one-launch variant work as in
+``quantplug_bnb._cuda_kernels`` (the same scheme, kept in each plugin
+because plugins do not import each other).
 
 It serves a call only when it can reproduce the layer's forward: CUDA
 tensors in the weight's dtype (bf16/fp16), no autograd, at most
@@ -39,14 +39,17 @@ MAX_RANK = 64
 # Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
 ONE_LAUNCH = False
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages) per token block (1, 2, 4: FMA; 16: tensor cores).
-# From scripts/tune_fused.py on an H200.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1, 2, 4: FMA; 16: tensor cores),
+# the 1- and 16-token rows from scripts/tune_fused.py's sweep on an H200 (2026-12-04), 2 and 4 interpolated.
 CONFIGS = {
-    1: (16, 256, 4, 2),
-    2: (8, 256, 4, 2),
-    4: (8, 128, 4, 2),
-    16: (32, 128, 4, 2),
+    1: (8, 1024, 4, 1, 1),
+    2: (8, 1024, 4, 1, 1),
+    4: (8, 512, 4, 1, 1),
+    16: (32, 128, 4, 3, 4),
 }
+# Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
+# weight-only int8 linear at 1-16 tokens: docs/performance.md).
+SERVE = True
 
 
 def _token_block(m: int) -> int:
@@ -146,14 +149,14 @@ def _finish(sync_ptr, LORA: tl.constexpr):
 @triton.jit
 def _int8_lora_kernel(
     x_ptr, w_ptr, wscale_ptr, bias_ptr,
-    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr,
-    M, N, K, KA, R, scale,
+    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS,
     stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
     HAS_BIAS: tl.constexpr,
     LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr,
+    EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
 ):  # fmt: skip
     if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
         ticket = tl.atomic_add(sync_ptr, 1)
@@ -178,7 +181,9 @@ def _int8_lora_kernel(
             tl.debug_barrier()
             tl.atomic_add(sync_ptr + 1, 1, sem="release")
     else:
-        rn = (ticket - SPLITS) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_block = (ticket - SPLITS) % GRID_N
+        split = (ticket - SPLITS) // GRID_N
+        rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = rn < N
         rn_safe = tl.where(n_mask, rn, 0)
         rm = tl.arange(0, BLOCK_M)
@@ -186,7 +191,7 @@ def _int8_lora_kernel(
         rk = tl.arange(0, BLOCK_K)
         rows = rn_safe.to(tl.int64) * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             kk = k0 + rk
             if EVEN_K:
                 q = tl.load(w_ptr + rows[:, None] + kk[None, :])
@@ -203,18 +208,42 @@ def _int8_lora_kernel(
                 acc = tl.dot(xt, tl.trans(q.to(xt.dtype)), acc)
             else:  # reduced every block: few live registers, so the block (bytes in flight) can be large
                 acc += tl.sum(q.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :], axis=2)
-        dtype = y_ptr.dtype.element_ty
-        wscale = tl.load(wscale_ptr + rn_safe).to(dtype).to(tl.float32)
-        out = (acc.to(dtype).to(tl.float32) * wscale[None, :]).to(dtype)
-        if HAS_BIAS:
-            bias = tl.load(bias_ptr + rn_safe).to(tl.float32)
-            out = (out.to(tl.float32) + bias[None, :]).to(dtype)
-        if LORA > 0:
-            out = _lora_epilogue(
-                out, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
-            )  # fmt: skip
-        tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
+        if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
+            tl.store(
+                ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + split * (BLOCK_M * N),
+                acc,
+                mask=n_mask[None, :],
+            )
+            tl.debug_barrier()
+            arrived = tl.atomic_add(cnt_ptr + row_block, 1, sem="acq_rel")
+            last = arrived == SPLITK - 1
+        else:
+            last = True
+        if last:
+            if SPLITK > 1:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for s in tl.static_range(SPLITK):
+                    acc += tl.load(
+                        ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + s * (BLOCK_M * N),
+                        mask=n_mask[None, :],
+                        other=0.0,
+                        cache_modifier=".cg",
+                    )
+                tl.atomic_xchg(cnt_ptr + row_block, 0)
+            dtype = y_ptr.dtype.element_ty
+            wscale = tl.load(wscale_ptr + rn_safe).to(dtype).to(tl.float32)
+            out = (acc.to(dtype).to(tl.float32) * wscale[None, :]).to(dtype)
+            if HAS_BIAS:
+                bias = tl.load(bias_ptr + rn_safe).to(tl.float32)
+                out = (out.to(tl.float32) + bias[None, :]).to(dtype)
+            if LORA > 0:
+                out = _lora_epilogue(
+                    out, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+                    LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                )  # fmt: skip
+            tl.store(
+                y_ptr + rm[:, None] * stride_ym + rn[None, :], out, mask=m_mask[:, None] & n_mask[None, :]
+            )
     _finish(sync_ptr, LORA)
 
 
@@ -225,6 +254,7 @@ def _int8_lora_kernel(
 # TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters
+_counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
 
 
 def _compiling() -> bool:
@@ -261,14 +291,14 @@ def _storage(module, x):
     return qdata, wscale.reshape(-1), N, K
 
 
-def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None):
+def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False):
     """``linear(x) + scale * (xa @ A.T) @ B.T`` on an int8 weight in one launch, or ``None`` when not served.
 
     ``config`` ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` and ``lora_mode``
     (0: base only, 1: shrink launched first, 2: one launch) are for the tuning
-    script; ``A is None`` computes the base alone.
+    script; ``A is None`` computes the base alone; ``force`` runs it where :data:`SERVE` is off.
     """
-    if _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
+    if not (SERVE or force) or _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
         return None
     lora = A is not None
     tensors = (x, xa, A, B) if lora else (x,)
@@ -293,7 +323,7 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
     if bias is not None and (bias.device != x.device or bias.numel() != N):
         return None
     block_m = _token_block(M)
-    block_n, block_k, warps, stages = config or CONFIGS[block_m]
+    block_n, block_k, warps, stages, splitk = (*(config or CONFIGS[block_m]), 1)[:5]
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     x2 = x.reshape(M, K).contiguous()
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
@@ -326,15 +356,23 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
         xa2, A, B, part, sync = x2, x2, x2, y, y
         KA = R = splits = 1
         k_per_split = shrink_k = block_r = block_s = 16
-    _int8_lora_kernel[(grid_n + (splits if mode == 2 else 0),)](
+    k_blocks = triton.cdiv(K, block_k)
+    counters = _counters.get(module)
+    if splitk > 1 and counters is None and not _capturing():
+        counters = _counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
+    splitk = min(splitk, k_blocks) if counters is not None else 1  # first call under capture: no counters
+    k_split = triton.cdiv(k_blocks, splitk) * block_k
+    splitk = triton.cdiv(K, k_split)
+    ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
+    _int8_lora_kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
         x2, qdata, wscale, bias if bias is not None else y,
-        xa2, A, B, part, sync, y,
-        M, N, K, KA, R, float(scale) if lora else 0.0,
+        xa2, A, B, part, sync, y, ws, counters if splitk > 1 else y,
+        M, N, K, KA, R, float(scale) if lora else 0.0, grid_n, k_split,
         x2.stride(0), xa2.stride(0), A.stride(0), B.stride(0), y.stride(0),
         HAS_BIAS=bias is not None,
         LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
         BLOCK_S=block_s, BLOCK_R=block_r,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y.view(*x.shape[:-1], N)
