@@ -254,7 +254,7 @@ def main():
         layers = [probe] + [build(fmt, n, k, i) for i in range(1, copies)]
         for tokens in tokens_list:
             xs = [torch.randn(tokens, k, device="cuda", dtype=DTYPE) for _ in layers]
-            block_m = ck._token_block(tokens)
+            block_m = ck._token_block(tokens, n * k) if fmt == "torchao" else ck._token_block(tokens)
             pairs = list(zip(layers, xs))
             per_graph = max(len(pairs), 64)
 

@@ -55,12 +55,10 @@ MAX_RANK = 64
 # Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
 ONE_LAUNCH = False
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1, 2, 4: FMA; 16: tensor cores),
-# the 1- and 16-token rows from scripts/tune_fused.py's sweep on an H200 (2026-12-04), 2 and 4 interpolated.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
+# from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
 CONFIGS = {
     1: (16, 1024, 4, 1, 1),
-    2: (8, 1024, 4, 1, 1),
-    4: (8, 512, 4, 1, 1),
     16: (32, 128, 4, 1, 4),
 }
 # Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
@@ -71,7 +69,8 @@ SERVE = False
 
 
 def _token_block(m: int) -> int:
-    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200)
+    return 1 if m == 1 else 16
 
 
 # --------------------------------------------------------------------------

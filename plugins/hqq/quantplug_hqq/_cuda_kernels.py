@@ -45,13 +45,11 @@ MAX_RANK = 64
 # Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
 ONE_LAUNCH = False
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1, 2, 4: FMA; 16: tensor cores),
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # BLOCK_N counting rows of one half (each program writes twice as many);
-# the 1- and 16-token rows from scripts/tune_fused.py's sweep on an H200 (2026-12-04), 2 and 4 interpolated.
+# from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
 CONFIGS = {
     1: (2, 1024, 4, 1, 1),
-    2: (2, 1024, 4, 1, 1),
-    4: (2, 512, 4, 1, 1),
     16: (32, 128, 4, 3, 1),
 }
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
@@ -60,7 +58,8 @@ SERVE = True
 
 
 def _token_block(m: int) -> int:
-    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200)
+    return 1 if m == 1 else 16
 
 
 # --------------------------------------------------------------------------

@@ -39,12 +39,10 @@ MAX_RANK = 64
 # Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
 ONE_LAUNCH = False
 
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1, 2, 4: FMA; 16: tensor cores),
-# the 1- and 16-token rows from scripts/tune_fused.py's sweep on an H200 (2026-12-04), 2 and 4 interpolated.
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
+# from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
 CONFIGS = {
     1: (8, 1024, 4, 1, 1),
-    2: (8, 1024, 4, 1, 1),
-    4: (8, 512, 4, 1, 1),
     16: (32, 128, 4, 3, 4),
 }
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
@@ -52,8 +50,10 @@ CONFIGS = {
 SERVE = True
 
 
-def _token_block(m: int) -> int:
-    return 1 if m == 1 else 2 if m == 2 else 4 if m <= 4 else 16
+def _token_block(m: int, elements: int = 0) -> int:
+    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200). One token
+    # too from 32M weights up: 4096x14336 took 25 us on tensor cores against 36 us with FMAs (16.7M: 14 vs 12.5)
+    return 1 if m == 1 and elements < 1 << 25 else 16
 
 
 # --------------------------------------------------------------------------
@@ -322,7 +322,7 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
     bias = module.bias
     if bias is not None and (bias.device != x.device or bias.numel() != N):
         return None
-    block_m = _token_block(M)
+    block_m = _token_block(M, N * K)
     block_n, block_k, warps, stages, splitk = (*(config or CONFIGS[block_m]), 1)[:5]
     block_k = min(block_k, max(16, triton.next_power_of_2(K)))
     x2 = x.reshape(M, K).contiguous()
