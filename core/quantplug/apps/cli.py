@@ -15,7 +15,7 @@ GPTQ, AWQ, HQQ, TorchAO, AQLM, INC, quanto, EETQ and third-party backends),
 trains them, and merges them back.
 
   quantplug doctor                 which backends work here, and the fix for those that don't
-  quantplug demo                   train LoRA on a tiny quantized LLaMA, merge it, save it (CPU, ~1 min)
+  quantplug demo                   train LoRA on a tiny quantized LLaMA, merge it, save it (CPU, ~10 s)
   quantplug demo --backend hqq     the same on another backend
   quantplug demo --backend hqq --qalora   QALoRA, merged into the zero points beside requantize and dense
   quantplug bench --out b.json     time bare vs adapter vs merged layers, beside PEFT
@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend, attaches LoRA to all of them, trains on a small corpus shipped with quantplug until the "
         "loss has clearly fallen, merges the adapter in 'requantize' and 'dense' modes and reports how much of "
         "it each merge kept and how well merged logits agree with unmerged ones, then saves the adapter in "
-        "PEFT's format and reloads it.",
+        "PEFT's format and reloads it. On CPU: about 15 s of CPU time (bnb, hqq, aqlm measured 2026-12), "
+        "under 10 s on 2 idle cores; more on a busy machine.",
     )
     demo.add_argument(
         "--backend",
