@@ -231,3 +231,10 @@ def test_demo_verbose_shows_the_libraries_output(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "[WARNING]" in done.stdout + done.stderr
     assert "third-party output" not in done.stdout and not (tmp_path / "third-party.log").exists()
+
+
+def test_demo_refuses_zero_steps_before_building_anything(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --steps: must be at least 1, got 0" in capsys.readouterr().err

@@ -104,6 +104,13 @@ def _fsdp2(info) -> str:
     return "partial" if "shardable" in info.limits else "yes"
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _demo(args: argparse.Namespace) -> int:
     from quantplug.apps.backends import BackendChoiceError, default_backend, resolve
 
@@ -163,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--variant", default=None, help="the backend's format, e.g. nf4, fp4, int8 (default: its first)"
     )
-    demo.add_argument("--steps", type=int, default=120, help="training steps (default: 120)")
-    demo.add_argument("--rank", type=int, default=16, help="LoRA rank (default: 16)")
+    demo.add_argument("--steps", type=_positive, default=120, help="training steps (default: 120)")
+    demo.add_argument("--rank", type=_positive, default=16, help="LoRA rank (default: 16)")
     demo.add_argument("--dora", action="store_true", help="train DoRA instead of LoRA")
     demo.add_argument(
         "--qalora",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -175,10 +176,16 @@ def run_demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     as_json = getattr(args, "json", False)
-    with captured(out / "third-party.log", getattr(args, "verbose", False)) as capture:
-        # with --json, standard output holds the JSON alone: the rest goes to standard error
-        console = capture.errors if as_json else capture.console
-        code, summary = _run(args, out, console, started)
+    log = out / "third-party.log"
+    try:
+        with captured(log, getattr(args, "verbose", False)) as capture:
+            # with --json, standard output holds the JSON alone: the rest goes to standard error
+            console = capture.errors if as_json else capture.console
+            code, summary = _run(args, out, console, started)
+    except BaseException:
+        if log.exists():  # the libraries' output may say what went wrong
+            print(f"quantplug demo: the libraries' output of this run is in {relative(log)}", file=sys.stderr)
+        raise
     notes = capture.summary()
     if summary is not None:
         notes.append(f"  summary: {relative(out / 'summary.json')}")
