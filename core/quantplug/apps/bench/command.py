@@ -62,6 +62,7 @@ def run_bench(args: argparse.Namespace) -> int:
     from quantplug.apps.bench.environment import environment
     from quantplug.apps.bench.layers import layer_rows
     from quantplug.apps.bench.model import model_rows
+    from quantplug.apps.bench.training import training_rows
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
@@ -92,6 +93,8 @@ def run_bench(args: argparse.Namespace) -> int:
         else:
             torch.manual_seed(0)
             rows += model_rows(args, device, dtype, env, log)
+            torch.manual_seed(0)
+            rows += training_rows(args, device, dtype, env, log)
     save()
     png = chart(rows, out.with_suffix(".png"))
     print(table(rows))

@@ -1,9 +1,8 @@
 """Whole-model rows: a LLaMA (TinyLlama's 1.1B shape, random weights) with every linear quantized.
 
 Greedy decode tokens/s with the adapter unmerged, disabled and merged (eager
-``generate``, and one decode step replayed in a CUDA graph), and LoRA
-training tokens/s and peak memory, for quantplug and for PEFT on an
-identical model.
+``generate``, and one decode step replayed in a CUDA graph),
+for quantplug and for PEFT on an identical model. Training rows: training.py.
 """
 
 from __future__ import annotations
@@ -134,34 +133,6 @@ def _graph_decode_pair(model, disable, vocab: int, position: int, log) -> dict:
     }
 
 
-def _train_tps(model, params, batch, seq, steps: int, device: str, vocab: int) -> tuple[float, float | None]:
-    import torch
-
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    ids = torch.randint(0, vocab, (batch, seq), device=device)
-    model.train()
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - start
-    model.eval()
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
-    return batch * seq * steps / elapsed, peak
-
-
 def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     import torch
 
@@ -176,7 +147,6 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     shape = "llama-tiny" if quick else "llama-1.1b"
     vocab = (QUICK_LLAMA if quick else TINYLLAMA)["vocab_size"]
     new_tokens = 8 if quick else 64
-    batch, seq, steps = (2, 32, 2) if quick else (4, 1024, 8)
     prompt = torch.randint(0, vocab, (1, 16), device=device)
     rows = []
     base_row = {"backend": backend, "variant": variant, "shape": shape, "rank": args.rank, "env": env}
@@ -194,12 +164,6 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         disabled = _decode_tps(model, prompt, new_tokens, device)
     log(f"quantplug decode: unmerged {unmerged:.1f} tok/s, disabled {disabled:.1f} tok/s")
     graphed = _graph_decode_pair(model, lambda: qp.disable_adapters(model), vocab, prompt.shape[1], log)
-    qp.prepare_for_training(model)
-    train_tps, train_peak = _train_tps(
-        model, qp.trainable_parameters(model), batch, seq, steps, device, vocab
-    )
-    log(f"quantplug train: {train_tps:.0f} tok/s, peak {train_peak} GiB")
-    model.requires_grad_(False)
     try:
         qp.merge(model, mode="requantize")
         merged = _decode_tps(model, prompt, new_tokens, device)
@@ -210,14 +174,12 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     add("decode", "quantplug", "unmerged", 1e6 / disabled, 1e6 / unmerged, tokens_per_s=unmerged,
         disabled_tokens_per_s=disabled, merged_tokens_per_s=merged,
         unmerged_over_disabled=unmerged / disabled, **graphed)  # fmt: skip
-    qp_train = {"tokens_per_s": train_tps, "peak_gib": train_peak}
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
 
     # PEFT on an identical model
     if args.no_peft or not importable("peft"):
-        add("train", "quantplug", "qlora", None, 1e6 / train_tps, **qp_train, batch=batch, seq=seq)
         return rows
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
@@ -233,9 +195,6 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         peft_disabled = _decode_tps(peft_model, prompt, new_tokens, device)
     log(f"PEFT decode: unmerged {peft_unmerged:.1f} tok/s, disabled {peft_disabled:.1f} tok/s")
     peft_graphed = _graph_decode_pair(peft_model, peft_model.disable_adapter, vocab, prompt.shape[1], log)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    peft_train_tps, peft_peak = _train_tps(peft_model, params, batch, seq, steps, device, vocab)
-    log(f"PEFT train: {peft_train_tps:.0f} tok/s, peak {peft_peak} GiB")
     try:
         merged_model = peft_model.merge_and_unload()
         peft_merged = _decode_tps(merged_model, prompt, new_tokens, device)
@@ -245,9 +204,4 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     add("decode", "peft", "unmerged", 1e6 / peft_disabled, 1e6 / peft_unmerged, tokens_per_s=peft_unmerged,
         disabled_tokens_per_s=peft_disabled, merged_tokens_per_s=peft_merged,
         unmerged_over_disabled=peft_unmerged / peft_disabled, **peft_graphed)  # fmt: skip
-    # training rows: bare_us = PEFT's time per token, so wrapped_over_bare < 1 means faster than PEFT
-    add("train", "quantplug", "qlora", 1e6 / peft_train_tps, 1e6 / train_tps, **qp_train, batch=batch, seq=seq,
-        speedup_over_peft=train_tps / peft_train_tps, peft_peak_gib=peft_peak)  # fmt: skip
-    add("train", "peft", "qlora", 1e6 / peft_train_tps, 1e6 / peft_train_tps, tokens_per_s=peft_train_tps,
-        peak_gib=peft_peak, batch=batch, seq=seq)  # fmt: skip
     return rows
