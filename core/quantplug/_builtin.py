@@ -34,7 +34,8 @@ def is_plain_linear(module) -> bool:
     import torch
     from torch import nn
 
-    return type(module) is nn.Linear and type(module.weight) in (nn.Parameter, torch.Tensor)
+    weight = getattr(module, "weight", None)  # compressed layers keep codes, not a weight
+    return type(module) is nn.Linear and type(weight) in (nn.Parameter, torch.Tensor)
 
 
 @hookimpl(trylast=True)

@@ -41,6 +41,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
+from quantplug._builtin import NAME as DENSE_BACKEND
 from quantplug._checks import (  # noqa: F401  (GroupSizeError, check_adapter_name: imported from here)
     BASE,
     GroupSizeError,
@@ -317,7 +318,8 @@ class LoraLayer(nn.Module):
         """Recompute what forward reads; called whenever adapters, activity or the base change."""
         merged = set(self.merged_adapters)
         self._compute = tuple(n for n in self.active_adapters if n not in merged)
-        self._dense_merged = bool(self._merges) and type(self.base) is nn.Linear
+        # a plain nn.Linear is not enough: compressed-tensors layers are nn.Linear too
+        self._dense_merged = bool(self._merges) and self.backend == DENSE_BACKEND
 
     def _set_weight_sq(self, weight_sq: torch.Tensor | None) -> None:
         # a buffer (moves with .to()), kept only while a DoRA adapter reads it

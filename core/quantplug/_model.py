@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from quantplug import _transformers
+from quantplug._builtin import NAME as DENSE_BACKEND
 from quantplug._builtin import is_plain_linear
 from quantplug._checks import BASE, GroupSizeError, check_adapter_name, check_dtype, check_qalora_group
 from quantplug._config import LoraConfig
@@ -350,12 +351,12 @@ def quantize(
     status = load_plugins().status(backend)
     if not status.ok:
         raise RuntimeError(f"backend {backend!r} is {status.status}: {status.reason}. Fix: {status.fix}")
-    if is_plain_linear(module):
+    if _is_dense(module):
         return _quantized(module, backend, variant)
     targets = [
         path
         for path, child in module.named_modules()
-        if is_plain_linear(child) and path.rsplit(".", 1)[-1] not in skip
+        if _is_dense(child) and path.rsplit(".", 1)[-1] not in skip
     ]
     built = {}
     for path in targets:
@@ -364,6 +365,12 @@ def quantize(
     for path, layer in built.items():
         module.set_submodule(path, layer)
     return module
+
+
+def _is_dense(module: nn.Module) -> bool:
+    """A plain linear that no quantization backend claims (a compressed-tensors layer is an ``nn.Linear``
+    too, and its plugin claims it first): what the core's dense backend serves."""
+    return is_plain_linear(module) and detect(module) == DENSE_BACKEND
 
 
 def _quantized(linear: nn.Linear, backend: str, variant: str | None) -> nn.Module:

@@ -97,6 +97,22 @@ def test_compressed_base_runs_and_trains_wrapped():
     assert layers.state(layer) == "compressed"
 
 
+def test_a_merged_compressed_base_runs_outside_transformers():
+    """A requantize merge of a compressed layer leaves a compressed ``nn.Linear``: the adapter layer must
+    keep running it through the plugin, not mistake it for a dense merge's plain linear (it has no weight)."""
+    model = Holder(ct_layer("int4-g32", "compressed"))
+    qp.attach(model, qp.LoraConfig(r=4, alpha=8, target_modules=["proj"], init="random"))
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        unmerged = model(x)
+        report = qp.merge(model, mode="requantize")
+        merged = model(x)
+    assert relative_error(merged, unmerged) < 4 * report.mean_error + 1e-3
+    qp.unmerge(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), unmerged)
+
+
 # -- requantize: the layer's own scheme and state ----------------------------------------------------
 
 
