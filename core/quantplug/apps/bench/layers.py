@@ -156,11 +156,20 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
             # the kernel quantplug's registry serves this call site (a kernel may pick its own path per
             # call, e.g. eager against CUDA-graph capture: docs/performance.md says which)
             kernel = qp.load_plugins().kernels.resolve("lora_add", backend, device, dtype).name
+            fused = qp.load_plugins().kernels.find("fused_lora_linear", backend, device, dtype)
             for tokens in tokens_list:
                 x = torch.randn(tokens, in_features, device=device, dtype=dtype)
                 io_bytes = x.nbytes + tokens * out_features * x.element_size()
                 graphs = device == "cuda" and tokens <= 16
                 with torch.no_grad():
+                    served = kernel
+                    if (
+                        fused is not None and fused.priority > 0
+                    ):  # a plugin's fused kernel, if it serves this call
+                        probe = models[0].proj
+                        args = (probe.lora_A["default"], probe.lora_B["default"], probe.scaling["default"])
+                        if fused.fn(probe.base, x, x, *args) is not None:
+                            served = fused.name
                     bare = [lambda b=b, x=x: b(x) for b in bases]
                     wrapped = [lambda m=m, x=x: m.proj(x) for m in models]
                     row = {
@@ -186,7 +195,7 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                     common = {"bare_us": bare_us, "bare_graph_us": bare_graph_us}
                     rows.append(
                         _finish(
-                            {**row, **common, "library": "quantplug", "kernel": kernel, "kernels": "fast", "wrapped_us": fast_us,
+                            {**row, **common, "library": "quantplug", "kernel": served, "kernels": "fast", "wrapped_us": fast_us,
                              "wrapped_graph_us": fast_graph_us},
                             base_bytes, adapter_bytes, io_bytes, env,
                         )
@@ -308,6 +317,13 @@ def _finish(row: dict, base_bytes: int, adapter_bytes: int, io_bytes: int, env: 
     if row.get("wrapped_graph_us") and row.get("bare_graph_us"):
         row["graph_wrapped_over_bare"] = row["wrapped_graph_us"] / row["bare_graph_us"]
     row["bare_gbs"] = (base_bytes + io_bytes) / (row["bare_us"] * 1e-6) / 1e9
+    # from GPU time: the library's own bare layer and the wrapped layer, both graph-replayed in this run;
+    # the bytes the wrapped layer must read (packed weights, scales, the adapter) over its replay time
+    row["library_bare_graph_us"] = row.get("bare_graph_us")
+    if row.get("wrapped_graph_us"):
+        row["graph_wrapped_gbs"] = (base_bytes + adapter_bytes) / (row["wrapped_graph_us"] * 1e-6) / 1e9
+        if env.get("copy_gbs"):
+            row["graph_wrapped_bw_fraction"] = row["graph_wrapped_gbs"] / env["copy_gbs"]
     row["wrapped_gbs"] = (base_bytes + adapter_bytes + io_bytes) / (row["wrapped_us"] * 1e-6) / 1e9
     if env.get("copy_gbs"):
         row["bare_bw_fraction"] = row["bare_gbs"] / env["copy_gbs"]

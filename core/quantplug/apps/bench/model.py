@@ -130,6 +130,8 @@ def _graph_decode_pair(model, disable, vocab: int, position: int, log) -> dict:
         "graph_tokens_per_s": on,
         "graph_disabled_tokens_per_s": off,
         "graph_unmerged_over_disabled": on / off,
+        # disabled adapters leave every layer on the library's own kernels (issue 17's baseline)
+        "graph_unmerged_over_library_disabled": on / off,
     }
 
 
