@@ -162,10 +162,8 @@ def layer_rows(args, device: str, dtype, env: dict, log, rows: list[dict], save:
                 io_bytes = x.nbytes + tokens * out_features * x.element_size()
                 graphs = device == "cuda" and tokens <= 16
                 with torch.no_grad():
-                    served = kernel
-                    if (
-                        fused is not None and fused.priority > 0
-                    ):  # a plugin's fused kernel, if it serves this call
+                    served = kernel  # or a plugin's fused kernel, where it serves this call:
+                    if fused is not None and fused.priority > 0:
                         probe = models[0].proj
                         args = (probe.lora_A["default"], probe.lora_B["default"], probe.scaling["default"])
                         if fused.fn(probe.base, x, x, *args) is not None:
