@@ -114,13 +114,6 @@ def test_a_bad_group_size_from_the_backend_is_a_plugin_error(no_registry, group)
     assert layer.adapters == []
 
 
-def test_qalora_group_size_is_still_importable_from_the_layer_module():
-    from quantplug._lora import qalora_group_size
-    from quantplug._model import qalora_group_size as moved
-
-    assert qalora_group_size is moved
-
-
 @pytest.mark.parametrize("dtype", ["float16", torch.int32, None])
 def test_build_adapter_refuses_a_dtype_that_is_not_floating(no_registry, dtype):
     layer = layer_over()

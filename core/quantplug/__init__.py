@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import pluggy
 
-from quantplug._config import LoraConfig
+from quantplug._config import LoraConfig, LoraConfigError
 from quantplug._info import BackendInfo, BackendStatus, Requirement, Status
 
 __version__ = "0.1.0"
@@ -44,6 +44,7 @@ _LAZY = {
     "load_plugins": "quantplug._registry",
     "PluginConflictError": "quantplug._registry",
     "PluginError": "quantplug._errors",
+    "PluginWarning": "quantplug._errors",
     "use_reference_kernels": "quantplug._kernels",
 }
 
@@ -52,11 +53,13 @@ __all__ = [
     "BackendInfo",
     "BackendStatus",
     "LoraConfig",
+    "LoraConfigError",
     "LoraLayer",
     "MergeError",
     "MergeReport",
     "PluginConflictError",
     "PluginError",
+    "PluginWarning",
     "Requirement",
     "Status",
     "__version__",
@@ -105,7 +108,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from quantplug import distributed as distributed
-    from quantplug._errors import PluginError
+    from quantplug._errors import PluginError, PluginWarning
     from quantplug._io import AdapterFileError, load_adapter, save_adapter
     from quantplug._kernels import use_reference_kernels
     from quantplug._lora import LoraLayer

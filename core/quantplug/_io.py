@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from quantplug._config import LoraConfig
-from quantplug._lora import GroupSizeError, LoraLayer, check_adapter_name, qalora_group_size
-from quantplug._model import _plan, attach_weights, lora_layers
+from quantplug._lora import GroupSizeError, LoraLayer, check_adapter_name
+from quantplug._model import _plan, attach_weights, lora_layers, qalora_group_size
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

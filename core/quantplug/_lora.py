@@ -527,11 +527,3 @@ class LoraLayer(nn.Module):
             f"backend={self.backend!r}, in_features={self.in_features}, out_features={self.out_features}, "
             f"adapters={self.adapters}, active={self.active_adapters}, merged={list(self.merged_adapters)}"
         )
-
-
-def __getattr__(name: str):
-    # qalora_group_size(base, backend, in_features, config) asks the registry, so it lives in
-    # quantplug._model now; old imports from here still work
-    if name == "qalora_group_size":
-        return importlib.import_module("quantplug._model").qalora_group_size
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -200,7 +200,7 @@ def merge(
     staged = [
         _stage(path, layer, adapter, mode, relay, dense_dtype)
         for path, layer in tqdm(
-            layers.items(), desc=f"merge {adapter} ({mode})", disable=not show, unit="layer"
+            layers.items(), desc=f"merge {adapter} ({mode})", disable=None if show else True, unit="layer"
         )
     ]
     for step in staged:  # commit: nothing below calls a plugin

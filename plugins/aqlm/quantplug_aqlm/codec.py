@@ -218,7 +218,7 @@ def encode(
     work = iterations * num_codebooks * out_groups * in_groups * size * dim
     show = progress if progress is not None else work >= PROGRESS_WORK
     total = iterations * num_codebooks * out_groups * in_groups
-    with tqdm(total=total, desc="aqlm requantize", unit="group", disable=not show) as bar:
+    with tqdm(total=total, desc="aqlm requantize", unit="group", disable=None if show else True) as bar:
         for _ in range(iterations):
             # with the scale fixed, each group's error is scale² ‖target/scale - decoded‖²
             usable = torch.where(
@@ -308,7 +308,7 @@ def quantize(
     work = fmt.num_codebooks * (lloyd_iterations * fit + residual.shape[0]) * fmt.codebook_size * dim
     show = progress if progress is not None else work >= PROGRESS_WORK
     total = fmt.num_codebooks * (lloyd_iterations * fit + residual.shape[0])
-    with tqdm(total=total, desc="aqlm codebooks", unit="group", disable=not show) as bar:
+    with tqdm(total=total, desc="aqlm codebooks", unit="group", disable=None if show else True) as bar:
         for _ in range(fmt.num_codebooks):  # residual vector quantization
             book = kmeans(residual, fmt.codebook_size, lloyd_iterations, generator, bar)
             assign = _nearest(residual, book, book.square().sum(1), bar)
