@@ -13,6 +13,18 @@ that backend (then the core's defaults in :mod:`quantplug._builtin`), never
 on another plugin: an implementation needs no ``backend`` check (the
 argument is always the plugin's own backend, and may be left out).
 
+What the core checks at the boundary: an exception raised by a hookimpl
+reaches the user as :class:`quantplug.PluginError` (a ``ValueError``,
+``TypeError`` or ``NotImplementedError`` stays one too) naming the plugin,
+its distribution, the hook, the backend and the layer, chained to the
+original; a detect hook that raises is reported once as a
+:class:`quantplug.PluginWarning` and skipped, so other backends keep
+working. Results are checked before anything changes (shapes, dtypes,
+finiteness, features; see each hook). Hook wrappers
+(``hookimpl(wrapper=True)``) are refused: the core owns the call order. The
+entry point's name is the backend's name (``hqq = "quantplug_hqq"``
+declares ``"hqq"``); one that differs is not loaded and doctor says why.
+
 Lifecycle (which hook fires when)::
 
     load_plugins()          quantplug_backend_info, quantplug_check_backend,
@@ -113,6 +125,8 @@ def quantplug_detect_layer(module: nn.Module, model: nn.Module | None) -> str | 
     :param model: the whole model, when known, for model-level hints such as
         ``model.quantization_method`` or ``model.config.quantization_config``.
     :returns: this backend's name, or ``None`` if the layer is not its own.
+        A name this plugin's ``quantplug_backend_info`` did not declare is a
+        :class:`quantplug.PluginError`.
 
     Must be cheap and import nothing that is absent: compare class names
     from ``type(module).__mro__``, or check ``sys.modules`` before importing.
@@ -154,7 +168,11 @@ def quantplug_wrap_layer(module: nn.Module, config: LoraConfig, backend: str) ->
     :param config: the :class:`quantplug.LoraConfig` being attached.
     :param backend: the backend that claimed it, always one of this plugin's.
     :returns: a :class:`quantplug.LoraLayer` (or a subclass) whose ``base``
-        is ``module``, with no adapter yet: the core adds them.
+        is ``module``, with no adapter yet: the core adds them. The core checks
+        that it is a ``LoraLayer`` over that very module, with its
+        ``in_features``/``out_features`` and this backend's name, and then
+        hands it the hook relay and kernels (``layer.connect``); anything else
+        is a :class:`quantplug.PluginError` and the model is left unchanged.
 
     The core's built-in implementation (``trylast``) returns
     ``LoraLayer(module, backend)``, which fits any layer with
