@@ -6,7 +6,11 @@
 # Wheels the machine lacks (bitsandbytes, hqq, peft, torchao, ...) may be
 # carried unpacked in .gpu/site (pip install --target .gpu/site ...): it is put
 # first on PYTHONPATH. quantplug and the plugins are installed editable,
-# without dependencies and without an index.
+# without dependencies and without an index. 2026-12-04 (H200): .gpu/site held
+# bitsandbytes 0.50.2 (only libbitsandbytes_cuda130.so and _cpu.so kept: 4 MB),
+# torchao 0.18.0, hqq 0.2.8.post1 with termcolor, and the core's
+# importlib_metadata with lazy_importer and zipp (the image lacks them): 25 MB.
+# Stage "fused": scripts/tune_fused.py (fused GEMV + LoRA kernels, graph time).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -26,6 +30,8 @@ qp() { $PY -c 'import sys; from quantplug.apps.cli import main; sys.exit(main(sy
 
 for stage in $STAGES; do
   case $stage in
+    fused)
+      timeout ${FUSED_TIMEOUT:-300} $PY scripts/tune_fused.py "$OUT/fused.json" ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -30 ;;
     tune)
       timeout ${TUNE_TIMEOUT:-300} $PY scripts/tune_triton.py "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^skip" | tail -30 ;;
     env)

@@ -121,7 +121,8 @@ def test_fused_matches_reference(backend, variant, plugin, shape, dtype):
     fused = kernels_module(plugin)
     layer = wrapped(backend, variant, shape, dtype)
     kernel = layer.kernels.find("fused_lora_linear", backend, "cuda", dtype)
-    assert kernel is not None and kernel.priority > 0, f"no fused kernel registered for {backend}"
+    registered = kernel is not None and kernel.priority > 0
+    assert registered == fused.SERVE, f"{backend}: fused kernel registered {registered}, SERVE {fused.SERVE}"
     with torch.no_grad():
         for r in RANKS:
             layer.set_adapter(adapter_name(r))

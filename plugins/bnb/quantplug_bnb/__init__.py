@@ -147,6 +147,10 @@ def quantplug_register_kernels(register):
         from quantplug_bnb import _cuda_kernels
     except Exception:  # a Triton that cannot build for this torch: the library's forward serves
         return
+    if (
+        not _cuda_kernels.SERVE
+    ):  # slower than bitsandbytes' own GEMV here (see SERVE): doctor shows the reference
+        return
     register.kernel(
         "fused_lora_linear",
         _cuda_kernels.fused_lora_linear,

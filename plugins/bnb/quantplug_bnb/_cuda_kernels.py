@@ -64,7 +64,8 @@ CONFIGS = {
 # Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
 # slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
 # lookups per byte keep it ALU-bound, docs/performance.md), so the library's forward plus the core's
-# lora_linear serve. ``fused_lora_linear(..., force=True)`` still runs it (tests, tuning).
+# lora_linear serve, and the plugin does not register it (set this before plugins load to try it).
+# ``fused_lora_linear(..., force=True)`` still runs it (tests, tuning).
 SERVE = False
 
 
