@@ -39,7 +39,8 @@ def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None):
         truth += base.bias.double() if torch.is_tensor(base.bias) else 0
     results = []
     split = (16, 64, 4, 1, 3)  # split-K over (up to) three slices of 64-wide blocks
-    for mode, config in ((0, None), (1, None), (2, None), (0, split), (1, split), (2, split)):
+    configs = ((0, None), (1, None), (2, None), (0, split), (1, split), (2, split))
+    for mode, config in configs:
         if mode:
             out = fused(base, x, xa, A, B, 2.0, lora_mode=mode, config=config, force=True)
         else:

@@ -215,6 +215,7 @@ def main():
     parser.add_argument("--tokens", default="1,16")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--workers", type=int, default=12)
+    parser.add_argument("--configs", default="", help="JSON list of configs to time for the base kernel")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; stop sweeping after this")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -265,6 +266,16 @@ def main():
                     )
 
             config = ck.CONFIGS[block_m]
+            for cfg in json.loads(args.configs) if args.configs else ():
+                us = t(
+                    lambda lay, x: ck.fused_lora_linear(
+                        lay.base, x, None, None, None, 0.0, config=cfg, force=True
+                    )
+                )
+                results["sweep"].append(
+                    {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
+                )
+                print(f"config {fmt} {n}x{k} t={tokens} {cfg}: {us:.2f} us", flush=True)
             if args.sweep and time.perf_counter() - t0 < args.budget:
                 timed = []
                 for cfg in sweep_grid(fmt, block_m):
