@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,10 @@ def test_apps_use_only_the_public_library():
 def test_plugin_api_names_resolve_and_are_documented():
     plugin = importlib.import_module("quantplug.plugin")
     guide = (ROOT / "docs" / "plugins.md").read_text()
+    triton = importlib.util.find_spec("triton") is not None
     for name in plugin.__all__:
-        assert getattr(plugin, name) is not None
+        if name != "fused_lora" or triton:  # fused_lora is the Triton helpers' module: it imports Triton
+            assert getattr(plugin, name) is not None
         assert f"`{name}`" in guide, f"quantplug.plugin.{name} is not documented in docs/plugins.md"
 
 

@@ -20,7 +20,13 @@ What is here:
   :func:`lora_linear_reference`, :func:`lora_mixed_add_reference`;
 - :func:`installed_version`, :func:`probe`, :func:`probe_backend`, the
   version probes that never raise, for a ``quantplug_check_backend``
-  that refines the default status.
+  that refines the default status;
+- :data:`fused_lora`, the shared part of a fused quantized-GEMV + LoRA
+  Triton kernel (op ``fused_lora_linear``: the adapter's jit helpers,
+  split-K, the launcher; importing it imports Triton, so only a plugin's
+  CUDA kernel module takes it), and :func:`register_fused_lora`, which
+  registers such a kernel behind the standard guards (Triton, a CUDA
+  device, the module's ``SERVE``).
 
 Importing this module is as cheap as importing ``quantplug``: the names
 that need torch are loaded on first access.
@@ -43,6 +49,8 @@ _LAZY = {
     "lora_add_reference": "quantplug._kernels",
     "lora_linear_reference": "quantplug._kernels",
     "lora_mixed_add_reference": "quantplug._kernels",
+    "fused_lora": "quantplug._fused",  # the module itself (imports Triton)
+    "register_fused_lora": "quantplug._fused_register",
 }
 
 __all__ = [
@@ -55,6 +63,7 @@ __all__ = [
     "LoraLayer",
     "Requirement",
     "Status",
+    "fused_lora",
     "hookimpl",
     "installed_version",
     "lora_add_reference",
@@ -62,6 +71,7 @@ __all__ = [
     "lora_mixed_add_reference",
     "probe",
     "probe_backend",
+    "register_fused_lora",
 ]
 
 
@@ -69,7 +79,8 @@ def __getattr__(name: str):
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'quantplug.plugin' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), "OPS" if name == "KERNEL_OPS" else name)
+    imported = importlib.import_module(module)
+    value = imported if name == "fused_lora" else getattr(imported, "OPS" if name == "KERNEL_OPS" else name)
     globals()[name] = value
     return value
 
@@ -79,6 +90,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from quantplug import _fused as fused_lora
+    from quantplug._fused_register import register_fused_lora
     from quantplug._kernels import OPS as KERNEL_OPS
     from quantplug._kernels import (
         KernelRegister,

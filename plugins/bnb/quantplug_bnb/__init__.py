@@ -7,6 +7,7 @@ when the core calls them on a layer this plugin claimed.
 from __future__ import annotations
 
 from quantplug import BackendInfo, Requirement, hookimpl
+from quantplug.plugin import register_fused_lora
 
 NAME = "bnb"
 
@@ -133,30 +134,7 @@ def quantplug_prepare_for_training(model):
 
 @hookimpl
 def quantplug_register_kernels(register):
-    # fused 4-bit (NF4/FP4) dequant-GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own
-    # storage (quantplug_bnb._cuda_kernels); nothing registered without Triton and a CUDA device
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    try:
-        from quantplug_bnb import _cuda_kernels
-    except Exception:  # a Triton that cannot build for this torch: the library's forward serves
-        return
-    if (
-        not _cuda_kernels.SERVE
-    ):  # slower than bitsandbytes' own GEMV here (see SERVE): doctor shows the reference
-        return
-    register.kernel(
-        "fused_lora_linear",
-        _cuda_kernels.fused_lora_linear,
-        name="triton-nf4-lora",
-        backend=NAME,
-        device="cuda",
-        dtypes=_cuda_kernels.DTYPES,
-        priority=10,
-    )
+    # fused 4-bit (NF4/FP4) dequant-GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own storage
+    # (quantplug_bnb._cuda_kernels); nothing registered without Triton and a CUDA device, nor while its
+    # SERVE is off (slower than bitsandbytes' own GEMV here): doctor then shows the reference
+    register_fused_lora(register, "quantplug_bnb._cuda_kernels", name="triton-nf4-lora", backend=NAME)

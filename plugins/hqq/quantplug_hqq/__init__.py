@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 
 from quantplug import BackendInfo, Requirement, hookimpl
+from quantplug.plugin import register_fused_lora
 
 NAME = "hqq"
 # Everything used here (HQQLinear(None, ..., initialize=False), .quantize(),
@@ -124,26 +125,6 @@ def quantplug_quantize(linear, variant):
 
 @hookimpl
 def quantplug_register_kernels(register):
-    # fused 4-bit (axis=1) dequant-GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own
-    # storage (quantplug_hqq._cuda_kernels); nothing registered without Triton and a CUDA device
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    try:
-        from quantplug_hqq import _cuda_kernels
-    except Exception:  # a Triton that cannot build for this torch: the library's forward serves
-        return
-    register.kernel(
-        "fused_lora_linear",
-        _cuda_kernels.fused_lora_linear,
-        name="triton-hqq4-lora",
-        backend=NAME,
-        device="cuda",
-        dtypes=_cuda_kernels.DTYPES,
-        priority=10,
-    )
+    # fused 4-bit (axis=1) dequant-GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own storage
+    # (quantplug_hqq._cuda_kernels); nothing registered without Triton and a CUDA device
+    register_fused_lora(register, "quantplug_hqq._cuda_kernels", name="triton-hqq4-lora", backend=NAME)

@@ -14,10 +14,9 @@ row, so byte ``(n, k)`` of ``W_q`` viewed as ``(out/2, in)`` holds
 Each program reads one block of bytes and produces its rows of both halves:
 ``(q - zero) * scale`` in registers, times the 1-16 input rows.
 
-The adapter, split-K and the one-launch variant work as in
-``quantplug_bnb._cuda_kernels`` (the same scheme, kept in each plugin
-because plugins do not import each other): the first programs to start compute the shrink, the
-GEMV programs add ``scale * t @ B.T`` to their rows after their own work.
+The adapter, split-K, the one-launch variant, the epilogue and the
+launcher are the core's, shared by every plugin's fused kernel
+(``quantplug.plugin.fused_lora``); this module holds the format.
 
 It serves a call only when it can reproduce the layer's forward
 (``x @ dequantize().T + bias``): CUDA tensors in the layer's compute dtype
@@ -31,171 +30,41 @@ also returns ``None``.
 
 from __future__ import annotations
 
-import os
-import weakref
-
 import torch
 import triton
 import triton.language as tl
+from quantplug.plugin import fused_lora as fl
 
-DTYPES = (torch.bfloat16, torch.float16)
-MAX_TOKENS = 16
-MAX_RANK = 64
-# The adapter's shrink inside the GEMV launch (LORA=2) rather than as its own launch before it (LORA=1).
-# Off: on an H200 the ticket and counter atomics cost more than the extra launch (docs/performance.md).
-ONE_LAUNCH = False
-
+# The core's limits and per-layer counters; ONE_LAUNCH: the adapter's shrink inside the GEMV launch
+# (LORA=2), off (quantplug._fused says why)
+DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # BLOCK_N counting rows of one half (each program writes twice as many);
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-CONFIGS = {
-    1: (2, 1024, 4, 1, 1),
-    16: (32, 128, 4, 3, 1),
-}
+CONFIGS = {1: (2, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
 
 
-def _token_block(m: int) -> int:
-    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200)
-    return 1 if m == 1 else 16
-
-
-# --------------------------------------------------------------------------
-# Kernels
-# --------------------------------------------------------------------------
-
-
-@triton.jit
-def _shrink_slice(
-    xa_ptr, a_ptr, part_ptr, s, M, KA, R, stride_xam, stride_ar,
-    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # part[s, m, :] = xa[m, slice s] @ A[:, slice s].T for the (up to) 16 rows, float32
-    rm = tl.arange(0, 16)
-    rr = tl.arange(0, BLOCK_R)
-    rk = tl.arange(0, SHRINK_K)
-    acc = tl.zeros((16, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K_PER_SPLIT, SHRINK_K):
-        kk = s * K_PER_SPLIT + k0 + rk
-        k_mask = kk < KA
-        xt = tl.load(
-            xa_ptr + rm[:, None] * stride_xam + kk[None, :],
-            mask=(rm < M)[:, None] & k_mask[None, :],
-            other=0.0,
-        )
-        at = tl.load(
-            a_ptr + rr[:, None] * stride_ar + kk[None, :], mask=(rr < R)[:, None] & k_mask[None, :], other=0.0
-        )
-        acc = tl.dot(xt.to(at.dtype), tl.trans(at), acc)  # float32 adapters (fp16 layers): tf32
-    tl.store(part_ptr + s * (16 * BLOCK_R) + rm[:, None] * BLOCK_R + rr[None, :], acc)
-
-
-@triton.jit
-def _shrink_kernel(
-    xa_ptr, a_ptr, part_ptr, M, KA, R, stride_xam, stride_ar,
-    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    _shrink_slice(
-        xa_ptr,
-        a_ptr,
-        part_ptr,
-        tl.program_id(0),
-        M,
-        KA,
-        R,
-        stride_xam,
-        stride_ar,
-        K_PER_SPLIT,
-        SHRINK_K,
-        BLOCK_R,
-    )
-
-
-@triton.jit
-def _lora_epilogue(
-    base, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-    LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
-    USE_DOT: tl.constexpr,
-):  # fmt: skip
-    # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * t @ B[rows].T rounded as the reference
-    if LORA == 2:  # wait for the shrink programs (they started first and never wait)
-        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        while done < SPLITS:
-            done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-        tl.debug_barrier()
-    rs = tl.arange(0, BLOCK_S)
-    rr = tl.arange(0, BLOCK_R)
-    parts = tl.load(
-        part_ptr + rs[:, None, None] * (16 * BLOCK_R) + rm[None, :, None] * BLOCK_R + rr[None, None, :],
-        mask=(rs < SPLITS)[:, None, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    bt = tl.load(b_ptr + rn_safe[:, None] * stride_bn + rr[None, :], mask=(rr < R)[None, :], other=0.0)
-    t = tl.sum(parts, axis=0).to(bt.dtype)  # the reference rounds x @ A.T to the adapter's dtype
-    if USE_DOT:
-        delta = tl.dot(t, tl.trans(bt))
-    else:
-        delta = tl.sum(t.to(tl.float32)[:, None, :] * bt.to(tl.float32)[None, :, :], axis=2)
-    return (base.to(tl.float32) + (delta * scale).to(base.dtype).to(tl.float32)).to(base.dtype)
-
-
-@triton.jit
-def _finish(sync_ptr, LORA: tl.constexpr):
-    if LORA == 2:  # the last program out resets the counters for the next call / graph replay
-        out = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
-        if out == tl.num_programs(0) - 1:
-            tl.atomic_xchg(sync_ptr, 0)
-            tl.atomic_xchg(sync_ptr + 1, 0)
-            tl.atomic_xchg(sync_ptr + 2, 0)
-
-
 @triton.jit
 def _hqq4_lora_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr,
-    xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, KA, R, scale, GRID_N, KS,
-    stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
-    GS: tl.constexpr, HAS_BIAS: tl.constexpr, EXACT: tl.constexpr,
-    LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr,
-    EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    GS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
-        ticket = tl.atomic_add(sync_ptr, 1)
-    else:
-        ticket = tl.program_id(0) + SPLITS
-    if ticket < SPLITS:  # only ever true in one launch (LORA == 2): this program computes a shrink slice
-        if LORA == 2:
-            _shrink_slice(
-                xa_ptr,
-                a_ptr,
-                part_ptr,
-                ticket,
-                M,
-                KA,
-                R,
-                stride_xam,
-                stride_ar,
-                K_PER_SPLIT,
-                SHRINK_K,
-                BLOCK_R,
-            )
-            tl.debug_barrier()
-            tl.atomic_add(sync_ptr + 1, 1, sem="release")
-    else:
+    ticket = fl.program_ticket(
+        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R
+    )  # fmt: skip
+    if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
         G: tl.constexpr = BLOCK_K // GS
         HALF_N = N // 2
-        row_block = (ticket - SPLITS) % GRID_N
-        split = (ticket - SPLITS) // GRID_N
-        rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of the top half
-        n_mask = rn < HALF_N
-        rn_safe = tl.where(n_mask, rn, 0)
-        rm = tl.arange(0, BLOCK_M)
-        m_mask = rm < M
+        row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
+            ticket, SPLITS, GRID_N, HALF_N, M, BLOCK_M, BLOCK_N
+        )
         rk = tl.arange(0, BLOCK_K)
         rg = tl.arange(0, G)
         row_bytes = rn_safe.to(tl.int64) * K
@@ -249,76 +118,28 @@ def _hqq4_lora_kernel(
                 xf = xt.to(tl.float32)[:, None, :]
                 acc_top += tl.sum(w_top.to(tl.float32)[None, :, :] * xf, axis=2)
                 acc_bot += tl.sum(w_bot.to(tl.float32)[None, :, :] * xf, axis=2)
+        last = True
         if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
-            tl.store(
-                ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + split * (BLOCK_M * N),
-                acc_top,
-                mask=n_mask[None, :],
-            )
-            tl.store(
-                ws_ptr + rm[:, None] * N + (rn_safe + HALF_N)[None, :] + split * (BLOCK_M * N),
-                acc_bot,
-                mask=n_mask[None, :],
-            )
-            tl.debug_barrier()
-            arrived = tl.atomic_add(cnt_ptr + row_block, 1, sem="acq_rel")
-            last = arrived == SPLITK - 1
-        else:
-            last = True
+            fl.splitk_store(ws_ptr, acc_top, rm, rn_safe, n_mask, split, N, BLOCK_M)
+            fl.splitk_store(ws_ptr, acc_bot, rm, rn_safe + HALF_N, n_mask, split, N, BLOCK_M)
+            last = fl.splitk_arrive(cnt_ptr, row_block, SPLITK)
         if last:
             if SPLITK > 1:
-                acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLITK):
-                    acc_top += tl.load(
-                        ws_ptr + rm[:, None] * N + (rn_safe)[None, :] + s * (BLOCK_M * N),
-                        mask=n_mask[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    acc_bot += tl.load(
-                        ws_ptr + rm[:, None] * N + (rn_safe + HALF_N)[None, :] + s * (BLOCK_M * N),
-                        mask=n_mask[None, :],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
+                acc_top = fl.splitk_sum(ws_ptr, rm, rn_safe, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
+                acc_bot = fl.splitk_sum(ws_ptr, rm, rn_safe + HALF_N, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
                 tl.atomic_xchg(cnt_ptr + row_block, 0)
             for half in tl.static_range(2):
-                rows = rn_safe + half * HALF_N
-                out = (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty)
-                if HAS_BIAS:
-                    bias = tl.load(bias_ptr + rows).to(tl.float32)
-                    out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
-                if LORA > 0:
-                    out = _lora_epilogue(
-                        out, rm, rows, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                        LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
-                    )  # fmt: skip
-                tl.store(
-                    y_ptr + rm[:, None] * stride_ym + (rn + half * HALF_N)[None, :],
-                    out,
-                    mask=m_mask[:, None] & n_mask[None, :],
-                )
-    _finish(sync_ptr, LORA)
+                fl.store_rows(
+                    (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty), y_ptr, rm,
+                    rn + half * HALF_N, rn_safe + half * HALF_N, m_mask, n_mask, stride_ym, bias_ptr,
+                    part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                )  # fmt: skip
+    fl.finish(sync_ptr, LORA)
 
 
 # --------------------------------------------------------------------------
 # The op
 # --------------------------------------------------------------------------
-
-# TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters
-_counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
-
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
-def _capturing() -> bool:
-    return not _INTERPRET and torch.cuda.is_current_stream_capturing()
 
 
 def _storage(module, x):
@@ -352,101 +173,27 @@ def _storage(module, x):
     return W_q, scale, zero, N, K, group
 
 
-def _block_k(K: int, group: int, want: int) -> int | None:
-    bk = min(want, triton.next_power_of_2(K))
-    return bk if bk >= group and bk % group == 0 else None
-
-
 def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False):
-    """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` in one launch, or ``None`` when not served here.
+    """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
-    ``config`` ``(BLOCK_N, BLOCK_K, num_warps, num_stages)`` and ``lora_mode``
-    (0: base only, 1: shrink launched first, 2: one launch) are for the tuning
-    script; ``A is None`` computes the base alone; ``force`` runs it where :data:`SERVE` is off. ``exact`` rounds the
-    dequantized weight as hqq does (tensor-core path only).
+    ``exact`` rounds the dequantized weight as hqq does (tensor-core path
+    only); ``config``, ``lora_mode`` and ``force`` as in
+    ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
-    if not (SERVE or force) or _compiling() or not (x.is_cuda or _INTERPRET) or x.dtype not in DTYPES:
-        return None
-    lora = A is not None
-    tensors = (x, xa, A, B) if lora else (x,)
-    if lora and (
-        xa.dtype != x.dtype
-        or A.dtype not in (x.dtype, torch.float32)
-        or B.dtype != A.dtype
-        or A.shape[0] > MAX_RANK
-    ):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    K = x.shape[-1]
-    M = x.numel() // K if K else 0
-    if M == 0 or M > MAX_TOKENS:
-        return None
-    found = _storage(module, x)
+    found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
     if found is None:
         return None
-    W_q, w_scale, w_zero, N, K, group = found
-    bias = getattr(module, "bias", None)
-    if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
-        return None
-    block_m = _token_block(M)
-    block_n, want_k, warps, stages, splitk = (*(config or CONFIGS[block_m]), 1)[:5]
-    block_k = _block_k(K, group, want_k)
+    M, W_q, w_scale, w_zero, N, K, group = found
+    block_m = fl.token_block(M)
+    config = config or CONFIGS[block_m]
+    block_k = fl.group_block_k(K, group, config[1])
     if block_k is None:
         return None
-    x2 = x.reshape(M, K).contiguous()
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    mode = (2 if ONE_LAUNCH and (module in _sync or not _capturing()) else 1) if lora else 0
-    mode = lora_mode if lora_mode is not None and lora else mode
-    grid_n = triton.cdiv(N // 2, block_n)
-    if lora:
-        KA = xa.shape[-1]
-        xa2 = xa.reshape(M, KA).contiguous()
-        A = A.contiguous()
-        B = B.contiguous()
-        R = A.shape[0]
-        k_per_split = max(64, triton.next_power_of_2(triton.cdiv(KA, 32)))
-        splits = triton.cdiv(KA, k_per_split)
-        block_r = max(16, triton.next_power_of_2(R))
-        block_s = triton.next_power_of_2(splits)
-        part = torch.empty((splits, 16, block_r), device=x.device, dtype=torch.float32)
-        shrink_k = min(k_per_split, 128)
-        if mode == 2:
-            sync = _sync.get(module)
-            if sync is None:
-                sync = _sync[module] = torch.zeros(4, device=x.device, dtype=torch.int32)
-        else:
-            sync = part
-            _shrink_kernel[(splits,)](
-                xa2, A, part, M, KA, R, xa2.stride(0), A.stride(0),
-                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, num_warps=4,
-            )  # fmt: skip
-    else:
-        xa2, A, B, part, sync = x2, x2, x2, y, y
-        KA = R = splits = 1
-        k_per_split = shrink_k = block_r = block_s = 16
-    k_blocks = triton.cdiv(K, block_k)
-    counters = _counters.get(module)
-    if splitk > 1 and counters is None and not _capturing():
-        counters = _counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
-    splitk = min(splitk, k_blocks) if counters is not None else 1  # first call under capture: no counters
-    k_split = triton.cdiv(k_blocks, splitk) * block_k
-    splitk = triton.cdiv(K, k_split)
-    ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
-    _hqq4_lora_kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
-        x2, W_q, w_scale, w_zero, bias if bias is not None else y,
-        xa2, A, B, part, sync, y, ws, counters if splitk > 1 else y,
-        M, N, K, KA, R, float(scale) if lora else 0.0, grid_n, k_split,
-        x2.stride(0), xa2.stride(0), A.stride(0), B.stride(0), y.stride(0),
-        GS=group, HAS_BIAS=bias is not None, EXACT=exact and block_m >= 16,
-        LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
-        BLOCK_S=block_s, BLOCK_R=block_r,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
-        num_warps=warps, num_stages=stages,
+    return fl.launch(
+        _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero), getattr(module, "bias", None),
+        N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH,
+        lora_mode=lora_mode, GS=group, EXACT=exact and block_m >= 16,
     )  # fmt: skip
-    return y.view(*x.shape[:-1], N)
 
 
-def usable() -> bool:
-    """Whether these kernels can serve here: a CUDA device (Triton imported, or this module would not be)."""
-    return torch.cuda.is_available()
+_token_block, usable = fl.token_block, fl.usable  # (the tuning script picks BLOCK_M with it)

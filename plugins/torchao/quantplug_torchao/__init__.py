@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 
 from quantplug import BackendInfo, Requirement, hookimpl
+from quantplug.plugin import register_fused_lora
 
 NAME = "torchao"
 
@@ -148,26 +149,6 @@ def quantplug_quantize(linear, variant):
 
 @hookimpl
 def quantplug_register_kernels(register):
-    # fused int8 weight-only GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own
-    # storage (quantplug_torchao._cuda_kernels); nothing registered without Triton and a CUDA device
-    import importlib.util
-
-    if importlib.util.find_spec("triton") is None:
-        return
-    import torch
-
-    if not torch.cuda.is_available():
-        return
-    try:
-        from quantplug_torchao import _cuda_kernels
-    except Exception:  # a Triton that cannot build for this torch: the library's forward serves
-        return
-    register.kernel(
-        "fused_lora_linear",
-        _cuda_kernels.fused_lora_linear,
-        name="triton-int8-lora",
-        backend=NAME,
-        device="cuda",
-        dtypes=_cuda_kernels.DTYPES,
-        priority=10,
-    )
+    # fused int8 weight-only GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own storage
+    # (quantplug_torchao._cuda_kernels); nothing registered without Triton and a CUDA device
+    register_fused_lora(register, "quantplug_torchao._cuda_kernels", name="triton-int8-lora", backend=NAME)

@@ -1,0 +1,374 @@
+"""The shared part of the plugins' fused quantized-GEMV + LoRA Triton kernels (op ``fused_lora_linear``).
+
+Plugins reach it as ``quantplug.plugin.fused_lora`` (this module, imported
+on first access: it imports Triton) and register their kernel with
+``quantplug.plugin.register_fused_lora`` (``quantplug._fused_register``,
+which imports nothing until it is called). A plugin's ``_cuda_kernels.py``
+keeps only its format: a ``_storage`` that finds the layer's packed
+weight, a main kernel that dequantizes its tiles in registers, and its
+config table. Everything else is here:
+
+- the adapter: the shrink ``xa @ A.T`` as its own short launch
+  (:func:`shrink_kernel`, about 32 programs, one slice of the input each,
+  into a float32 scratch) before the GEMV (``LORA=1``), or inside the GEMV
+  launch (``LORA=2``, :func:`program_ticket`): the first ``SPLITS`` programs
+  to start (a ticket from an atomic counter, so they are always running,
+  never waiting) compute the slices, and the GEMV programs wait for their
+  counter in :func:`lora_epilogue` before the expand ``t @ B.T``; the last
+  program out resets the counters (:func:`finish`). The counters belong to
+  the layer (:data:`sync`, a small int32 tensor per layer, made on its first
+  eager call; one layer never runs on two streams at once);
+- a GEMV program's tile (:func:`program_tile`) and split-K (``SPLITK`` in a
+  plugin's config): each row block's input range is split over programs
+  that store float32 partial sums (:func:`splitk_store`); the last to arrive
+  (:func:`splitk_arrive`, a per-row-block counter in :data:`counters`, reset
+  by it) sums them (:func:`splitk_sum`; all three for one accumulator:
+  :func:`splitk_reduce`) and runs the epilogue (:func:`store_rows`: bias,
+  adapter, store). A layer first called under CUDA-graph capture has no
+  counters yet and runs unsplit;
+- the launcher: :func:`admit` (the checks every kernel makes on the call),
+  :func:`launch` (buffers, the shrink launch, split-K, the main launch).
+
+A main kernel's signature: the plugin's own pointers (``x_ptr`` first,
+``bias_ptr`` last), then ``xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr,
+ws_ptr, cnt_ptr, M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam,
+stride_ar, stride_bn, stride_ym`` and the constexprs ``HAS_BIAS, LORA,
+SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_S, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
+USE_DOT, EVEN_K, SPLITK`` plus its own, as :func:`launch` passes them. Its
+body: :func:`program_ticket`; for a ticket from ``SPLITS`` up
+:func:`program_tile`, the format's loop over K, split-K and
+:func:`store_rows`; :func:`finish` last.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+DTYPES = (torch.bfloat16, torch.float16)
+MAX_TOKENS = 16
+MAX_RANK = 64
+
+# TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
+# The adapter's shrink inside the GEMV launch (LORA=2) rather than as its own launch before it (LORA=1):
+# each plugin's ONE_LAUNCH, off in all three. On an H200 the ticket and counter atomics cost more than the
+# extra launch (docs/performance.md).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters (LORA=2)
+counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
+
+
+# --------------------------------------------------------------------------
+# Triton helpers, called from the plugins' main kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def shrink_slice(
+    xa_ptr, a_ptr, part_ptr, s, M, KA, R, stride_xam, stride_ar,
+    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # part[s, m, :] = xa[m, slice s] @ A[:, slice s].T for the (up to) 16 rows, float32
+    rm = tl.arange(0, 16)
+    rr = tl.arange(0, BLOCK_R)
+    rk = tl.arange(0, SHRINK_K)
+    acc = tl.zeros((16, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K_PER_SPLIT, SHRINK_K):
+        kk = s * K_PER_SPLIT + k0 + rk
+        k_mask = kk < KA
+        xt = tl.load(
+            xa_ptr + rm[:, None] * stride_xam + kk[None, :],
+            mask=(rm < M)[:, None] & k_mask[None, :],
+            other=0.0,
+        )
+        at = tl.load(
+            a_ptr + rr[:, None] * stride_ar + kk[None, :], mask=(rr < R)[:, None] & k_mask[None, :], other=0.0
+        )
+        acc = tl.dot(xt.to(at.dtype), tl.trans(at), acc)  # float32 adapters (fp16 layers): tf32
+    tl.store(part_ptr + s * (16 * BLOCK_R) + rm[:, None] * BLOCK_R + rr[None, :], acc)
+
+
+@triton.jit
+def shrink_kernel(
+    xa_ptr, a_ptr, part_ptr, M, KA, R, stride_xam, stride_ar,
+    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    shrink_slice(
+        xa_ptr, a_ptr, part_ptr, tl.program_id(0), M, KA, R, stride_xam, stride_ar, K_PER_SPLIT, SHRINK_K, BLOCK_R
+    )  # fmt: skip
+
+
+@triton.jit
+def program_ticket(
+    xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar,
+    LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # This program's place: below SPLITS (only in one launch, LORA == 2) it has computed a shrink slice;
+    # from SPLITS up, ticket - SPLITS numbers the GEMV programs
+    if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
+        ticket = tl.atomic_add(sync_ptr, 1)
+    else:
+        ticket = tl.program_id(0) + SPLITS
+    if ticket < SPLITS:  # noqa: SIM102  (LORA == 2 is static, ticket < SPLITS is not)
+        if LORA == 2:
+            shrink_slice(
+                xa_ptr, a_ptr, part_ptr, ticket, M, KA, R, stride_xam, stride_ar, K_PER_SPLIT, SHRINK_K, BLOCK_R
+            )  # fmt: skip
+            tl.debug_barrier()
+            tl.atomic_add(sync_ptr + 1, 1, sem="release")
+    return ticket
+
+
+@triton.jit
+def program_tile(ticket, SPLITS: tl.constexpr, GRID_N, rows, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # a GEMV program's tile: its row block and K split, its BLOCK_N output rows (of ``rows``) and BLOCK_M tokens
+    row_block = (ticket - SPLITS) % GRID_N
+    split = (ticket - SPLITS) // GRID_N
+    rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < rows
+    rn_safe = tl.where(n_mask, rn, 0)
+    rm = tl.arange(0, BLOCK_M)
+    m_mask = rm < M
+    return row_block, split, rn, n_mask, rn_safe, rm, m_mask
+
+
+@triton.jit
+def lora_epilogue(
+    base, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+    LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
+    USE_DOT: tl.constexpr,
+):  # fmt: skip
+    # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * t @ B[rows].T rounded as the reference
+    if LORA == 2:  # wait for the shrink programs (they started first and never wait)
+        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        while done < SPLITS:
+            done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+        tl.debug_barrier()
+    rs = tl.arange(0, BLOCK_S)
+    rr = tl.arange(0, BLOCK_R)
+    parts = tl.load(
+        part_ptr + rs[:, None, None] * (16 * BLOCK_R) + rm[None, :, None] * BLOCK_R + rr[None, None, :],
+        mask=(rs < SPLITS)[:, None, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    bt = tl.load(b_ptr + rn_safe[:, None] * stride_bn + rr[None, :], mask=(rr < R)[None, :], other=0.0)
+    t = tl.sum(parts, axis=0).to(bt.dtype)  # the reference rounds x @ A.T to the adapter's dtype
+    if USE_DOT:
+        delta = tl.dot(t, tl.trans(bt))
+    else:
+        delta = tl.sum(t.to(tl.float32)[:, None, :] * bt.to(tl.float32)[None, :, :], axis=2)
+    return (base.to(tl.float32) + (delta * scale).to(base.dtype).to(tl.float32)).to(base.dtype)
+
+
+@triton.jit
+def splitk_store(ws_ptr, acc, rm, cols, n_mask, split, N, BLOCK_M: tl.constexpr):
+    # split-K: this program's float32 partial sums for output columns ``cols`` to the workspace
+    tl.store(ws_ptr + rm[:, None] * N + cols[None, :] + split * (BLOCK_M * N), acc, mask=n_mask[None, :])
+
+
+@triton.jit
+def splitk_arrive(cnt_ptr, row_block, SPLITK: tl.constexpr):
+    # after splitk_store: whether this program is the last of its row block to arrive (it then finishes)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + row_block, 1, sem="acq_rel")
+    return arrived == SPLITK - 1
+
+
+@triton.jit
+def splitk_sum(
+    ws_ptr, rm, cols, n_mask, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITK: tl.constexpr,
+):  # fmt: skip
+    # the last program in: all splits' partial sums for output columns ``cols``, in split order
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for s in tl.static_range(SPLITK):
+        acc += tl.load(
+            ws_ptr + rm[:, None] * N + cols[None, :] + s * (BLOCK_M * N),
+            mask=n_mask[None, :],
+            other=0.0,
+            cache_modifier=".cg",
+        )
+    return acc
+
+
+@triton.jit
+def splitk_reduce(
+    acc, ws_ptr, cnt_ptr, rm, cols, n_mask, row_block, split, N,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITK: tl.constexpr,
+):  # fmt: skip
+    # split-K for one accumulator: (the full sum, whether this program finishes the row block)
+    last = True
+    if SPLITK > 1:  # partial sums to a workspace; the last split of this row block to arrive finishes
+        splitk_store(ws_ptr, acc, rm, cols, n_mask, split, N, BLOCK_M)
+        last = splitk_arrive(cnt_ptr, row_block, SPLITK)
+        if last:
+            acc = splitk_sum(ws_ptr, rm, cols, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
+            tl.atomic_xchg(cnt_ptr + row_block, 0)
+    return acc, last
+
+
+@triton.jit
+def store_rows(
+    out, y_ptr, rm, cols, cols_safe, m_mask, n_mask, stride_ym, bias_ptr,
+    part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+):  # fmt: skip
+    # the base product ``out`` (output dtype) plus bias, plus the adapter, stored to y[:, cols]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols_safe).to(tl.float32)
+        out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
+    if LORA > 0:
+        out = lora_epilogue(
+            out, rm, cols_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+            LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+        )  # fmt: skip
+    tl.store(y_ptr + rm[:, None] * stride_ym + cols[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def finish(sync_ptr, LORA: tl.constexpr):
+    if LORA == 2:  # the last program out resets the counters for the next call / graph replay
+        out = tl.atomic_add(sync_ptr + 2, 1, sem="acq_rel")
+        if out == tl.num_programs(0) - 1:
+            tl.atomic_xchg(sync_ptr, 0)
+            tl.atomic_xchg(sync_ptr + 1, 0)
+            tl.atomic_xchg(sync_ptr + 2, 0)
+
+
+# --------------------------------------------------------------------------
+# The launcher
+# --------------------------------------------------------------------------
+
+
+def token_block(m: int) -> int:
+    """``BLOCK_M`` for ``m`` tokens: 1 (FMA path) for one token, else 16 (tensor cores)."""
+    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200)
+    return 1 if m == 1 else 16
+
+
+def group_block_k(K: int, group: int, want: int) -> int | None:
+    """``BLOCK_K`` near ``want`` holding whole quantization groups of ``group`` inputs, or None."""
+    bk = min(want, triton.next_power_of_2(K))
+    return bk if bk >= group and bk % group == 0 else None
+
+
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and compiler.is_compiling())
+
+
+def _capturing() -> bool:
+    return not INTERPRET and torch.cuda.is_current_stream_capturing()
+
+
+def admit(module, x, xa, A, B, storage, *, serve: bool) -> tuple | None:
+    """``(tokens, *storage(module, x))`` when a fused kernel may serve this call, else None.
+
+    ``serve``: the plugin's SERVE, or ``force``; ``storage``: the plugin's
+    check of the layer (its packed tensors, or None). None under
+    ``torch.compile``, off CUDA (unless interpreted), outside
+    :data:`DTYPES`, with mismatched adapter dtypes, a rank above
+    :data:`MAX_RANK`, autograd, or more than :data:`MAX_TOKENS` rows.
+    """
+    if not serve or _compiling() or not (x.is_cuda or INTERPRET) or x.dtype not in DTYPES:
+        return None
+    lora = A is not None
+    tensors = (x, xa, A, B) if lora else (x,)
+    if lora and (
+        xa.dtype != x.dtype
+        or A.dtype not in (x.dtype, torch.float32)
+        or B.dtype != A.dtype
+        or A.shape[0] > MAX_RANK
+    ):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return None
+    K = x.shape[-1]
+    M = x.numel() // K if K else 0
+    found = storage(module, x) if 0 < M <= MAX_TOKENS else None
+    return None if found is None else (M, *found)
+
+
+def launch(
+    kernel, module, x, xa, A, B, scale, weights, bias, *, N, rows, block_m, block_k, config,
+    one_launch=False, lora_mode=None, **constexprs,
+):  # fmt: skip
+    """Run ``kernel`` on ``x`` (after :func:`admit`) and return ``y`` shaped like ``x`` with ``N`` outputs.
+
+    ``weights``: the kernel's own pointer arguments after ``x``; ``bias``
+    the layer's (or None: then served only when it matches); ``rows`` the
+    output rows that ``BLOCK_N`` (``config[0]``) tiles (``N``, or fewer when
+    a program writes several rows per row); ``config`` ``(BLOCK_N, BLOCK_K,
+    num_warps, num_stages[, SPLITK])``; ``lora_mode`` forces 0/1/2 (tuning);
+    ``one_launch`` picks ``LORA=2`` over 1; ``constexprs`` the kernel's own.
+    Returns None when the bias cannot be read.
+    """
+    if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
+        return None
+    block_n, _, warps, stages, splitk = (*config, 1)[:5]
+    K = x.shape[-1]
+    M = x.numel() // K
+    x2 = x.reshape(M, K).contiguous()
+    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    lora = A is not None
+    mode = (2 if one_launch and (module in sync or not _capturing()) else 1) if lora else 0
+    mode = lora_mode if lora_mode is not None and lora else mode
+    grid_n = triton.cdiv(rows, block_n)
+    if lora:
+        KA = xa.shape[-1]
+        xa2 = xa.reshape(M, KA).contiguous()
+        A = A.contiguous()
+        B = B.contiguous()
+        R = A.shape[0]
+        k_per_split = max(64, triton.next_power_of_2(triton.cdiv(KA, 32)))
+        splits = triton.cdiv(KA, k_per_split)
+        block_r = max(16, triton.next_power_of_2(R))
+        block_s = triton.next_power_of_2(splits)
+        part = torch.empty((splits, 16, block_r), device=x.device, dtype=torch.float32)
+        shrink_k = min(k_per_split, 128)
+        if mode == 2:
+            sync_t = sync.get(module)
+            if sync_t is None:
+                sync_t = sync[module] = torch.zeros(4, device=x.device, dtype=torch.int32)
+        else:
+            sync_t = part
+            shrink_kernel[(splits,)](
+                xa2, A, part, M, KA, R, xa2.stride(0), A.stride(0),
+                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, num_warps=4,
+            )  # fmt: skip
+    else:
+        xa2, A, B, part, sync_t = x2, x2, x2, y, y
+        KA = R = splits = 1
+        k_per_split = shrink_k = block_r = block_s = 16
+    k_blocks = triton.cdiv(K, block_k)
+    cnt = counters.get(module)
+    if splitk > 1 and cnt is None and not _capturing():
+        cnt = counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
+    splitk = min(splitk, k_blocks) if cnt is not None else 1  # first call under capture: no counters
+    k_split = triton.cdiv(k_blocks, splitk) * block_k
+    splitk = triton.cdiv(K, k_split)
+    ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
+    kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
+        x2, *weights, bias if bias is not None else y,
+        xa2, A, B, part, sync_t, y, ws, cnt if splitk > 1 else y,
+        M, N, K, KA, R, float(scale) if lora else 0.0, grid_n, k_split,
+        x2.stride(0), xa2.stride(0), A.stride(0), B.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None,
+        LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
+        BLOCK_S=block_s, BLOCK_R=block_r,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
+        num_warps=warps, num_stages=stages, **constexprs,
+    )  # fmt: skip
+    return y.view(*x.shape[:-1], N)
+
+
+def usable() -> bool:
+    """Whether the fused kernels can serve here: a CUDA device (Triton imported, or this module would not be)."""
+    return torch.cuda.is_available()
