@@ -196,11 +196,12 @@ def merge(
     if mode == "dense" and unload and dense_dtype is None:
         dense_dtype = _activation_dtype(model)
     relay = hook()
-    show = progress if progress is not None else len(layers) > 8
+    # progress=True shows the bar anywhere; by default more than 8 layers show it on a terminal (tqdm's None)
+    disable = not progress if progress is not None else (None if len(layers) > 8 else True)
     staged = [
         _stage(path, layer, adapter, mode, relay, dense_dtype)
         for path, layer in tqdm(
-            layers.items(), desc=f"merge {adapter} ({mode})", disable=None if show else True, unit="layer"
+            layers.items(), desc=f"merge {adapter} ({mode})", disable=disable, unit="layer"
         )
     ]
     for step in staged:  # commit: nothing below calls a plugin

@@ -216,9 +216,10 @@ def encode(
     radii = [_radii(book[c], book_sq[c]) if bounded else None for c in range(num_codebooks)]
     scales = scales.detach().float().reshape(out_groups).to(target.device).clone()
     work = iterations * num_codebooks * out_groups * in_groups * size * dim
-    show = progress if progress is not None else work >= PROGRESS_WORK
+    # progress=True shows the bar anywhere; by default a big search shows it on a terminal only (tqdm's None)
+    disable = not progress if progress is not None else (None if work >= PROGRESS_WORK else True)
     total = iterations * num_codebooks * out_groups * in_groups
-    with tqdm(total=total, desc="aqlm requantize", unit="group", disable=None if show else True) as bar:
+    with tqdm(total=total, desc="aqlm requantize", unit="group", disable=disable) as bar:
         for _ in range(iterations):
             # with the scale fixed, each group's error is scale² ‖target/scale - decoded‖²
             usable = torch.where(
@@ -306,9 +307,10 @@ def quantize(
     books, codes = [], []
     fit = min(residual.shape[0], MAX_FIT_PER_ENTRY * fmt.codebook_size)
     work = fmt.num_codebooks * (lloyd_iterations * fit + residual.shape[0]) * fmt.codebook_size * dim
-    show = progress if progress is not None else work >= PROGRESS_WORK
+    # progress=True shows the bar anywhere; by default a big search shows it on a terminal only (tqdm's None)
+    disable = not progress if progress is not None else (None if work >= PROGRESS_WORK else True)
     total = fmt.num_codebooks * (lloyd_iterations * fit + residual.shape[0])
-    with tqdm(total=total, desc="aqlm codebooks", unit="group", disable=None if show else True) as bar:
+    with tqdm(total=total, desc="aqlm codebooks", unit="group", disable=disable) as bar:
         for _ in range(fmt.num_codebooks):  # residual vector quantization
             book = kmeans(residual, fmt.codebook_size, lloyd_iterations, generator, bar)
             assign = _nearest(residual, book, book.square().sum(1), bar)
