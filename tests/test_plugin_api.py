@@ -61,7 +61,11 @@ def test_plugin_sources_import_only_the_plugin_api(path):
     bad = []
     for line, module in imported_modules(path):
         top = module.split(".")[0]
-        if top == "quantplug" and module not in PLUGIN_SURFACE and not module.startswith("quantplug.testing."):
+        if (
+            top == "quantplug"
+            and module not in PLUGIN_SURFACE
+            and not module.startswith("quantplug.testing.")
+        ):
             bad.append(f"line {line}: {module} (private to quantplug's core; use quantplug.plugin)")
         elif top.startswith("quantplug_") and top != own:
             bad.append(f"line {line}: {module} (another plugin's package: plugins share nothing)")
@@ -82,7 +86,9 @@ def test_the_library_never_imports_its_apps():
         if "apps" in path.relative_to(CORE).parts:
             continue
         for line, module in imported_modules(path):
-            assert not module.startswith("quantplug.apps"), f"{path.relative_to(ROOT)}:{line} imports {module}"
+            assert not module.startswith("quantplug.apps"), (
+                f"{path.relative_to(ROOT)}:{line} imports {module}"
+            )
 
 
 def test_apps_use_only_the_public_library():
