@@ -417,22 +417,40 @@ def matrix_ci(session: nox.Session) -> None:
         old.unlink()
     names = ci_sessions()
     started = time.time()
-    cmd = [
-        sys.executable,
-        "-m",
-        "nox",
-        "-f",
-        str(M.REPO / "noxfile.py"),
-        "--envdir",
-        str(envdir),
-        "-s",
-        *names,
-    ]
-    session.log("$ " + " ".join(cmd))
-    rc = subprocess.run(cmd, env={**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder)}).returncode
-    session.log(f"matrix_ci: {len(names)} sessions in {(time.time() - started) / 60:.1f} min, nox exit {rc}")
-    if rc:
+    codes = _run_streams(session, envdir, folder, [["-s", *names[i :: _jobs()]] for i in range(_jobs())])
+    session.log(
+        f"matrix_ci: {len(names)} sessions in {(time.time() - started) / 60:.1f} min, nox exit {codes}"
+    )
+    for record in sorted(folder.glob("*.json")):
+        data = json.loads(record.read_text())
+        session.log(f"  {data['session']}: {data['outcome']} in {data.get('timing', {}).get('total_s')} s")
+    if max(codes):
         session.error("a CI matrix session failed")
+
+
+def _jobs() -> int:
+    """How many nox processes run matrix sessions side by side (``QUANTPLUG_MATRIX_JOBS``, default 2)."""
+    return max(1, int(os.environ.get("QUANTPLUG_MATRIX_JOBS", "2")))
+
+
+def _run_streams(session: nox.Session, envdir: Path, folder: Path, shards: list[list[str]]) -> list[int]:
+    """Run each shard's nox arguments in its own nox process, side by side; their exit codes.
+
+    The shared base venv is built once first; the streams then never rebuild it
+    (``QUANTPLUG_MATRIX_BASE_FROZEN``), and each session writes its own record into ``folder``.
+    Each stream's output goes to ``<envdir>/matrix-job-N.log``.
+    """
+    M.ensure_base(envdir, log=session.log)
+    nox_cmd = [sys.executable, "-m", "nox", "-f", str(M.REPO / "noxfile.py"), "--envdir", str(envdir)]
+    env = {**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder), "QUANTPLUG_MATRIX_BASE_FROZEN": "1"}
+    procs = []
+    for i, args in enumerate(a for a in shards if a[1:] or a[0] != "-s"):
+        log = envdir / f"matrix-job-{i}.log"
+        session.log(f"$ {' '.join(nox_cmd + args)} > {log}")
+        procs.append(
+            subprocess.Popen(nox_cmd + args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        )
+    return [p.wait() for p in procs]
 
 
 @nox.session(venv_backend="none", default=False)
@@ -452,9 +470,9 @@ def matrix(session: nox.Session) -> None:
     """The full backend version matrix, then the docs (``-- -s NAME ...`` style nox args run a subset).
 
     The sessions run in ``QUANTPLUG_MATRIX_JOBS`` (default 2) nox processes side by side, each a
-    share of the list dealt round-robin, its output in ``<envdir>/matrix-job-N.log``: on a 2-core
-    machine that others share, two streams of mostly single-threaded installs and tests finish in
-    about 0.6x the sequential time. Every session writes its own record, so the streams never meet.
+    share of the list dealt round-robin, its output in ``<envdir>/matrix-job-N.log``: installs and
+    mostly single-threaded tests overlap on 2 cores. Every session writes its own record, so the
+    streams never meet.
     """
     envdir = Path(session.cache_dir).parent
     folder = M.results_dir(envdir)
@@ -463,28 +481,17 @@ def matrix(session: nox.Session) -> None:
         for old in folder.glob("*.json"):
             old.unlink()
     started, started_at = time.time(), M.now()
-    M.ensure_base(envdir, log=session.log)  # once, before the streams share it
-    nox_cmd = [sys.executable, "-m", "nox", "-f", str(M.REPO / "noxfile.py"), "--envdir", str(envdir)]
-    env = {**os.environ, "QUANTPLUG_MATRIX_RESULTS": str(folder), "QUANTPLUG_MATRIX_BASE_FROZEN": "1"}
-    jobs = max(1, int(os.environ.get("QUANTPLUG_MATRIX_JOBS", "2")))
     if session.posargs:
         shards = [list(session.posargs)]
     else:
-        shards = [["-s", *MATRIX_SESSIONS[i::jobs]] for i in range(jobs) if MATRIX_SESSIONS[i::jobs]]
-    procs = []
-    for i, args in enumerate(shards):
-        log = envdir / f"matrix-job-{i}.log"
-        session.log(f"$ {' '.join(nox_cmd + args)} > {log}")
-        procs.append(
-            subprocess.Popen(nox_cmd + args, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-        )
-    codes = [p.wait() for p in procs]
+        shards = [["-s", *MATRIX_SESSIONS[i :: _jobs()]] for i in range(_jobs())]
+    codes = _run_streams(session, envdir, folder, shards)
     rc = max(codes)
     run = {
         "started": started_at,
         "wall_s": round(time.time() - started, 1),
         "nox_exit": rc,
-        "jobs": len(shards),
+        "jobs": len(codes),
         "command": "nox -s matrix",
     }
     if not session.posargs:

@@ -97,7 +97,7 @@ BACKENDS: dict[str, Backend] = {
             witness="quanto",
         ),
         Backend("torchao", "torchao", ("0.14.1", "0.15.0", "0.16.0", "0.17.0", "0.18.0"), too_old="0.14.1"),
-        Backend("quanto", "optimum-quanto", ("0.2.5", "0.2.6", "0.2.7"), too_old="0.2.5"),
+        Backend("quanto", "optimum-quanto", ("0.2.4", "0.2.5", "0.2.6", "0.2.7"), too_old="0.2.4"),
         Backend("aqlm", "aqlm", ("1.1.6", "1.1.7"), too_old="1.1.6"),
         Backend(
             "inc",
@@ -911,7 +911,7 @@ def write_docs(folder: Path, md_path: Path, json_path: Path, blocks: bool = Fals
 # them; tests/test_matrix.py fails when one is stale.
 
 COMPAT_BLOCK = re.compile(r"(<!-- compat:begin (?P<name>\w+) -->\n)(?P<body>.*?)(<!-- compat:end -->)", re.S)
-COMPAT_DOCS = ("docs/backends.md", "plugins/*/README.md")
+COMPAT_DOCS = ("README.md", "docs/backends.md", "plugins/*/README.md")
 
 
 def compat_doc_files() -> list[Path]:

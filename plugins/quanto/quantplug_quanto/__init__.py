@@ -27,7 +27,7 @@ VARIANTS = ("qint8", "qint4", "qint2", "qfloat8")
 
 # Proved by the nox matrix (docs/compatibility.md). The plugin relies on QModuleMixin's
 # weight_qtype / weight_group_size / optimizer attributes and QTensor.dequantize(); 0.3 may reshape them.
-REQUIREMENT = Requirement("optimum-quanto", ">=0.2.6,<0.3", module="optimum.quanto")
+REQUIREMENT = Requirement("optimum-quanto", ">=0.2.5,<0.3", module="optimum.quanto")
 
 # the file holding quanto's TinyGemm packer (bf16 qint4 weights), inside the optimum-quanto dist
 _TINYGEMM_PACKER = "optimum/quanto/tensor/weights/tinygemm/packed.py"
@@ -36,8 +36,8 @@ _TINYGEMM_PACKER = "optimum/quanto/tensor/weights/tinygemm/packed.py"
 def bf16_qint4_on_cpu_unavailable() -> str | None:
     """Why the installed optimum-quanto cannot build bf16 qint4 layers on CPU, or ``None`` if it can.
 
-    quanto stores bf16 qint4 weights in its TinyGemm layout. optimum-quanto 0.2.6
-    packs it with ``torch._convert_weight_to_int4pack``, which has no CPU kernel
+    quanto stores bf16 qint4 weights in its TinyGemm layout. optimum-quanto 0.2.5 and 0.2.6
+    pack it with ``torch._convert_weight_to_int4pack``, which has no CPU kernel
     (torch 2.13: "Could not run 'aten::_convert_weight_to_int4pack' ... 'CPU'
     backend"), so its own ``freeze()`` fails; 0.2.7 calls the CPU op,
     ``_convert_weight_to_int4pack_for_cpu``. A feature probe on the packer's

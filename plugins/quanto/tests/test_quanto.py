@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 
 IN, OUT = 256, 64
 
-# optimum-quanto 0.2.6 cannot build bf16 qint4 layers on CPU: test_bf16_qint4_is_reported_where_unavailable
+# optimum-quanto 0.2.5-0.2.6 cannot build bf16 qint4 layers on CPU: test_bf16_qint4_is_reported_where_unavailable
 # checks that the plugin says so; the tests of that layout need a release that builds it
 _WHY_NOT = bf16_qint4_on_cpu_unavailable()
 BF16_QINT4 = pytest.mark.skipif(_WHY_NOT is not None, reason=f"this optimum-quanto: {_WHY_NOT}")
@@ -132,7 +132,7 @@ def test_dequantize_is_quantos_own(weights, dtype, layout):
 
 
 def test_bf16_qint4_is_reported_where_unavailable():
-    """The one layout optimum-quanto 0.2.6 cannot build on CPU is a limit in BackendInfo (doctor -v
+    """The one layout optimum-quanto 0.2.5-0.2.6 cannot build on CPU is a limit in BackendInfo (doctor -v
     shows it) and a one-line error from qp.quantize, not a failure of the whole backend."""
     status = next(s for s in qp.backends() if s.name == NAME)
     assert status.ok, status.reason
