@@ -908,7 +908,8 @@ def write_docs(folder: Path, md_path: Path, json_path: Path, blocks: bool = Fals
 # (NAME: a backend, or "all" for the table of every backend) whose body is generated from the
 # plugins' declared ranges (pyproject = BackendInfo, which tests/test_matrix.py checks) and the
 # last matrix run (docs/compatibility.json). `nox -s matrix` and `nox -s compatibility` rewrite
-# them; tests/test_matrix.py fails when one is stale.
+# them (`python tools/matrix.py blocks` from docs/compatibility.json alone); tests/test_matrix.py fails
+# when one is stale.
 
 COMPAT_BLOCK = re.compile(r"(<!-- compat:begin (?P<name>\w+) -->\n)(?P<body>.*?)(<!-- compat:end -->)", re.S)
 COMPAT_DOCS = ("README.md", "docs/backends.md", "plugins/*/README.md")
@@ -986,3 +987,12 @@ def update_compat_blocks(data: dict) -> list[Path]:
             doc.write_text(new)
             changed.append(doc)
     return changed
+
+
+if __name__ == "__main__":
+    # `python tools/matrix.py blocks`: rewrite the version blocks of README.md, docs/backends.md and the
+    # plugin READMEs from docs/compatibility.json (no matrix records needed), e.g. after adding a block
+    if sys.argv[1:] != ["blocks"]:
+        sys.exit("usage: python tools/matrix.py blocks")
+    for doc in update_compat_blocks(json.loads((REPO / "docs" / "compatibility.json").read_text())):
+        print(f"updated {doc.relative_to(REPO)}")
