@@ -46,14 +46,16 @@ def docs(session: nox.Session) -> None:
 
 # -- the backend version matrix (docs/compatibility.md; helpers in tools/matrix.py) -----------------
 #
-#   nox -s matrix           every session below, sequentially, then docs/compatibility.{md,json}
-#   nox -t matrix_run       the same sessions without the timing and the docs
+#   nox -s matrix           every session below in 2 streams (QUANTPLUG_MATRIX_JOBS), then
+#                           docs/compatibility.{md,json} and the version blocks of the other docs (~40 min)
+#   nox -t matrix_run       the same sessions one by one, without the timing and the docs
 #   nox -s compatibility    only re-render the docs from the last run's records
-#   nox -s matrix_ci        the CI subset: one too-old + broken doctor check (a few minutes)
+#   nox -s matrix_ci        the CI subset: the oldest supported release of each library (~8 min)
 #
 # Every session is a fresh venv that sees one shared base venv (torch 2.13.0 CPU, quantplug's
-# core, pytest, transformers, peft) through a .pth file, and installs only the release under
-# test on top, under a constraints file pinning torch: nothing reinstalls torch.
+# core, pytest, transformers, peft, trl) through a .pth file, and installs only the release under
+# test and the plugin (with the dependencies it declares) on top, under a constraints file pinning
+# torch: nothing reinstalls torch.
 
 import json  # noqa: E402
 import os  # noqa: E402
