@@ -848,6 +848,16 @@ TORCH_AXIS_PLAN = (
     "",
     "Cost: with two torches, about 15 more sessions (gptqmodel 7.3.6, 7.4.0, 7.7.0 for gptq and awq;",
     "the oldest release of each other backend on the second torch), about 10 more minutes on 2 cores.",
+    "",
+    "Tried once by hand (2026-12-04), the first step of that plan: torch 2.14.1 and torchvision 0.29.1",
+    "(the CUDA builds on this disk, run on the CPU) in a venv with gptqmodel 7.7.0 and a copy of the",
+    "plugin whose range admits it: 109 of its 121 tests pass. The 12 failures say what the plugin must",
+    "learn before 7.7 joins the range: 7.7 retired the torch INT8 kernels for weights of fewer than 8 bits",
+    "(`NotImplementedError: Torch INT8 requires 8-bit source weights`; `AWQ_TORCH_INT8 is retired`), so",
+    "that variant must be probed and reported unavailable, and its TorchAten layers refuse activations in",
+    "another dtype than they were transformed for (`transformed for torch.bfloat16 but received",
+    "torch.float32`), which the training tests feed. gptqmodel 7.3.x/7.4.0 need pypcre built from source",
+    "there (a cmake build of many minutes on 2 cores), so they were not tried.",
 )
 
 
