@@ -521,3 +521,35 @@ def test_hqq_merge_with_requantize_failing_on_the_second_layer(hqq_model, monkey
     assert relative_error(hqq_model(x), want) < 1e-2
     qp.unmerge(hqq_model)
     assert_unchanged(before, hqq_model, "hqq merge + unmerge")
+
+
+def test_prepare_for_training_refused_leaves_every_requires_grad_as_it_was():
+    model = nn.Sequential(nn.Linear(8, 8))
+    qp.attach(model, qp.LoraConfig(r=2, target_modules=["0"]))
+    model[0].base.weight.requires_grad_(True)  # the user's own choice, before
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="gradient_checkpointing_enable"):
+        qp.prepare_for_training(model, gradient_checkpointing=True)  # a Sequential has no checkpointing
+    assert before == {name: p.requires_grad for name, p in model.named_parameters()}
+
+
+def test_prepare_for_training_with_a_failing_plugin_hook_restores_requires_grad():
+    import types
+
+    @qp.hookimpl
+    def quantplug_prepare_for_training(model):
+        raise RuntimeError("this plugin cannot prepare")
+
+    plugin = types.ModuleType("failing_prepare")
+    plugin.quantplug_prepare_for_training = quantplug_prepare_for_training
+    model = nn.Sequential(nn.Linear(8, 8))
+    qp.attach(model, qp.LoraConfig(r=2, target_modules=["0"]))
+    model[0].base.bias.requires_grad_(True)
+    before = {name: p.requires_grad for name, p in model.named_parameters()}
+    name = qp.register(plugin, name="failing-prepare")
+    try:
+        with pytest.raises(RuntimeError, match="cannot prepare"):
+            qp.prepare_for_training(model)
+    finally:
+        qp.unregister(name)
+    assert before == {name: p.requires_grad for name, p in model.named_parameters()}

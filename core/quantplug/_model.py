@@ -317,22 +317,33 @@ def prepare_for_training(model: nn.Module, gradient_checkpointing: bool = False)
 
     :param gradient_checkpointing: also turn on the model's own activation
         checkpointing (transformers models), non-reentrant.
+
+    Checked first, then done: when it raises (no adapters, no checkpointing
+    on this model, a plugin's ``quantplug_prepare_for_training`` failing),
+    every parameter's ``requires_grad`` is as it was. What a failing plugin
+    hook itself changed is the plugin's to undo.
     """
     adapters = {id(p) for p in trainable_parameters(model)}
     if not adapters:
         raise ValueError("the model has no adapters: call qp.attach(model, config) first")
-    for param in model.parameters():
-        param.requires_grad_(id(param) in adapters)
-    hook().quantplug_prepare_for_training(model=model)
-    if gradient_checkpointing:
-        enable = getattr(model, "gradient_checkpointing_enable", None)
-        if enable is None:
-            raise ValueError(
-                f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks yourself"
-            )
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if hasattr(model, "enable_input_require_grads"):
-            model.enable_input_require_grads()
+    enable = getattr(model, "gradient_checkpointing_enable", None) if gradient_checkpointing else None
+    if gradient_checkpointing and enable is None:
+        raise ValueError(
+            f"{type(model).__name__} has no gradient_checkpointing_enable(); wrap its blocks yourself"
+        )
+    before = [(param, param.requires_grad) for param in model.parameters()]
+    try:
+        for param in model.parameters():
+            param.requires_grad_(id(param) in adapters)
+        hook().quantplug_prepare_for_training(model=model)
+        if enable is not None:
+            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(model, "enable_input_require_grads"):
+                model.enable_input_require_grads()
+    except BaseException:
+        for param, flag in before:
+            param.requires_grad_(flag)
+        raise
     model.train()
     return model
 
