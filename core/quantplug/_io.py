@@ -67,14 +67,11 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     config = next(iter(layers.values())).configs[adapter]
     tensors = {}
     sharded = False
-    for module_path, layer in layers.items():
-        for attr, suffix in SUFFIXES.items():
-            store = getattr(layer, attr)
-            if adapter in store:
-                tensor = store[adapter].detach()
-                if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
-                    tensor, sharded = tensor.full_tensor(), True
-                tensors[PREFIX + module_path + suffix] = tensor.to("cpu").contiguous().clone()
+    for key, param in adapter_parameters(layers, adapter).items():
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):  # an FSDP2 shard (DTensor)
+            tensor, sharded = tensor.full_tensor(), True
+        tensors[key] = tensor.to("cpu").contiguous().clone()
     data = config.to_peft_dict()
     if config.use_qalora:
         data["qalora_group_size"] = _saved_group_size(layers, adapter)
@@ -89,6 +86,16 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         },
     )
     return folder
+
+
+def adapter_parameters(layers: dict[str, LoraLayer], adapter: str) -> dict[str, torch.Tensor]:
+    """``adapter``'s parameters in ``layers`` under PEFT's file keys (``base_model.model.<path>.lora_A.weight``)."""
+    return {
+        PREFIX + path + suffix: getattr(layer, attr)[adapter]
+        for path, layer in layers.items()
+        for attr, suffix in SUFFIXES.items()
+        if adapter in getattr(layer, attr)
+    }
 
 
 def _saved_group_size(layers: dict, adapter: str) -> int:

@@ -129,8 +129,12 @@ class AdapterModelMixin:
 
     def get_adapter_state_dict(self, adapter_name: str | None = None, state_dict: dict | None = None) -> dict:
         """The adapter's tensors under PEFT's keys without the ``base_model.model.`` prefix (as transformers')."""
+        from quantplug._io import PREFIX, adapter_parameters
+        from quantplug._model import lora_layers
+
         adapter = adapter_name or self.active_adapters()[0]
-        return {key: tensor.detach() for key, tensor in _peft_tensors(self, adapter, prefix="").items()}
+        parameters = adapter_parameters(lora_layers(self, adapter), adapter)
+        return {key.removeprefix(PREFIX): tensor.detach() for key, tensor in parameters.items()}
 
     # -- saving and resuming -----------------------------------------------
 
@@ -178,7 +182,8 @@ class AdapterModelMixin:
         transformers' Trainer compares these with the keys a resumed checkpoint
         lacked, and warns (listing the whole base) when they differ.
         """
-        ours = _own_keys(self, self.active_adapters()[0]) if len(self.active_adapters()) == 1 else set()
+        active = self.active_adapters()
+        ours = _own_keys(self, active[0]) if len(active) == 1 else set()
         return [key for key in nn.Module.state_dict(self) if key not in ours]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
@@ -187,7 +192,7 @@ class AdapterModelMixin:
         This is how ``Trainer(resume_from_checkpoint=...)`` reads back what
         :meth:`save_pretrained` wrote. Other keys load as usual.
         """
-        from quantplug._io import PREFIX, SUFFIXES
+        from quantplug._io import PREFIX, SUFFIXES, _split_key
 
         adapter_keys = {
             key: value
@@ -206,15 +211,11 @@ class AdapterModelMixin:
         for key, value in adapter_keys.items():
             if not value.is_floating_point() or not torch.isfinite(value).all():
                 raise ValueError(f"adapter tensor {key!r} must be floating point and finite")
-            path = key.removeprefix(PREFIX)
-            for attr, suffix in SUFFIXES.items():
-                if path.endswith(suffix):
-                    own[f"{path.removesuffix(suffix)}.{attr}.{active[0]}"] = value
+            module_path, attr = _split_key(key, Path(INDEX_NAME))  # always a match: filtered above
+            own[f"{module_path}.{attr}.{active[0]}"] = value
         params = dict(self.named_parameters())
-        for (
-            key,
-            value,
-        ) in own.items():  # all checked before anything is copied: a refused load changes nothing
+        # all checked before anything is copied: a refused load changes nothing
+        for key, value in own.items():
             if key not in params:
                 raise ValueError(
                     f"adapter tensor for {key!r}: this model has no such adapter parameter; the checkpoint was "
@@ -235,20 +236,6 @@ class AdapterModelMixin:
         if strict and (missing or unexpected):
             raise RuntimeError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         return type(result)(missing, unexpected)
-
-
-def _peft_tensors(model: nn.Module, adapter: str, prefix: str | None = None) -> dict[str, torch.Tensor]:
-    """``adapter``'s parameters under PEFT's file keys (``base_model.model.<path>.lora_A.weight``, ...)."""
-    from quantplug._io import PREFIX, SUFFIXES
-    from quantplug._model import lora_layers
-
-    prefix = PREFIX if prefix is None else prefix
-    return {
-        prefix + path + suffix: getattr(layer, attr)[adapter]
-        for path, layer in lora_layers(model, adapter).items()
-        for attr, suffix in SUFFIXES.items()
-        if adapter in getattr(layer, attr)
-    }
 
 
 def _own_keys(model: nn.Module, adapter: str) -> set[str]:
