@@ -107,7 +107,7 @@ def quantplug_register_kernels(register):
     register.kernel("lora_linear", kernels.lora_linear_reference, name="reference", priority=0)
     register.kernel("fused_lora_linear", kernels.fused_lora_linear_reference, name="reference", priority=0)
     register.kernel("lora_mixed_add", kernels.lora_mixed_add_reference, name="reference", priority=0)
-    if _triton_usable():
+    if triton_usable():
         try:
             from quantplug import _triton as triton_kernels
         except Exception:  # a Triton that cannot build for this torch: the references serve CUDA too
@@ -115,7 +115,7 @@ def quantplug_register_kernels(register):
         triton_kernels.register(register)
 
 
-def _triton_usable() -> bool:
+def triton_usable() -> bool:
     """Whether the CUDA Triton kernels can serve here: a CUDA device and an importable Triton."""
     import importlib.util
 

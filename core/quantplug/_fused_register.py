@@ -7,7 +7,6 @@ plugin's ``quantplug_register_kernels`` may call it on any machine.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 
 
 def register_fused_lora(register, module: str, *, name: str, backend: str, priority: int = 10) -> bool:
@@ -20,11 +19,9 @@ def register_fused_lora(register, module: str, *, name: str, backend: str, prior
     the library's forward serves), or when its ``SERVE`` is false (so
     ``quantplug doctor`` shows what runs). Returns whether it registered.
     """
-    if importlib.util.find_spec("triton") is None:
-        return False
-    import torch
+    from quantplug._builtin import triton_usable
 
-    if not torch.cuda.is_available():
+    if not triton_usable():
         return False
     try:
         kernels = importlib.import_module(module)
