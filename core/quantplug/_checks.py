@@ -89,3 +89,21 @@ def checked_weight(
     if not torch.isfinite(weight).all():
         raise refuse("returned a weight with NaN or inf")
     return weight
+
+
+def checked_module(module: object, like: nn.Module, backend: str, hook: str) -> nn.Module:
+    """A module a plugin built to stand for ``like`` (a requantized or quantized layer), refused unless it
+    is a torch module with ``like``'s ``in_features``/``out_features`` (where it declares them)."""
+    if not isinstance(module, nn.Module):
+        raise PluginError(
+            f"{hook} returned a {type(module).__name__}, not a torch module", hook=hook, backend=backend
+        )
+    for attr in ("in_features", "out_features"):
+        got = getattr(module, attr, None)
+        if isinstance(got, int) and got != getattr(like, attr):
+            raise PluginError(
+                f"{hook} returned a module with {attr}={got}; the layer has {getattr(like, attr)}",
+                hook=hook,
+                backend=backend,
+            )
+    return module

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from quantplug import _transformers
 from quantplug._builtin import NAME as DENSE_BACKEND
 from quantplug._builtin import dense_linear
-from quantplug._checks import check_dtype, checked_weight
+from quantplug._checks import check_dtype, checked_module, checked_weight
 from quantplug._errors import PluginError
 from quantplug._lora import LoraLayer, squared_row_norms
 from quantplug._model import lora_layers, naming
@@ -288,20 +288,7 @@ STEPS = {"requantize": _requantize, "dense": _dense, "zeros": _zeros}
 def _dequantize_new(step: _Step, new: object, made_by: str) -> torch.Tensor:
     """The dense weight of a module a plugin built, after checking it is a module with the layer's features."""
     layer = step.layer
-    if not isinstance(new, nn.Module):
-        raise PluginError(
-            f"{made_by} returned a {type(new).__name__}, not a torch module",
-            hook=made_by,
-            backend=layer.backend,
-        )
-    for attr in ("in_features", "out_features"):
-        got = getattr(new, attr, None)
-        if isinstance(got, int) and got != getattr(layer, attr):
-            raise PluginError(
-                f"{made_by} returned a module with {attr}={got}; the layer has {getattr(layer, attr)}",
-                hook=made_by,
-                backend=layer.backend,
-            )
+    checked_module(new, layer, layer.backend, made_by)
     weight = step.relay.quantplug_dequantize(module=new, backend=layer.backend)
     return checked_weight(weight, (layer.out_features, layer.in_features), layer.backend)
 

@@ -28,7 +28,14 @@ from torch import nn
 from quantplug import _transformers
 from quantplug._builtin import NAME as DENSE_BACKEND
 from quantplug._builtin import is_plain_linear
-from quantplug._checks import BASE, GroupSizeError, check_adapter_name, check_dtype, check_qalora_group
+from quantplug._checks import (
+    BASE,
+    GroupSizeError,
+    check_adapter_name,
+    check_dtype,
+    check_qalora_group,
+    checked_module,
+)
 from quantplug._config import LoraConfig
 from quantplug._errors import PluginError
 from quantplug._lora import LoraLayer, NewAdapter, Wiring
@@ -388,14 +395,4 @@ def _quantized(linear: nn.Linear, backend: str, variant: str | None) -> nn.Modul
     layer = hook().quantplug_quantize(linear=linear, backend=backend, variant=variant)
     if layer is None:
         raise NotImplementedError(f"backend {backend!r} does not implement quantplug_quantize")
-    problem = None
-    if not isinstance(layer, nn.Module):
-        problem = f"returned a {type(layer).__name__}, not a torch module"
-    else:
-        for attr in ("in_features", "out_features"):
-            got = getattr(layer, attr, None)
-            if isinstance(got, int) and got != getattr(linear, attr):
-                problem = f"returned a layer with {attr}={got}; the linear has {getattr(linear, attr)}"
-    if problem is not None:
-        raise PluginError(f"quantplug_quantize {problem}", hook="quantplug_quantize", backend=backend)
-    return layer
+    return checked_module(layer, linear, backend, "quantplug_quantize")
