@@ -10,7 +10,7 @@
 # bitsandbytes 0.50.2 (only libbitsandbytes_cuda130.so and _cpu.so kept: 4 MB),
 # torchao 0.18.0, hqq 0.2.8.post1 with termcolor, and the core's
 # importlib_metadata with lazy_importer and zipp (the image lacks them): 25 MB.
-# Stage "fused": scripts/tune_fused.py (fused GEMV + LoRA kernels, graph time).
+# Stage "fused": scripts/tune_fused.py (fused GEMV + LoRA kernels, graph time); "profile": ncu on them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -32,6 +32,10 @@ for stage in $STAGES; do
   case $stage in
     fused)
       timeout ${FUSED_TIMEOUT:-300} $PY scripts/tune_fused.py "$OUT/fused.json" ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -30 ;;
+    profile)  # Nsight Compute on one call of each one-token GEMV kernel (4096x4096)
+      timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \
+        --section Occupancy --section WarpStateStats --section LaunchStats $PY scripts/profile_fused.py \
+        >"$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
     tune)
       timeout ${TUNE_TIMEOUT:-300} $PY scripts/tune_triton.py "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^skip" | tail -30 ;;
     env)
@@ -59,7 +63,8 @@ for name in ("triton", "bitsandbytes", "peft", "hqq", "torchao", "transformers",
 PY
         qp doctor; } 2>&1 | tee "$OUT/env.txt" ;;
     tests)
-      timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests/gpu -q --no-header -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
+      timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests/gpu -q --no-header -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
+        2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     bench)
       timeout ${BENCH_TIMEOUT:-420} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
     model)

@@ -1,7 +1,9 @@
 """One call of each fused kernel at 4096x4096, one token, for Nsight Compute (no timing here).
 
-    ncu --clock-control none -k regex:lora_kernel -c 3 --section SpeedOfLight \\
+    ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \\
         --section WarpStateStats --section Occupancy python scripts/profile_fused.py
+
+(``scripts/gpu_run.sh profile`` runs it so.)
 """
 
 import importlib

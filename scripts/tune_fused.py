@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (each lambda is timed before the loop moves on)
 """Sweep and time the plugins' fused quantized-GEMV + LoRA kernels on one GPU, in one call.
 
-    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao] [--shapes 4096x4096,4096x14336]
+    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao] [--shapes 4096x4096,4096x14336,11008x4096]
         [--tokens 1,16] [--sweep] [--workers 12]
 
 For each format, shape (out x in) and token count, r=16, bf16, it reports
@@ -11,8 +11,10 @@ trials), for:
 
 - ``library``: the library's own bare layer (``base(x)``);
 - ``fused_base``: the plugin's fused kernel without an adapter (``A=None``);
-- ``fused_lora1`` / ``fused_lora2``: with the adapter, shrink as its own
-  launch / in the same launch;
+- ``fused_lora`` / ``fused_lora_nopdl``: with the adapter (the shrink as
+  its own launch), with and without programmatic dependent launch;
+- ``fma_base`` (one token): the main kernel's FMA path, which the GEMV
+  kernel replaces;
 - ``wrapped``: quantplug's adapter layer as users call it (fast kernels);
 - ``wrapped_ref``: the same layer with ``QUANTPLUG_KERNELS=reference``
   (the library's forward plus the plain adapter).
@@ -52,18 +54,19 @@ def kernels(fmt):
     return importlib.import_module(f"{PLUGINS[fmt][0]}._cuda_kernels")
 
 
-def sweep_grid(fmt, block_m):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try; warps and stages mattered least on the H200."""
-    if block_m >= 16:
-        ns, ks, stages = (16, 32), (128, 256), (1, 3)
+def sweep_grid(fmt, key):
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try for CONFIGS[key] ("gemv": one token, 16)."""
+    if key == "gemv":  # the one-token GEMV kernels: per-thread partial sums of a BLOCK_N x BLOCK_K tile
+        ns, ks, warps, stages, splits = (4, 8, 16, 32), (128, 256, 512), (2, 4), (1, 3), (1, 2, 4)
     else:
-        ns, ks, stages = (4, 8, 16, 32), (256, 512, 1024), (1,)
+        ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     if fmt == "hqq":  # BLOCK_N counts rows of one half: each program writes twice as many
         ns = tuple(max(2, n // 2) for n in ns)
-    for n, k, st, sk in itertools.product(ns, ks, stages, (1, 2, 4, 8)):
-        if n * k * block_m > 65536:  # the per-block product would not fit in registers
+    for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
+        elements = n * k * (16 if key == 16 else 1) * (2 if fmt == "hqq" else 1)
+        if elements > (8192 if key == "gemv" else 65536):  # per-thread sums / products must fit in registers
             continue
-        yield (n, k, 4, st, sk)
+        yield (n, k, w, st, sk)
 
 
 def copy_rate():
@@ -207,11 +210,122 @@ def precompile(jobs, workers):
     print(f"precompiled {done}/{len(jobs)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
 
 
+def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, results, rate, shapes, t0):
+    xs = [torch.randn(tokens, k, device="cuda", dtype=DTYPE) for _ in layers]
+    key = "gemv" if tokens == 1 else 16
+    pairs = list(zip(layers, xs))
+    per_graph = max(len(pairs), 64)
+
+    def t(fn):
+        with torch.no_grad():
+            return graph_time([lambda lay=lay, x=x: fn(lay, x) for lay, x in pairs], per_graph=per_graph)
+
+    config = ck.CONFIGS[key]
+    for cfg in json.loads(args.configs) if args.configs else ():
+        us = t(
+            lambda lay, x: ck.fused_lora_linear(lay.base, x, None, None, None, 0.0, config=cfg, force=True)
+        )
+        results["sweep"].append({"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us})
+        print(f"config {fmt} {n}x{k} t={tokens} {cfg}: {us:.2f} us", flush=True)
+    sweep = args.sweep and key == "gemv" and (n, k) == shapes[0]  # (16 tokens: the earlier sweep's)
+    if sweep and time.perf_counter() - t0 < args.budget:
+        timed = []
+        for cfg in sweep_grid(fmt, key):
+            try:
+                us = t(
+                    lambda lay, x: ck.fused_lora_linear(
+                        lay.base, x, None, None, None, 0.0, config=cfg, force=True
+                    )
+                )
+            except Exception as exc:
+                print(f"skip {fmt} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            timed.append((us, cfg))
+            results["sweep"].append(
+                {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
+            )
+        timed.sort()
+        if timed:
+            config = timed[0][1]
+            print(f"sweep {fmt} {n}x{k} tokens={tokens}: best {timed[:3]}", flush=True)
+    else:
+        config = best.get((fmt, key), config)
+    best[(fmt, key)] = config
+
+    def lora(lay, x, pdl):
+        A, B = lay.lora_A["default"], lay.lora_B["default"]
+        return ck.fused_lora_linear(lay.base, x, x, A, B, 2.0, config=config, pdl=pdl, force=True)
+
+    row = {
+        "format": fmt,
+        "shape": [n, k],
+        "tokens": tokens,
+        "bytes": size,
+        "config": config,
+        "copies": copies,
+    }
+    with torch.no_grad():  # the kernel's answer against the reference path, on the first layer
+        lay, x = pairs[0]
+        got = lora(lay, x, True).double()
+        qp.use_reference_kernels(True)
+        try:
+            want = lay(x).double()
+        finally:
+            qp.use_reference_kernels(False)
+        row["rel_err_vs_reference"] = ((got - want).norm() / want.norm()).item()
+    row["library"] = t(lambda lay, x: lay.base(x))
+    row["fused_base"] = t(
+        lambda lay, x: ck.fused_lora_linear(lay.base, x, None, None, None, 0.0, config=config, force=True)
+    )
+    row["fused_lora"] = t(lambda lay, x: lora(lay, x, True))
+    row["fused_lora_nopdl"] = t(lambda lay, x: lora(lay, x, False))
+    if tokens == 1:  # the main kernel's path that the GEMV kernel replaces
+        try:
+            row["fma_base"] = t(
+                lambda lay, x: ck.fused_lora_linear(
+                    lay.base, x, None, None, None, 0.0, gemv=False, force=True
+                )
+            )
+        except Exception as exc:
+            print(f"fma_base {fmt} {n}x{k}: {type(exc).__name__} {str(exc)[:200]}", flush=True)
+    saved = dict(ck.CONFIGS)
+    ck.CONFIGS[key] = config
+    row["wrapped"] = t(lambda lay, x: lay(x))
+    ck.CONFIGS.update(saved)
+    qp.use_reference_kernels(True)
+    try:
+        row["wrapped_ref"] = t(lambda lay, x: lay(x))
+    finally:
+        qp.use_reference_kernels(False)
+    for name in (
+        "library",
+        "fused_base",
+        "fused_lora",
+        "fused_lora_nopdl",
+        "fma_base",
+        "wrapped",
+        "wrapped_ref",
+    ):
+        if name in row:
+            row[f"{name}_gbs"] = size / row[name] / 1e3
+            row[f"{name}_pct_copy"] = 100 * size / row[name] / 1e3 / rate
+    results["rows"].append(row)
+    print(
+        f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {row['library']:7.2f}  "
+        f"fbase {row['fused_base']:6.2f} (fma {row.get('fma_base', float('nan')):6.2f})  "
+        f"lora {row['fused_lora']:6.2f} (no pdl {row['fused_lora_nopdl']:6.2f})  "
+        f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {row['wrapped_ref']:7.2f}  "
+        f"err {row['rel_err_vs_reference']:.1e}  "
+        f"cfg {config}",
+        flush=True,
+    )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
     parser.add_argument("--formats", default="bnb,hqq,torchao")
-    parser.add_argument("--shapes", default="4096x4096,4096x14336")
+    parser.add_argument("--shapes", default="4096x4096,4096x14336,11008x4096")
     parser.add_argument("--tokens", default="1,16")
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--workers", type=int, default=12)
@@ -240,11 +354,8 @@ def main():
     if args.sweep:
         jobs = []
         for fmt in formats:
-            ck = kernels(fmt)
-            for tokens in tokens_list:
-                block_m = ck._token_block(tokens)
-                for config in sweep_grid(fmt, block_m):
-                    jobs.append((fmt, shapes[0], tokens, config, 0))
+            for config in sweep_grid(fmt, "gemv"):
+                jobs.append((fmt, shapes[0], 1, config, 0))
         precompile(jobs, args.workers)
     out_json = args.out
     for fmt, (n, k) in itertools.product(formats, shapes):
@@ -254,97 +365,34 @@ def main():
         copies = max(2, math.ceil(2.5 * L2_BYTES / size))
         layers = [probe] + [build(fmt, n, k, i) for i in range(1, copies)]
         for tokens in tokens_list:
-            xs = [torch.randn(tokens, k, device="cuda", dtype=DTYPE) for _ in layers]
-            block_m = ck._token_block(tokens, n * k) if fmt == "torchao" else ck._token_block(tokens)
-            pairs = list(zip(layers, xs))
-            per_graph = max(len(pairs), 64)
-
-            def t(fn):
-                with torch.no_grad():
-                    return graph_time(
-                        [lambda lay=lay, x=x: fn(lay, x) for lay, x in pairs], per_graph=per_graph
-                    )
-
-            config = ck.CONFIGS[block_m]
-            for cfg in json.loads(args.configs) if args.configs else ():
-                us = t(
-                    lambda lay, x: ck.fused_lora_linear(
-                        lay.base, x, None, None, None, 0.0, config=cfg, force=True
-                    )
-                )
-                results["sweep"].append(
-                    {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
-                )
-                print(f"config {fmt} {n}x{k} t={tokens} {cfg}: {us:.2f} us", flush=True)
-            if args.sweep and time.perf_counter() - t0 < args.budget:
-                timed = []
-                for cfg in sweep_grid(fmt, block_m):
-                    try:
-                        us = t(
-                            lambda lay, x: ck.fused_lora_linear(
-                                lay.base, x, None, None, None, 0.0, config=cfg, force=True
-                            )
-                        )
-                    except Exception as exc:
-                        print(f"skip {fmt} {cfg}: {type(exc).__name__}", flush=True)
-                        continue
-                    timed.append((us, cfg))
-                    results["sweep"].append(
-                        {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
-                    )
-                timed.sort()
-                if timed:
-                    config = timed[0][1]
-                    print(f"sweep {fmt} {n}x{k} tokens={tokens}: best {timed[:3]}", flush=True)
-            best[(fmt, block_m)] = config
-
-            def lora(lay, x, mode):
-                A, B = lay.lora_A["default"], lay.lora_B["default"]
-                return ck.fused_lora_linear(
-                    lay.base, x, x, A, B, 2.0, config=config, lora_mode=mode, force=True
-                )
-
-            row = {
-                "format": fmt,
-                "shape": [n, k],
-                "tokens": tokens,
-                "bytes": size,
-                "config": config,
-                "copies": copies,
-            }
-            row["library"] = t(lambda lay, x: lay.base(x))
-            row["fused_base"] = t(
-                lambda lay, x: ck.fused_lora_linear(
-                    lay.base, x, None, None, None, 0.0, config=config, force=True
-                )
-            )
-            row["fused_lora1"] = t(lambda lay, x: lora(lay, x, 1))
-            row["fused_lora2"] = t(lambda lay, x: lora(lay, x, 2))
-            saved = dict(ck.CONFIGS)
-            ck.CONFIGS[block_m] = config
-            row["wrapped"] = t(lambda lay, x: lay(x))
-            ck.CONFIGS.update(saved)
-            qp.use_reference_kernels(True)
             try:
-                row["wrapped_ref"] = t(lambda lay, x: lay(x))
-            finally:
-                qp.use_reference_kernels(False)
-            for key in ("library", "fused_base", "fused_lora1", "fused_lora2", "wrapped", "wrapped_ref"):
-                row[f"{key}_gbs"] = size / row[key] / 1e3
-                row[f"{key}_pct_copy"] = 100 * size / row[key] / 1e3 / rate
-            results["rows"].append(row)
-            print(
-                f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {row['library']:7.2f}  "
-                f"fbase {row['fused_base']:6.2f}  f1 {row['fused_lora1']:6.2f}  f2 {row['fused_lora2']:6.2f}  "
-                f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {row['wrapped_ref']:7.2f}  "
-                f"cfg {config}",
-                flush=True,
-            )
-            with open(out_json, "w") as f:
+                _row(
+                    args,
+                    ck,
+                    qp,
+                    fmt,
+                    n,
+                    k,
+                    tokens,
+                    layers,
+                    probe,
+                    size,
+                    copies,
+                    best,
+                    results,
+                    rate,
+                    shapes,
+                    t0,
+                )
+            except Exception as exc:  # one failing row (a kernel that does not build) must not end the run
+                print(
+                    f"row {fmt} {n}x{k} t={tokens} failed: {type(exc).__name__} {str(exc)[:300]}", flush=True
+                )
+            with open(args.out, "w") as f:
                 json.dump(results, f, indent=1)
         del layers, probe
         torch.cuda.empty_cache()
-    results["best_configs"] = {f"{fmt}:{bm}": cfg for (fmt, bm), cfg in best.items()}
+    results["best_configs"] = {f"{fmt}:{key}": cfg for (fmt, key), cfg in best.items()}
     with open(out_json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)

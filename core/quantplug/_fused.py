@@ -60,6 +60,33 @@ MAX_RANK = 64
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters (LORA=2)
 counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
+# Programmatic dependent launch (Hopper and later, Triton's ``launch_pdl``): the shrink launch lets the GEMV
+# launch start at once, so the GEMV's programs stream weights while the shrink runs and wait for it
+# (``gdc_wait``) only before the adapter's expand; without it the GEMV starts after the shrink drains, about
+# 2 us later. The GEMV without a shrink before it waits at its start (its input comes from any kernel).
+_CUDA_EXTRA = getattr(getattr(tl, "extra", None), "cuda", None)
+HAS_PDL = hasattr(_CUDA_EXTRA, "gdc_wait") and not INTERPRET
+PDL = HAS_PDL and os.environ.get("QUANTPLUG_PDL", "1") != "0"
+
+if HAS_PDL:
+
+    @triton.jit
+    def gdc_wait():
+        tl.extra.cuda.gdc_wait()
+
+    @triton.jit
+    def gdc_launch_dependents():
+        tl.extra.cuda.gdc_launch_dependents()
+
+else:
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
 
 
 # --------------------------------------------------------------------------
@@ -95,8 +122,13 @@ def shrink_slice(
 @triton.jit
 def shrink_kernel(
     xa_ptr, a_ptr, part_ptr, M, KA, R, stride_xam, stride_ar,
-    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if (
+        PDL
+    ):  # the input is the previous kernel's; once it is complete the GEMV may launch (its x is ready too)
+        gdc_wait()
+        gdc_launch_dependents()
     shrink_slice(
         xa_ptr, a_ptr, part_ptr, tl.program_id(0), M, KA, R, stride_xam, stride_ar, K_PER_SPLIT, SHRINK_K, BLOCK_R
     )  # fmt: skip
@@ -106,8 +138,10 @@ def shrink_kernel(
 def program_ticket(
     xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar,
     LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    if PDL == 1:  # launched early after any kernel: its output (our input) is complete only after the wait
+        gdc_wait()
     # This program's place: below SPLITS (only in one launch, LORA == 2) it has computed a shrink slice;
     # from SPLITS up, ticket - SPLITS numbers the GEMV programs
     if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
@@ -138,12 +172,40 @@ def program_tile(ticket, SPLITS: tl.constexpr, GRID_N, rows, M, BLOCK_M: tl.cons
 
 
 @triton.jit
+def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    # a one-token GEMV program (a plugin's ``*_gemv_kernel``): its row block, K split and BLOCK_N rows
+    if PDL == 1:  # launched early after any kernel: its output (our input) is complete only after the wait
+        gdc_wait()
+    row_block = tl.program_id(0) % GRID_N
+    split = tl.program_id(0) // GRID_N
+    rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = rn < rows
+    return row_block, split, rn, n_mask, tl.where(n_mask, rn, 0)
+
+
+@triton.jit
+def gemv_reduce(
+    acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N: tl.constexpr, SPLITK: tl.constexpr
+):  # fmt: skip
+    # a one-token GEMV's per-thread partial sums ``acc`` (BLOCK_N, any) summed once, then split-K:
+    # ((1, BLOCK_N) float32, the token index (1,), whether this program finishes the row block)
+    total = tl.sum(acc, axis=1)[None, :]
+    rm = tl.arange(0, 1)
+    total, last = splitk_reduce(
+        total, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, 1, BLOCK_N, SPLITK
+    )  # fmt: skip
+    return total, rm, last
+
+
+@triton.jit
 def lora_epilogue(
     base, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
     LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * t @ B[rows].T rounded as the reference
+    if PDL == 2:  # launched while the shrink ran: its slices are visible after the wait
+        gdc_wait()
     if LORA == 2:  # wait for the shrink programs (they started first and never wait)
         done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
         while done < SPLITS:
@@ -218,7 +280,7 @@ def store_rows(
     out, y_ptr, rm, cols, cols_safe, m_mask, n_mask, stride_ym, bias_ptr,
     part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # the base product ``out`` (output dtype) plus bias, plus the adapter, stored to y[:, cols]
     if HAS_BIAS:
@@ -227,7 +289,7 @@ def store_rows(
     if LORA > 0:
         out = lora_epilogue(
             out, rm, cols_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-            LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+            LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
         )  # fmt: skip
     tl.store(y_ptr + rm[:, None] * stride_ym + cols[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
 
@@ -298,7 +360,7 @@ def admit(module, x, xa, A, B, storage, *, serve: bool) -> tuple | None:
 
 def launch(
     kernel, module, x, xa, A, B, scale, weights, bias, *, N, rows, block_m, block_k, config,
-    one_launch=False, lora_mode=None, **constexprs,
+    one_launch=False, lora_mode=None, pdl=None, **constexprs,
 ):  # fmt: skip
     """Run ``kernel`` on ``x`` (after :func:`admit`) and return ``y`` shaped like ``x`` with ``N`` outputs.
 
@@ -307,8 +369,9 @@ def launch(
     output rows that ``BLOCK_N`` (``config[0]``) tiles (``N``, or fewer when
     a program writes several rows per row); ``config`` ``(BLOCK_N, BLOCK_K,
     num_warps, num_stages[, SPLITK])``; ``lora_mode`` forces 0/1/2 (tuning);
-    ``one_launch`` picks ``LORA=2`` over 1; ``constexprs`` the kernel's own.
-    Returns None when the bias cannot be read.
+    ``one_launch`` picks ``LORA=2`` over 1; ``pdl`` overrides :data:`PDL`
+    (tuning); ``constexprs`` the kernel's own. Returns None when the bias
+    cannot be read.
     """
     if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
         return None
@@ -320,6 +383,8 @@ def launch(
     lora = A is not None
     mode = (2 if one_launch and (module in sync or not _capturing()) else 1) if lora else 0
     mode = lora_mode if lora_mode is not None and lora else mode
+    pdl = PDL if pdl is None else (pdl and HAS_PDL)
+    launch_pdl = {"launch_pdl": True} if pdl else {}
     grid_n = triton.cdiv(rows, block_n)
     if lora:
         KA = xa.shape[-1]
@@ -341,7 +406,7 @@ def launch(
             sync_t = part
             shrink_kernel[(splits,)](
                 xa2, A, part, M, KA, R, xa2.stride(0), A.stride(0),
-                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, num_warps=4,
+                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, PDL=pdl, num_warps=4, **launch_pdl,
             )  # fmt: skip
     else:
         xa2, A, B, part, sync_t = x2, x2, x2, y, y
@@ -364,7 +429,7 @@ def launch(
         LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
         BLOCK_S=block_s, BLOCK_R=block_r,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
-        num_warps=warps, num_stages=stages, **constexprs,
+        PDL=(2 if mode == 1 else 1) if pdl else 0, num_warps=warps, num_stages=stages, **launch_pdl, **constexprs,
     )  # fmt: skip
     return y.view(*x.shape[:-1], N)
 

@@ -186,12 +186,56 @@ def test_one_and_two_launch_paths(backend, variant, plugin):
     fused = kernels_module(plugin)
     dtype = torch.bfloat16
     layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(16,))
-    x = torch.randn(1, 2048, device="cuda", dtype=dtype)
+    x = torch.randn(2, 2048, device="cuda", dtype=dtype)  # (one token takes the GEMV kernel: shrink launched)
     args = (x, layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"])
     with torch.no_grad():
         for mode in (1, 2):
             got = fused.fused_lora_linear(layer.base, x, *args, lora_mode=mode, force=True)
             assert rel(got, truth(layer, x, ["default"])) < TOL[dtype], mode
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+@pytest.mark.parametrize("shape", SHAPES, ids=["1024x2048", "1000x1536"])
+def test_one_token_paths(backend, variant, plugin, shape):
+    """One token: the GEMV kernel and the main kernel's FMA path, each with and without programmatic
+    dependent launch, unsplit and split-K over three slices, base alone and with the adapter, eager and
+    replayed from a CUDA graph on fresh inputs."""
+    fused = kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, shape, dtype, ranks=(16,))
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    gemv_config = fused.CONFIGS["gemv"]
+    k_split = (shape[1] // 3 // 256 + 1) * 256  # three slices of whole 256-input blocks
+    split = (gemv_config[0], 256, gemv_config[2], gemv_config[3], shape[1] // k_split + 1)
+    with torch.no_grad():
+        for gemv, pdl, config, lora in [
+            (g, p, c, lo)
+            for g in (True, False)
+            for p in (True, False)
+            for c in (None, split)
+            for lo in (0, 1)
+        ]:
+            config = config if gemv or config is None else (*fused.CONFIGS[1][:4], config[4])
+            static_x = torch.randn(1, shape[1], device="cuda", dtype=dtype)
+
+            def call(static_x=static_x, lora=lora, gemv=gemv, pdl=pdl, config=config):
+                args = (static_x, A, B, s) if lora else (None, None, None, 0.0)
+                return fused.fused_lora_linear(
+                    layer.base, static_x, *args, force=True, gemv=gemv, pdl=pdl, config=config
+                )
+
+            poison(shape[0] * 4, dtype)
+            eager = call()
+            names = ["default"] if lora else []
+            case = (gemv, pdl, config, lora)
+            assert torch.isfinite(eager).all(), case
+            assert rel(eager, truth(layer, static_x, names)) < TOL[dtype], case
+            outputs = []
+            graph = capture_graph(lambda outputs=outputs, call=call: outputs.append(call()), repeat=1)
+            for _ in range(2):
+                static_x.copy_(torch.randn_like(static_x))
+                graph.replay()
+                assert rel(outputs[-1], truth(layer, static_x, names)) < TOL[dtype], case
 
 
 @pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])

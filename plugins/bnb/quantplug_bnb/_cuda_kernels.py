@@ -41,7 +41,9 @@ from quantplug.plugin import fused_lora as fl
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-CONFIGS = {1: (16, 1024, 4, 1, 1), 16: (32, 128, 4, 1, 4)}
+# "gemv": one token through _nf4_gemv_kernel (GEMV), else the main kernel's FMA path (1).
+CONFIGS = {"gemv": (16, 256, 4, 2, 1), 1: (16, 1024, 4, 1, 1), 16: (32, 128, 4, 1, 4)}
+GEMV = True
 # Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
 # slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
 # lookups per byte keep it ALU-bound, docs/performance.md), so the library's forward plus the core's
@@ -58,10 +60,12 @@ def _nf4_lora_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr,
     BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
 ):  # fmt: skip
     ticket = fl.program_ticket(
-        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R
+        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
+        PDL,
     )  # fmt: skip
     if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
         HALF: tl.constexpr = BLOCK_K // 2
@@ -121,9 +125,74 @@ def _nf4_lora_kernel(
         if last:  # the whole sum (this program's, or split-K's last to arrive)
             fl.store_rows(
                 acc.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, m_mask, n_mask, stride_ym, bias_ptr,
-                part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
             )  # fmt: skip
     fl.finish(sync_ptr, LORA)
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr,
+    sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
+):  # fmt: skip
+    # One token. A step reads a (BLOCK_N rows, GB blocks, HB bytes) tile straight from bitsandbytes' layout; each
+    # thread keeps float32 sums per (row, block), so the only cross-thread sums are one per block of bytes and
+    # one at the end: no reshapes, no per-step reductions across the row block.
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL)
+    HB: tl.constexpr = BS // 2  # bytes per absmax block
+    GB: tl.constexpr = BLOCK_K // BS  # absmax blocks per step
+    rg = tl.arange(0, GB)
+    rj = tl.arange(0, HB)
+    row_bytes = rn_safe.to(tl.int64) * (K // 2)
+    row_blocks = rn_safe.to(tl.int64) * (K // BS)
+    acc = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+        g = k0 // BS + rg
+        byte = (k0 // 2 + rg * HB)[:, None] + rj[None, :]
+        xk = (k0 + rg * BS)[:, None] + 2 * rj[None, :]  # the high nibble's input; the low one's is next
+        if EVEN_K:
+            packed = tl.load(
+                w_ptr + row_bytes[:, None, None] + byte[None, :, :], eviction_policy="evict_first"
+            )
+            x_hi = tl.load(x_ptr + xk, eviction_policy="evict_last").to(tl.float32)
+            x_lo = tl.load(x_ptr + xk + 1, eviction_policy="evict_last").to(tl.float32)
+            blocks = row_blocks[:, None] + g[None, :]
+            if NESTED:
+                q = tl.load(absmax_ptr + blocks).to(tl.int32)
+                absmax = tl.load(code2_ptr + q) * tl.load(abs2_ptr + blocks // BS2) + tl.load(offset_ptr)
+            else:
+                absmax = tl.load(absmax_ptr + blocks)
+        else:  # the last step runs past the row: masked blocks read nothing and add zero
+            g_mask = g < K // BS
+            packed = tl.load(
+                w_ptr + row_bytes[:, None, None] + byte[None, :, :], mask=g_mask[None, :, None], other=0,
+                eviction_policy="evict_first",
+            )  # fmt: skip
+            x_hi = tl.load(x_ptr + xk, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            x_lo = tl.load(x_ptr + xk + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            blocks = row_blocks[:, None] + g[None, :]
+            if NESTED:
+                q = tl.load(absmax_ptr + blocks, mask=g_mask[None, :], other=0).to(tl.int32)
+                abs2 = tl.load(abs2_ptr + blocks // BS2, mask=g_mask[None, :], other=0.0)
+                absmax = tl.load(code2_ptr + q) * abs2 + tl.load(offset_ptr)
+            else:
+                absmax = tl.load(absmax_ptr + blocks, mask=g_mask[None, :], other=0.0)
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+        lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+        acc += tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2) * absmax
+    out, rm, last = fl.gemv_reduce(
+        acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
+    )
+    if last:
+        fl.store_rows(
+            out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, rm < 1, n_mask, stride_ym, bias_ptr,
+            part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -162,19 +231,24 @@ def _storage(module, x):
     return packed, state, N, K, blocksize
 
 
-def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False):
+def fused_lora_linear(
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, gemv=None, pdl=None
+):  # fmt: skip
     """``Linear4bit(x) + scale * (xa @ A.T) @ B.T``, or ``None`` when not served here.
 
-    ``A is None``: the base alone. ``config`` (a :data:`CONFIGS` entry) and
-    ``lora_mode`` (0: base only, 1: shrink launched first, 2: one launch)
-    are the tuning script's; ``force`` runs it where :data:`SERVE` is off.
+    ``A is None``: the base alone. ``config`` (a :data:`CONFIGS` entry),
+    ``lora_mode`` (0: base only, 1: shrink launched first, 2: one launch),
+    ``gemv`` (one token: the GEMV kernel, or the main kernel's FMA path) and
+    ``pdl`` are the tuning script's; ``force`` runs it where :data:`SERVE`
+    is off.
     """
     found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
     if found is None:
         return None
     M, packed, state, N, K, blocksize = found
     block_m = fl.token_block(M)
-    config = config or CONFIGS[block_m]
+    gemv = (GEMV if gemv is None else gemv) and block_m == 1
+    config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, blocksize, config[1])
     if block_k is None:
         return None
@@ -192,9 +266,10 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
     if absmax.dtype != (torch.uint8 if nested else torch.float32):
         return None
     return fl.launch(
-        _nf4_lora_kernel, module, x, xa, A, B, scale, (packed, absmax, state.code, abs2, code2, offset),
-        getattr(module, "bias", None), N=N, rows=N, block_m=block_m, block_k=block_k, config=config,
-        one_launch=ONE_LAUNCH, lora_mode=lora_mode, BS=blocksize, BS2=bs2, NESTED=nested,
+        _nf4_gemv_kernel if gemv else _nf4_lora_kernel, module, x, xa, A, B, scale,
+        (packed, absmax, state.code, abs2, code2, offset), getattr(module, "bias", None), N=N, rows=N,
+        block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH and not gemv,
+        lora_mode=1 if gemv and lora_mode == 2 else lora_mode, pdl=pdl, BS=blocksize, BS2=bs2, NESTED=nested,
     )  # fmt: skip
 
 

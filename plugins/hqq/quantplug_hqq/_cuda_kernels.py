@@ -41,7 +41,9 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # BLOCK_N counting rows of one half (each program writes twice as many);
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-CONFIGS = {1: (2, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
+# "gemv": one token through _hqq4_gemv_kernel (GEMV), else the main kernel's FMA path (1).
+CONFIGS = {"gemv": (16, 256, 4, 2, 1), 1: (2, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
+GEMV = True
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -54,10 +56,12 @@ def _hqq4_lora_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr,
     GS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     ticket = fl.program_ticket(
-        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R
+        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
+        PDL,
     )  # fmt: skip
     if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
         G: tl.constexpr = BLOCK_K // GS
@@ -132,9 +136,77 @@ def _hqq4_lora_kernel(
                 fl.store_rows(
                     (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty), y_ptr, rm,
                     rn + half * HALF_N, rn_safe + half * HALF_N, m_mask, n_mask, stride_ym, bias_ptr,
-                    part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                    part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
                 )  # fmt: skip
     fl.finish(sync_ptr, LORA)
+
+
+@triton.jit
+def _nibble(q):
+    # a 4-bit code (int32, 0-15) as float32 without a conversion instruction: 2^23 + q, less 2^23
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _hqq4_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr,
+):  # fmt: skip
+    # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
+    # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
+    HALF_N = N // 2
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL)
+    GB: tl.constexpr = BLOCK_K // GS
+    rg = tl.arange(0, GB)
+    rj = tl.arange(0, GS)
+    row_bytes = rn_safe.to(tl.int64) * K
+    groups_top = rn_safe.to(tl.int64) * (K // GS)
+    groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
+    acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+        g = k0 // GS + rg
+        kk = (k0 + rg * GS)[:, None] + rj[None, :]
+        if EVEN_K:
+            packed = tl.load(w_ptr + row_bytes[:, None, None] + kk[None, :, :], eviction_policy="evict_first")
+            xt = tl.load(x_ptr + kk, eviction_policy="evict_last").to(tl.float32)
+            s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :]).to(tl.float32)
+            z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :]).to(tl.float32)
+            s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :]).to(tl.float32)
+            z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :]).to(tl.float32)
+        else:  # the last step runs past the row: masked groups read nothing and add zero
+            g_mask = g < K // GS
+            packed = tl.load(
+                w_ptr + row_bytes[:, None, None] + kk[None, :, :], mask=g_mask[None, :, None], other=0,
+                eviction_policy="evict_first",
+            )  # fmt: skip
+            xt = tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+            z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+            s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+            z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+            s_top, z_top = s_top.to(tl.float32), z_top.to(tl.float32)
+            s_bot, z_bot = s_bot.to(tl.float32), z_bot.to(tl.float32)
+        x_sum = tl.sum(xt, axis=1)[None, :]
+        dot_top = tl.sum(_nibble((packed >> 4).to(tl.int32)) * xt[None, :, :], axis=2)
+        dot_bot = tl.sum(_nibble((packed & 15).to(tl.int32)) * xt[None, :, :], axis=2)
+        acc_top += s_top * (dot_top - z_top * x_sum)
+        acc_bot += s_bot * (dot_bot - z_bot * x_sum)
+    for half in tl.static_range(2):
+        out, rm, last = fl.gemv_reduce(
+            acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
+            row_block * 2 + half, split, N, BLOCK_N, SPLITK,
+        )  # fmt: skip
+        if last:
+            fl.store_rows(
+                out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
+                n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            )  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -173,11 +245,13 @@ def _storage(module, x):
     return W_q, scale, zero, N, K, group
 
 
-def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False):
+def fused_lora_linear(
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, gemv=None, pdl=None
+):  # fmt: skip
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
     ``exact`` rounds the dequantized weight as hqq does (tensor-core path
-    only); ``config``, ``lora_mode`` and ``force`` as in
+    only); ``config``, ``lora_mode``, ``gemv``, ``pdl`` and ``force`` as in
     ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
     found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
@@ -185,14 +259,16 @@ def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None
         return None
     M, W_q, w_scale, w_zero, N, K, group = found
     block_m = fl.token_block(M)
-    config = config or CONFIGS[block_m]
+    gemv = (GEMV if gemv is None else gemv) and block_m == 1
+    config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, group, config[1])
-    if block_k is None:
+    if block_k is None or group & (group - 1):
         return None
     return fl.launch(
-        _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero), getattr(module, "bias", None),
-        N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH,
-        lora_mode=lora_mode, GS=group, EXACT=exact and block_m >= 16,
+        _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
+        getattr(module, "bias", None), N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
+        one_launch=ONE_LAUNCH and not gemv, lora_mode=1 if gemv and lora_mode == 2 else lora_mode, pdl=pdl,
+        GS=group, EXACT=exact and block_m >= 16,
     )  # fmt: skip
 
 

@@ -35,7 +35,9 @@ from quantplug.plugin import fused_lora as fl
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-CONFIGS = {1: (8, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 4)}
+# "gemv": one token through _int8_gemv_kernel (GEMV), else the main kernel (1: FMA path, 16: tensor cores).
+CONFIGS = {"gemv": (8, 512, 4, 2, 1), 1: (8, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 4)}
+GEMV = True
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
 # weight-only int8 linear at 1-16 tokens: docs/performance.md).
 SERVE = True
@@ -54,9 +56,11 @@ def _int8_lora_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     ticket = fl.program_ticket(
-        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R
+        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
+        PDL,
     )  # fmt: skip
     if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
         row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
@@ -91,9 +95,47 @@ def _int8_lora_kernel(
             fl.store_rows(
                 (acc.to(dtype).to(tl.float32) * wscale[None, :]).to(dtype), y_ptr, rm, rn, rn_safe, m_mask, n_mask,
                 stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
             )  # fmt: skip
     fl.finish(sync_ptr, LORA)
+
+
+@triton.jit
+def _int8_gemv_kernel(
+    x_ptr, w_ptr, wscale_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    # One token. Each thread keeps float32 sums per (row, input) it reads, summed once at the end; int8 to
+    # float32 without a conversion instruction (2^23 + 128 + q, less 2^23 + 128).
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL)
+    rk = tl.arange(0, BLOCK_K)
+    rows = rn_safe.to(tl.int64) * K
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+        kk = k0 + rk
+        if EVEN_K:
+            q = tl.load(w_ptr + rows[:, None] + kk[None, :], eviction_policy="evict_first")
+            xt = tl.load(x_ptr + kk, eviction_policy="evict_last").to(tl.float32)
+        else:
+            k_mask = kk < K
+            q = tl.load(w_ptr + rows[:, None] + kk[None, :], mask=k_mask[None, :], other=0)
+            xt = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+        acc += ((q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xt[None, :]
+    out, rm, last = fl.gemv_reduce(
+        acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
+    )
+    if last:
+        dtype = y_ptr.dtype.element_ty  # torchao: (x @ q.T) in the compute dtype, times the row scale
+        wscale = tl.load(wscale_ptr + rn_safe).to(dtype).to(tl.float32)
+        fl.store_rows(
+            (out.to(dtype).to(tl.float32) * wscale[None, :]).to(dtype), y_ptr, rm, rn, rn_safe, rm < 1, n_mask,
+            stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+            HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+        )  # fmt: skip
 
 
 # --------------------------------------------------------------------------
@@ -126,23 +168,28 @@ def _storage(module, x):
     return qdata, wscale.reshape(-1), N, K
 
 
-def fused_lora_linear(module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False):
+def fused_lora_linear(
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, gemv=None, pdl=None
+):  # fmt: skip
     """``linear(x) + scale * (xa @ A.T) @ B.T`` on an int8 weight, or ``None`` when not served.
 
     ``A is None`` computes the base alone; ``config`` (a :data:`CONFIGS`
-    entry), ``lora_mode`` (0-2) and ``force`` (past :data:`SERVE`) are for
+    entry), ``lora_mode`` (0-2), ``gemv`` (one token: the GEMV kernel, or
+    the main kernel), ``pdl`` and ``force`` (past :data:`SERVE`) are for
     the tuning script and the tests.
     """
     found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
     if found is None:
         return None
     M, qdata, wscale, N, K = found
-    block_m = _token_block(M, N * K)
-    config = config or CONFIGS[block_m]
+    gemv = (GEMV if gemv is None else gemv) and M == 1
+    block_m = 1 if gemv else _token_block(M, N * K)
+    config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = min(config[1], max(16, triton.next_power_of_2(K)))
     return fl.launch(
-        _int8_lora_kernel, module, x, xa, A, B, scale, (qdata, wscale), module.bias,
-        N=N, rows=N, block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH, lora_mode=lora_mode,
+        _int8_gemv_kernel if gemv else _int8_lora_kernel, module, x, xa, A, B, scale, (qdata, wscale),
+        module.bias, N=N, rows=N, block_m=block_m, block_k=block_k, config=config,
+        one_launch=ONE_LAUNCH and not gemv, lora_mode=1 if gemv and lora_mode == 2 else lora_mode, pdl=pdl,
     )  # fmt: skip
 
 
