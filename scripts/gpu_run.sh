@@ -36,6 +36,11 @@ for stage in $STAGES; do
       timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section LaunchStats $PY scripts/profile_fused.py \
         >"$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
+    trainprof)  # where a training step's time goes (torch.profiler), quantplug and PEFT, per backend
+      for b in ${TRAINPROF_BACKENDS:-bnb}; do
+        timeout ${TRAINPROF_TIMEOUT:-200} $PY scripts/profile_training.py "$OUT/train_profile.txt" --backend $b \
+          >>"$OUT/train_profile.log" 2>&1
+      done; cat "$OUT/train_profile.txt" ;;
     tune)
       timeout ${TUNE_TIMEOUT:-300} $PY scripts/tune_triton.py "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" | grep -v "^skip" | tail -30 ;;
     env)

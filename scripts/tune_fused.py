@@ -55,16 +55,24 @@ def kernels(fmt):
 
 
 def sweep_grid(fmt, key):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try for CONFIGS[key] ("gemv": one token, 16)."""
-    if key == "gemv":  # the one-token GEMV kernels: per-thread partial sums of a BLOCK_N x BLOCK_K tile
-        ns, ks, warps, stages, splits = (4, 8, 16, 32), (128, 256, 512), (2, 4), (1, 3), (1, 2, 4)
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try for CONFIGS[key] ("gemv": one token, 16).
+
+    One token: the first H200 sweep (BLOCK_K 128-512, stages 1-3) found wider K steps always faster and
+    stages without effect, so this one spans BLOCK_K 512-4096 at one stage, keeping 8-64 weight
+    elements per thread (registers). 16 tokens: the tensor-core kernel's grid.
+    """
+    if key == "gemv":
+        ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
-    if fmt == "hqq":  # BLOCK_N counts rows of one half: each program writes twice as many
-        ns = tuple(max(2, n // 2) for n in ns)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
-        elements = n * k * (16 if key == 16 else 1) * (2 if fmt == "hqq" else 1)
-        if elements > (8192 if key == "gemv" else 65536):  # per-thread sums / products must fit in registers
+        if (
+            key == "gemv"
+        ):  # weight elements one step decodes (hqq: BLOCK_N rows of each half, a byte per input)
+            elements = n * k * (2 if fmt == "hqq" else 1)
+            if not 256 * w <= elements <= 2048 * w:
+                continue
+        elif n * k * 16 > 65536:  # the per-block product would not fit in registers
             continue
         yield (n, k, w, st, sk)
 

@@ -42,7 +42,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
 # "gemv": one token through _nf4_gemv_kernel (GEMV), else the main kernel's FMA path (1).
-CONFIGS = {"gemv": (16, 256, 4, 2, 1), 1: (16, 1024, 4, 1, 1), 16: (32, 128, 4, 1, 4)}
+CONFIGS = {"gemv": (16, 512, 4, 1, 2), 1: (16, 1024, 4, 1, 1), 16: (32, 128, 4, 1, 4)}
 GEMV = True
 # Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
 # slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
@@ -76,7 +76,9 @@ def _nf4_lora_kernel(
         rj = tl.arange(0, HALF)
         rk = tl.arange(0, BLOCK_K)
         rg = tl.arange(0, G)
-        row_bytes = rn_safe.to(tl.int64) * (K // 2)
+        row_bytes = tl.multiple_of(
+            rn_safe.to(tl.int64) * (K // 2), 16
+        )  # K is a multiple of BS >= 64: 16-byte rows
         row_groups = rn_safe.to(tl.int64) * (K // BS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
@@ -131,6 +133,26 @@ def _nf4_lora_kernel(
 
 
 @triton.jit
+def _input_pairs(x_ptr, pair, mask, X_PAIRS: tl.constexpr):
+    # inputs 2 * pair (the high nibble's) and 2 * pair + 1 (the low one's) as float32: one 32-bit load per
+    # pair when x is 4-byte aligned (X_PAIRS), else two strided 16-bit loads
+    if X_PAIRS:
+        both = tl.load(
+            x_ptr.to(tl.pointer_type(tl.int32)) + pair, mask=mask, other=0, eviction_policy="evict_last"
+        )
+        if (
+            x_ptr.dtype.element_ty == tl.bfloat16
+        ):  # bf16 -> float32 is a shift: the first input is the low half
+            return (both << 16).to(tl.float32, bitcast=True), (both & -65536).to(tl.float32, bitcast=True)
+        else:
+            first = (both & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return first, (both >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        first = tl.load(x_ptr + 2 * pair, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        return first, tl.load(x_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _nf4_gemv_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr,
     sync_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -138,7 +160,7 @@ def _nf4_gemv_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
+    PDL: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, X_PAIRS: tl.constexpr,
 ):  # fmt: skip
     # One token. A step reads a (BLOCK_N rows, GB blocks, HB bytes) tile straight from bitsandbytes' layout; each
     # thread keeps float32 sums per (row, block), so the only cross-thread sums are one per block of bytes and
@@ -148,19 +170,19 @@ def _nf4_gemv_kernel(
     GB: tl.constexpr = BLOCK_K // BS  # absmax blocks per step
     rg = tl.arange(0, GB)
     rj = tl.arange(0, HB)
-    row_bytes = rn_safe.to(tl.int64) * (K // 2)
+    row_bytes = tl.multiple_of(
+        rn_safe.to(tl.int64) * (K // 2), 16
+    )  # K is a multiple of BS >= 64: 16-byte rows
     row_blocks = rn_safe.to(tl.int64) * (K // BS)
     acc = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         g = k0 // BS + rg
         byte = (k0 // 2 + rg * HB)[:, None] + rj[None, :]
-        xk = (k0 + rg * BS)[:, None] + 2 * rj[None, :]  # the high nibble's input; the low one's is next
         if EVEN_K:
             packed = tl.load(
                 w_ptr + row_bytes[:, None, None] + byte[None, :, :], eviction_policy="evict_first"
             )
-            x_hi = tl.load(x_ptr + xk, eviction_policy="evict_last").to(tl.float32)
-            x_lo = tl.load(x_ptr + xk + 1, eviction_policy="evict_last").to(tl.float32)
+            x_hi, x_lo = _input_pairs(x_ptr, byte, (rg >= 0)[:, None], X_PAIRS)
             blocks = row_blocks[:, None] + g[None, :]
             if NESTED:
                 q = tl.load(absmax_ptr + blocks).to(tl.int32)
@@ -173,8 +195,7 @@ def _nf4_gemv_kernel(
                 w_ptr + row_bytes[:, None, None] + byte[None, :, :], mask=g_mask[None, :, None], other=0,
                 eviction_policy="evict_first",
             )  # fmt: skip
-            x_hi = tl.load(x_ptr + xk, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            x_lo = tl.load(x_ptr + xk + 1, mask=g_mask[:, None], other=0.0).to(tl.float32)
+            x_hi, x_lo = _input_pairs(x_ptr, byte, g_mask[:, None], X_PAIRS)
             blocks = row_blocks[:, None] + g[None, :]
             if NESTED:
                 q = tl.load(absmax_ptr + blocks, mask=g_mask[None, :], other=0).to(tl.int32)
@@ -270,6 +291,7 @@ def fused_lora_linear(
         (packed, absmax, state.code, abs2, code2, offset), getattr(module, "bias", None), N=N, rows=N,
         block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH and not gemv,
         lora_mode=1 if gemv and lora_mode == 2 else lora_mode, pdl=pdl, BS=blocksize, BS2=bs2, NESTED=nested,
+        **({"X_PAIRS": x.data_ptr() % 4 == 0 or not x.is_contiguous()} if gemv else {}),
     )  # fmt: skip
 
 

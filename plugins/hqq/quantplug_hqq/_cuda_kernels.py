@@ -42,7 +42,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # BLOCK_N counting rows of one half (each program writes twice as many);
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
 # "gemv": one token through _hqq4_gemv_kernel (GEMV), else the main kernel's FMA path (1).
-CONFIGS = {"gemv": (16, 256, 4, 2, 1), 1: (2, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
+CONFIGS = {"gemv": (2, 512, 2, 1, 1), 1: (2, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
 GEMV = True
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).

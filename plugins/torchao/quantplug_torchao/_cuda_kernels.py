@@ -36,7 +36,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
 # from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
 # "gemv": one token through _int8_gemv_kernel (GEMV), else the main kernel (1: FMA path, 16: tensor cores).
-CONFIGS = {"gemv": (8, 512, 4, 2, 1), 1: (8, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 4)}
+CONFIGS = {"gemv": (4, 512, 2, 1, 1), 1: (8, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 4)}
 GEMV = True
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
 # weight-only int8 linear at 1-16 tokens: docs/performance.md).
@@ -114,7 +114,9 @@ def _int8_gemv_kernel(
     row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL)
     rk = tl.arange(0, BLOCK_K)
     rows = rn_safe.to(tl.int64) * K
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # wide steps (few of them) are summed across the row as they come; narrow ones per input, at the end
+    STEP_SUM: tl.constexpr = BLOCK_K >= 1024
+    acc = tl.zeros((BLOCK_N, 1 if STEP_SUM else BLOCK_K), dtype=tl.float32)
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         kk = k0 + rk
         if EVEN_K:
@@ -124,7 +126,11 @@ def _int8_gemv_kernel(
             k_mask = kk < K
             q = tl.load(w_ptr + rows[:, None] + kk[None, :], mask=k_mask[None, :], other=0)
             xt = tl.load(x_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-        acc += ((q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xt[None, :]
+        product = ((q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0) * xt[None, :]
+        if STEP_SUM:
+            acc += tl.sum(product, axis=1, keep_dims=True)
+        else:
+            acc += product
     out, rm, last = fl.gemv_reduce(
         acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
     )
