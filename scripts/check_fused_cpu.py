@@ -40,11 +40,11 @@ def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None):
     results = []
     split = (16, 64, 4, 1, 3)  # split-K over (up to) three slices of 64-wide blocks
     configs = ((0, None), (1, None), (2, None), (0, split), (1, split), (2, split))
-    for (mode, config), gemv in [(c, g) for c in configs for g in ((True, False) if M == 1 else (None,))]:
+    for mode, config in configs:
         if mode:
-            out = fused(base, x, xa, A, B, 2.0, lora_mode=mode, config=config, force=True, gemv=gemv)
+            out = fused(base, x, xa, A, B, 2.0, lora_mode=mode, config=config, force=True)
         else:
-            out = fused(base, x, None, None, None, 0.0, config=config, force=True, gemv=gemv)
+            out = fused(base, x, None, None, None, 0.0, config=config, force=True)
         assert out is not None, f"{backend} did not serve N={N} K={K} M={M}"
         want = truth if mode else truth - 2.0 * (xa.double() @ A.double().T) @ B.double().T
         results.append(rel(out, want))

@@ -13,8 +13,6 @@ trials), for:
 - ``fused_base``: the plugin's fused kernel without an adapter (``A=None``);
 - ``fused_lora`` / ``fused_lora_nopdl``: with the adapter (the shrink as
   its own launch), with and without programmatic dependent launch;
-- ``fma_base`` (one token): the main kernel's FMA path, which the GEMV
-  kernel replaces;
 - ``wrapped``: quantplug's adapter layer as users call it (fast kernels);
 - ``wrapped_ref``: the same layer with ``QUANTPLUG_KERNELS=reference``
   (the library's forward plus the plain adapter).
@@ -22,8 +20,8 @@ trials), for:
 Bytes are what the wrapped layer must read at least: packed weight, scales
 (and zeros, nested absmax tables), bias, adapter ``A`` and ``B``; GB/s are
 bytes over graph time, and ``% copy`` compares with the measured
-device-to-device copy rate (read + write). ``--sweep`` first times the base
-kernel over a grid of block sizes per token block (compiling the grid in
+device-to-device copy rate (read + write). ``--sweep`` first times the
+one-token kernel with the adapter over a grid of block sizes per token block (compiling the grid in
 parallel worker processes first, so the GPU times only run after) and
 uses the fastest for the rest.
 """
@@ -239,10 +237,17 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     if sweep and time.perf_counter() - t0 < args.budget:
         timed = []
         for cfg in sweep_grid(fmt, key):
-            try:
+            try:  # with the adapter: what the layer runs (an epilogue can cost registers a config lacks)
                 us = t(
                     lambda lay, x: ck.fused_lora_linear(
-                        lay.base, x, None, None, None, 0.0, config=cfg, force=True
+                        lay.base,
+                        x,
+                        x,
+                        lay.lora_A["default"],
+                        lay.lora_B["default"],
+                        2.0,
+                        config=cfg,
+                        force=True,
                     )
                 )
             except Exception as exc:
@@ -287,15 +292,6 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     )
     row["fused_lora"] = t(lambda lay, x: lora(lay, x, True))
     row["fused_lora_nopdl"] = t(lambda lay, x: lora(lay, x, False))
-    if tokens == 1:  # the main kernel's path that the GEMV kernel replaces
-        try:
-            row["fma_base"] = t(
-                lambda lay, x: ck.fused_lora_linear(
-                    lay.base, x, None, None, None, 0.0, gemv=False, force=True
-                )
-            )
-        except Exception as exc:
-            print(f"fma_base {fmt} {n}x{k}: {type(exc).__name__} {str(exc)[:200]}", flush=True)
     saved = dict(ck.CONFIGS)
     ck.CONFIGS[key] = config
     row["wrapped"] = t(lambda lay, x: lay(x))
@@ -310,7 +306,6 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         "fused_base",
         "fused_lora",
         "fused_lora_nopdl",
-        "fma_base",
         "wrapped",
         "wrapped_ref",
     ):
@@ -320,7 +315,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     results["rows"].append(row)
     print(
         f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {row['library']:7.2f}  "
-        f"fbase {row['fused_base']:6.2f} (fma {row.get('fma_base', float('nan')):6.2f})  "
+        f"fbase {row['fused_base']:6.2f}  "
         f"lora {row['fused_lora']:6.2f} (no pdl {row['fused_lora_nopdl']:6.2f})  "
         f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {row['wrapped_ref']:7.2f}  "
         f"err {row['rel_err_vs_reference']:.1e}  "

@@ -65,9 +65,15 @@ def check_qalora_group(group: object, in_features: int, backend: str, base: nn.M
 
 
 def checked_weight(
-    weight: object, shape: tuple[int, int], backend: str, hook: str = "quantplug_dequantize"
+    weight: object,
+    shape: tuple[int, int],
+    backend: str,
+    hook: str = "quantplug_dequantize",
+    *,
+    finite: bool = True,
 ) -> torch.Tensor:
-    """A plugin's dense weight, refused unless it is a finite floating tensor of ``shape`` (out, in).
+    """A plugin's dense weight, refused unless it is a floating tensor of ``shape`` (out, in), and finite
+    unless ``finite=False`` (that check waits for the device).
 
     A wrong shape would broadcast into a merge or into DoRA's norms without an error.
     """
@@ -86,7 +92,7 @@ def checked_weight(
             f"returned a weight of shape {tuple(weight.shape)}; the layer's (out_features, in_features) "
             f"is {tuple(shape)}"
         )
-    if not torch.isfinite(weight).all():
+    if finite and not torch.isfinite(weight).all():
         raise refuse("returned a weight with NaN or inf")
     return weight
 

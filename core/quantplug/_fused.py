@@ -310,8 +310,8 @@ def finish(sync_ptr, LORA: tl.constexpr):
 
 
 def token_block(m: int) -> int:
-    """``BLOCK_M`` for ``m`` tokens: 1 (FMA path) for one token, else 16 (tensor cores)."""
-    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200)
+    """``BLOCK_M`` for ``m`` tokens: 1 (the plugin's one-token GEMV kernel) for one token, else 16
+    (its main kernel, on tensor cores)."""
     return 1 if m == 1 else 16
 
 

@@ -41,28 +41,41 @@ class LeanLoraLinear(torch.autograd.Function):
         with torch.no_grad():  # the inference forward, registered kernels included
             y = layer.base_with_adapter(x, xa, A, B, scale)
         ctx.save_for_backward(xa, A, B)
-        ctx.scale, ctx.layer, ctx.x_dtype = scale, layer, x.dtype
+        ctx.scale, ctx.layer, ctx.x_dtype, ctx.xa_is_x = scale, layer, x.dtype, xa is x
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
+        # Every product is one cuBLAS call with the scale as its alpha, and nothing here waits for the
+        # GPU: the plugin's weight is checked for shape and dtype, not for finiteness (that check would
+        # stop the host once per layer and step; a NaN weight shows in the loss anyway).
         xa, A, B = ctx.saved_tensors
         scale = ctx.scale
         xa_flat = xa.reshape(-1, xa.shape[-1]).to(A.dtype)
         dy_flat = dy.reshape(-1, dy.shape[-1])
-        dy_b = (dy_flat.to(B.dtype) @ B) * scale  # (tokens, r): the product both gradients share
+        dy_a = dy_flat.to(B.dtype)
+        unused = dy_a.new_empty(())  # addmm's input under beta=0: ignored, only alpha scales the product
+        dy_b = torch.addmm(unused, dy_a, B, beta=0, alpha=scale)  # (tokens, r): both gradients share it
         dA = dB = dxa = dx = None
-        if ctx.needs_input_grad[3]:
-            dB = (dy_flat.to(B.dtype).T @ (xa_flat @ A.T)) * scale  # the shrink again: r columns, not kept
+        if ctx.needs_input_grad[3]:  # the shrink again: r columns, not kept
+            dB = torch.addmm(unused, dy_a.T, xa_flat @ A.T, beta=0, alpha=scale)
         if ctx.needs_input_grad[2]:
             dA = dy_b.T @ xa_flat
-        if ctx.needs_input_grad[1]:
-            dxa = (dy_b @ A).reshape(*dy.shape[:-1], A.shape[1]).to(xa.dtype)
-        if ctx.needs_input_grad[0]:
-            weight = ctx.layer.dequantized_weight()  # this layer's dense weight, for this backward only
+        want_x, want_xa = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if want_xa:
+            dxa = dy_b @ A
+        if want_x:
+            weight = ctx.layer.dequantized_weight(finite=False)  # this layer's, for this backward only
             compute = torch.promote_types(weight.dtype, dy.dtype)  # fp16 weights, fp32 activations: in fp32
-            dx = (dy.to(compute) @ weight.to(compute)).to(ctx.x_dtype)
+            dy_c, weight = dy_flat.to(compute), weight.to(compute)
+            if want_xa and ctx.xa_is_x and dxa.dtype == compute:  # x's two gradients in one product
+                dx, dxa = torch.addmm(dxa, dy_c, weight), None
+            else:
+                dx = dy_c @ weight
+            dx = dx.reshape(*dy.shape[:-1], weight.shape[1]).to(ctx.x_dtype)
             del weight
+        if dxa is not None:
+            dxa = dxa.reshape(*dy.shape[:-1], A.shape[1]).to(xa.dtype)
         return dx, dxa, dA, dB, None, None
 
 

@@ -494,14 +494,17 @@ class LoraLayer(nn.Module):
 
     # -- weights -------------------------------------------------------------
 
-    def dequantized_weight(self) -> torch.Tensor:
+    def dequantized_weight(self, *, finite: bool = True) -> torch.Tensor:
         """The base's dense weight, through the backend's ``quantplug_dequantize``, checked.
 
-        :raises PluginError: the plugin returned no tensor, or one that is not a finite
-            floating tensor of shape ``(out_features, in_features)``.
+        ``finite=False`` leaves out the check for NaN and inf, which waits for
+        the device (the training backward, once per layer and step).
+
+        :raises PluginError: the plugin returned no tensor, or one that is not a
+            (finite) floating tensor of shape ``(out_features, in_features)``.
         """
         weight = self.relay.quantplug_dequantize(module=self.base, backend=self.backend)
-        return checked_weight(weight, (self.out_features, self.in_features), self.backend)
+        return checked_weight(weight, (self.out_features, self.in_features), self.backend, finite=finite)
 
     def delta_weight(
         self, name: str, magnitude: bool = True, base: torch.Tensor | None = None

@@ -197,9 +197,9 @@ def test_one_and_two_launch_paths(backend, variant, plugin):
 @pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
 @pytest.mark.parametrize("shape", SHAPES, ids=["1024x2048", "1000x1536"])
 def test_one_token_paths(backend, variant, plugin, shape):
-    """One token: the GEMV kernel and the main kernel's FMA path, each with and without programmatic
-    dependent launch, unsplit and split-K over three slices, base alone and with the adapter, eager and
-    replayed from a CUDA graph on fresh inputs."""
+    """One token (the GEMV kernel): with and without programmatic dependent launch, unsplit and split-K
+    over three slices, base alone and with the adapter, eager and replayed from a CUDA graph on fresh
+    inputs."""
     fused = kernels_module(plugin)
     dtype = torch.bfloat16
     layer = wrapped(backend, variant, shape, dtype, ranks=(16,))
@@ -208,26 +208,19 @@ def test_one_token_paths(backend, variant, plugin, shape):
     k_split = (shape[1] // 3 // 256 + 1) * 256  # three slices of whole 256-input blocks
     split = (gemv_config[0], 256, gemv_config[2], gemv_config[3], shape[1] // k_split + 1)
     with torch.no_grad():
-        for gemv, pdl, config, lora in [
-            (g, p, c, lo)
-            for g in (True, False)
-            for p in (True, False)
-            for c in (None, split)
-            for lo in (0, 1)
-        ]:
-            config = config if gemv or config is None else (*fused.CONFIGS[1][:4], config[4])
+        for pdl, config, lora in [(p, c, lo) for p in (True, False) for c in (None, split) for lo in (0, 1)]:
             static_x = torch.randn(1, shape[1], device="cuda", dtype=dtype)
 
-            def call(static_x=static_x, lora=lora, gemv=gemv, pdl=pdl, config=config):
+            def call(static_x=static_x, lora=lora, pdl=pdl, config=config):
                 args = (static_x, A, B, s) if lora else (None, None, None, 0.0)
                 return fused.fused_lora_linear(
-                    layer.base, static_x, *args, force=True, gemv=gemv, pdl=pdl, config=config
+                    layer.base, static_x, *args, force=True, pdl=pdl, config=config
                 )
 
             poison(shape[0] * 4, dtype)
             eager = call()
             names = ["default"] if lora else []
-            case = (gemv, pdl, config, lora)
+            case = (pdl, config, lora)
             assert torch.isfinite(eager).all(), case
             assert rel(eager, truth(layer, static_x, names)) < TOL[dtype], case
             outputs = []

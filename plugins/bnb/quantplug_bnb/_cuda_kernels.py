@@ -39,11 +39,10 @@ from quantplug.plugin import fused_lora as fl
 # The core's limits and per-layer counters; ONE_LAUNCH: the adapter's shrink inside the GEMV launch
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
-# from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-# "gemv": one token through _nf4_gemv_kernel (GEMV), else the main kernel's FMA path (1).
-CONFIGS = {"gemv": (16, 512, 4, 1, 2), 1: (16, 1024, 4, 1, 1), 16: (32, 128, 4, 1, 4)}
-GEMV = True
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_nf4_gemv_kernel), 16 for 2-16
+# tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
+# the one-token one timed with the adapter).
+CONFIGS = {"gemv": (16, 512, 4, 1, 2), 16: (32, 128, 4, 1, 4)}
 # Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
 # slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
 # lookups per byte keep it ALU-bound, docs/performance.md), so the library's forward plus the core's
@@ -112,15 +111,9 @@ def _nf4_lora_kernel(
             hi = tl.reshape(tl.reshape(hi, (BLOCK_N, G, BS // 2)) * absmax[:, :, None], (BLOCK_N, HALF))
             lo = tl.reshape(tl.reshape(lo, (BLOCK_N, G, BS // 2)) * absmax[:, :, None], (BLOCK_N, HALF))
             x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))
-            if USE_DOT:  # dequantized tile rounded to the compute dtype, as dequantize_4bit returns it
-                acc = tl.dot(x_even, tl.trans(hi.to(xt.dtype)), acc)
-                acc = tl.dot(x_odd, tl.trans(lo.to(xt.dtype)), acc)
-            else:  # reduced every block: few live registers, so the block (bytes in flight) can be large
-                part = (
-                    hi[None, :, :] * x_even.to(tl.float32)[:, None, :]
-                    + lo[None, :, :] * x_odd.to(tl.float32)[:, None, :]
-                )
-                acc += tl.sum(part, axis=2)
+            # the dequantized tile rounded to the compute dtype, as dequantize_4bit returns it
+            acc = tl.dot(x_even, tl.trans(hi.to(xt.dtype)), acc)
+            acc = tl.dot(x_odd, tl.trans(lo.to(xt.dtype)), acc)
         acc, last = fl.splitk_reduce(
             acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
         )  # fmt: skip
@@ -253,22 +246,21 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, gemv=None, pdl=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None
 ):  # fmt: skip
     """``Linear4bit(x) + scale * (xa @ A.T) @ B.T``, or ``None`` when not served here.
 
     ``A is None``: the base alone. ``config`` (a :data:`CONFIGS` entry),
     ``lora_mode`` (0: base only, 1: shrink launched first, 2: one launch),
-    ``gemv`` (one token: the GEMV kernel, or the main kernel's FMA path) and
-    ``pdl`` are the tuning script's; ``force`` runs it where :data:`SERVE`
-    is off.
+    and ``pdl`` are the tuning script's; ``force`` runs it where
+    :data:`SERVE` is off.
     """
     found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
     if found is None:
         return None
     M, packed, state, N, K, blocksize = found
     block_m = fl.token_block(M)
-    gemv = (GEMV if gemv is None else gemv) and block_m == 1
+    gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, blocksize, config[1])
     if block_k is None:
@@ -295,4 +287,4 @@ def fused_lora_linear(
     )  # fmt: skip
 
 
-_token_block, usable = fl.token_block, fl.usable  # (the tuning script picks BLOCK_M with it)
+usable = fl.usable

@@ -38,12 +38,10 @@ from quantplug.plugin import fused_lora as fl
 # The core's limits and per-layer counters; ONE_LAUNCH: the adapter's shrink inside the GEMV launch
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
-# BLOCK_N counting rows of one half (each program writes twice as many);
-# from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-# "gemv": one token through _hqq4_gemv_kernel (GEMV), else the main kernel's FMA path (1).
-CONFIGS = {"gemv": (2, 512, 2, 1, 1), 1: (2, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
-GEMV = True
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_hqq4_gemv_kernel), 16 for 2-16
+# tokens (the main kernel, on tensor cores); BLOCK_N counts rows of one half (a program writes twice as
+# many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
+CONFIGS = {"gemv": (4, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -115,13 +113,8 @@ def _hqq4_lora_kernel(
                 w_bot = (q_bot - z_bot) * s_bot
             w_top = tl.reshape(w_top, (BLOCK_N, BLOCK_K))
             w_bot = tl.reshape(w_bot, (BLOCK_N, BLOCK_K))
-            if USE_DOT:
-                acc_top = tl.dot(xt, tl.trans(w_top.to(xt.dtype)), acc_top)
-                acc_bot = tl.dot(xt, tl.trans(w_bot.to(xt.dtype)), acc_bot)
-            else:  # reduced every block: few live registers, so the block (bytes in flight) can be large
-                xf = xt.to(tl.float32)[:, None, :]
-                acc_top += tl.sum(w_top.to(tl.float32)[None, :, :] * xf, axis=2)
-                acc_bot += tl.sum(w_bot.to(tl.float32)[None, :, :] * xf, axis=2)
+            acc_top = tl.dot(xt, tl.trans(w_top.to(xt.dtype)), acc_top)
+            acc_bot = tl.dot(xt, tl.trans(w_bot.to(xt.dtype)), acc_bot)
         last = True
         if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
             fl.splitk_store(ws_ptr, acc_top, rm, rn_safe, n_mask, split, N, BLOCK_M)
@@ -246,12 +239,12 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, gemv=None, pdl=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, pdl=None
 ):  # fmt: skip
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
     ``exact`` rounds the dequantized weight as hqq does (tensor-core path
-    only); ``config``, ``lora_mode``, ``gemv``, ``pdl`` and ``force`` as in
+    only); ``config``, ``lora_mode``, ``pdl`` and ``force`` as in
     ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
     found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
@@ -259,7 +252,7 @@ def fused_lora_linear(
         return None
     M, W_q, w_scale, w_zero, N, K, group = found
     block_m = fl.token_block(M)
-    gemv = (GEMV if gemv is None else gemv) and block_m == 1
+    gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, group, config[1])
     if block_k is None or group & (group - 1):
@@ -272,4 +265,4 @@ def fused_lora_linear(
     )  # fmt: skip
 
 
-_token_block, usable = fl.token_block, fl.usable  # (the tuning script picks BLOCK_M with it)
+usable = fl.usable

@@ -33,20 +33,13 @@ from quantplug.plugin import fused_lora as fl
 # The core's limits and per-layer counters; ONE_LAUNCH: the adapter's shrink inside the GEMV launch
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
-# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) per token block (1: FMA; 2-16: tensor cores),
-# from scripts/tune_fused.py's sweep on an H200 (2026-12-04).
-# "gemv": one token through _int8_gemv_kernel (GEMV), else the main kernel (1: FMA path, 16: tensor cores).
-CONFIGS = {"gemv": (4, 512, 2, 1, 1), 1: (8, 1024, 4, 1, 1), 16: (32, 128, 4, 3, 4)}
-GEMV = True
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_int8_gemv_kernel), 16 for 2-16
+# tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
+# the one-token one timed with the adapter).
+CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 4)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
 # weight-only int8 linear at 1-16 tokens: docs/performance.md).
 SERVE = True
-
-
-def _token_block(m: int, elements: int = 0) -> int:
-    # 2-16 tokens on tensor cores: the FMA path at 4 tokens took 2-3x its 16-token time (H200). One token
-    # too from 32M weights up: 4096x14336 took 25 us on tensor cores against 36 us with FMAs (16.7M: 14 vs 12.5)
-    return 1 if m == 1 and elements < 1 << 25 else 16
 
 
 @triton.jit
@@ -82,10 +75,7 @@ def _int8_lora_kernel(
                     mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0,
                 )
-            if USE_DOT:
-                acc = tl.dot(xt, tl.trans(q.to(xt.dtype)), acc)
-            else:  # reduced every block: few live registers, so the block (bytes in flight) can be large
-                acc += tl.sum(q.to(tl.float32)[None, :, :] * xt.to(tl.float32)[:, None, :], axis=2)
+            acc = tl.dot(xt, tl.trans(q.to(xt.dtype)), acc)
         acc, last = fl.splitk_reduce(
             acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
         )  # fmt: skip
@@ -175,21 +165,20 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, gemv=None, pdl=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None
 ):  # fmt: skip
     """``linear(x) + scale * (xa @ A.T) @ B.T`` on an int8 weight, or ``None`` when not served.
 
     ``A is None`` computes the base alone; ``config`` (a :data:`CONFIGS`
-    entry), ``lora_mode`` (0-2), ``gemv`` (one token: the GEMV kernel, or
-    the main kernel), ``pdl`` and ``force`` (past :data:`SERVE`) are for
-    the tuning script and the tests.
+    entry), ``lora_mode`` (0-2), ``pdl`` and ``force`` (past :data:`SERVE`)
+    are for the tuning script and the tests.
     """
     found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
     if found is None:
         return None
     M, qdata, wscale, N, K = found
-    gemv = (GEMV if gemv is None else gemv) and M == 1
-    block_m = 1 if gemv else _token_block(M, N * K)
+    block_m = fl.token_block(M)
+    gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = min(config[1], max(16, triton.next_power_of_2(K)))
     return fl.launch(
