@@ -68,7 +68,7 @@ for name in ("triton", "bitsandbytes", "peft", "hqq", "torchao", "transformers",
 PY
         qp doctor; } 2>&1 | tee "$OUT/env.txt" ;;
     tests)
-      timeout ${TEST_TIMEOUT:-300} $PY -m pytest tests/gpu -q --no-header -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
+      timeout ${TEST_TIMEOUT:-300} $PY -m pytest ${TEST_PATHS:-tests/gpu} -q --no-header -p no:cacheprovider ${TEST_K:+-k "$TEST_K"} \
         2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     bench)
       timeout ${BENCH_TIMEOUT:-420} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60 ;;

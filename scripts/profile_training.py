@@ -95,14 +95,14 @@ def main() -> int:
     ]
     with open(args.out, "a") as out:
         out.write(f"== {args.backend} ({variant}), batch {args.batch}x{args.seq}, r=16, checkpointing\n")
-        ours = _llama(args.backend, variant, "cuda", dtype, False)
+        ours = _llama(args.backend, variant, "cuda", dtype, TINYLLAMA)
         qp.attach(ours, qp.LoraConfig(r=16, alpha=32, target_modules=LINEARS, init="random"))
         qp.prepare_for_training(ours, gradient_checkpointing=True)
         out.write("-- quantplug\n")
         profile(_Run(ours, qp.trainable_parameters(ours), "cuda", batches), args.steps, out)
         del ours
         torch.cuda.empty_cache()
-        theirs = _llama(args.backend, variant, "cuda", dtype, False)
+        theirs = _llama(args.backend, variant, "cuda", dtype, TINYLLAMA)
         peft_markers(theirs, theirs)
         theirs = get_peft_model(
             theirs, PeftConfig(r=16, lora_alpha=32, target_modules=LINEARS, init_lora_weights=False)

@@ -37,6 +37,13 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "first quantizing backend usable here)",
     )
     bench.add_argument(
+        "--model-shape", default="1.1b", choices=["1.1b", "8b"],
+        help="the whole-model rows' LLaMA: TinyLlama's 1.1B shape or Llama-3's 8B (random weights; default 1.1b)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--no-decode", action="store_true", help="with --model: only the training rows, no decode rows"
+    )
+    bench.add_argument(
         "--out", default="bench.json", help="JSON output path (a PNG chart is written beside it)"
     )
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")
@@ -91,8 +98,9 @@ def run_bench(args: argparse.Namespace) -> int:
         if not importable("transformers"):
             log("--model needs transformers; skipped")
         else:
-            torch.manual_seed(0)
-            rows += model_rows(args, device, dtype, env, log)
+            if not args.no_decode:
+                torch.manual_seed(0)
+                rows += model_rows(args, device, dtype, env, log)
             torch.manual_seed(0)
             rows += training_rows(args, device, dtype, env, log)
     save()

@@ -16,21 +16,39 @@ TINYLLAMA = dict(
     vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
     num_key_value_heads=4, max_position_embeddings=2048,
 )  # fmt: skip
+LLAMA_8B = dict(
+    vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    max_position_embeddings=2048,
+)  # fmt: skip (Llama-3-8B's shape)
 QUICK_LLAMA = dict(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, max_position_embeddings=256,
 )  # fmt: skip
 LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL_SHAPES = {"1.1b": TINYLLAMA, "8b": LLAMA_8B}
 
 
-def _llama(backend: str, variant: str | None, device: str, dtype, quick: bool, seed: int = 0):
+def llama_shape(args) -> tuple[str, dict]:
+    """The bench's model: (its name in the rows, its config), from ``--model-shape`` (``--quick``: tiny)."""
+    if args.quick:
+        return "llama-tiny", QUICK_LLAMA
+    size = getattr(args, "model_shape", None) or "1.1b"
+    return f"llama-{size}", MODEL_SHAPES[size]
+
+
+def _llama(backend: str, variant: str | None, device: str, dtype, config: dict, seed: int = 0):
     import torch
 
     import quantplug as qp
     from quantplug.testing import tiny_llama
 
     with torch.device(device):
-        model = tiny_llama(seed, **(QUICK_LLAMA if quick else TINYLLAMA), torch_dtype=dtype).to(dtype)
+        model = tiny_llama(seed, **config, torch_dtype=dtype).to(dtype)
     for module in model.modules():
         if isinstance(module, torch.nn.Linear):
             torch.nn.init.normal_(module.weight, 0, 0.02)
@@ -146,8 +164,8 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         return []
     backend, variant = status.name, variant_of(status)
     quick = args.quick
-    shape = "llama-tiny" if quick else "llama-1.1b"
-    vocab = (QUICK_LLAMA if quick else TINYLLAMA)["vocab_size"]
+    shape, config = llama_shape(args)
+    vocab = config["vocab_size"]
     new_tokens = 8 if quick else 64
     prompt = torch.randint(0, vocab, (1, 16), device=device)
     rows = []
@@ -159,7 +177,7 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
                      **extra})  # fmt: skip
 
     # quantplug
-    model = _llama(backend, variant, device, dtype, quick)
+    model = _llama(backend, variant, device, dtype, config)
     qp.attach(model, qp.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=LINEARS, init="random"))
     unmerged = _decode_tps(model, prompt, new_tokens, device)
     with qp.disable_adapters(model):
@@ -186,7 +204,7 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     from peft import LoraConfig as PeftConfig
     from peft import get_peft_model
 
-    model = _llama(backend, variant, device, dtype, quick)
+    model = _llama(backend, variant, device, dtype, config)
     peft_markers(model, model)
     peft_model = get_peft_model(
         model,

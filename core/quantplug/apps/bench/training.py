@@ -19,7 +19,7 @@ import statistics
 import time
 
 from quantplug.apps.bench.backends import importable, model_backend, peft_markers, variant_of
-from quantplug.apps.bench.model import LINEARS, QUICK_LLAMA, TINYLLAMA, _llama
+from quantplug.apps.bench.model import LINEARS, _llama, llama_shape
 
 LOSS_TOLERANCE = 2e-2  # relative, per step: bf16 compute and different kernel orders, not a different update
 
@@ -61,7 +61,7 @@ class _Run:
         return tokens / elapsed
 
 
-def _plain_lora_reference(qp_model, dtype, device, quick: bool):
+def _plain_lora_reference(qp_model, dtype, device, config: dict):
     """The same LLaMA with each adapted linear replaced by ``W`` (the backend's dequantized weight) plus the
     same adapter, in plain PyTorch: what quantplug's training must reproduce."""
     import torch
@@ -85,7 +85,7 @@ def _plain_lora_reference(qp_model, dtype, device, quick: bool):
             return y + ((x.to(self.A.dtype) @ self.A.T) @ self.B.T * self.scale).to(y.dtype)
 
     with torch.device(device):
-        reference = tiny_llama(0, **(QUICK_LLAMA if quick else TINYLLAMA), torch_dtype=dtype).to(dtype)
+        reference = tiny_llama(0, **config, torch_dtype=dtype).to(dtype)
     reference.load_state_dict(
         {k: v for k, v in qp_model.state_dict().items() if "lora" not in k and ".base." not in k},
         strict=False,
@@ -127,7 +127,8 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     from peft import get_peft_model
 
     backend, variant, quick = status.name, variant_of(status), args.quick
-    vocab = (QUICK_LLAMA if quick else TINYLLAMA)["vocab_size"]
+    shape, llama = llama_shape(args)
+    vocab = llama["vocab_size"]
     batch, seq = (2, 32) if quick else (4, 1024)
     warmup, steps, trials = (1, 2, 2) if quick else (3, 20, 5)
     check_steps, check_batch = (4, (2, 32)) if quick else (50, (1, 256))
@@ -140,10 +141,10 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     config = dict(r=args.rank, alpha=2 * args.rank, target_modules=LINEARS, init="random")
 
     torch.manual_seed(0)
-    ours = _llama(backend, variant, device, dtype, quick)
+    ours = _llama(backend, variant, device, dtype, llama)
     qp.attach(ours, qp.LoraConfig(**config))
     qp.prepare_for_training(ours, gradient_checkpointing=checkpointing)
-    theirs = _llama(backend, variant, device, dtype, quick)
+    theirs = _llama(backend, variant, device, dtype, llama)
     peft_markers(theirs, theirs)
     theirs = get_peft_model(
         theirs,
@@ -154,7 +155,7 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     theirs.enable_input_require_grads()
 
     # correctness first, from the same initial adapter: loss curves over check_steps
-    reference, reference_params = _plain_lora_reference(ours, dtype, device, quick)
+    reference, reference_params = _plain_lora_reference(ours, dtype, device, llama)
     curves = {}
     for name, model, params in (
         ("quantplug", ours, qp.trainable_parameters(ours)),
@@ -192,7 +193,6 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
                 peak = torch.cuda.max_memory_allocated() / 2**30
                 peaks[name] = max(peaks[name] or 0.0, peak)
             log(f"trial {trial + 1}/{trials} {name}: {speeds[name][-1]:.0f} tok/s")
-    shape = "llama-tiny" if quick else "llama-1.1b"
     common = {
         "backend": backend, "variant": variant, "shape": shape, "rank": args.rank, "env": env, "tokens": "train",
         "kernel": "qlora", "batch": batch, "seq": seq, "gradient_checkpointing": checkpointing,
