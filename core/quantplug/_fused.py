@@ -5,8 +5,17 @@ on first access: it imports Triton) and register their kernel with
 ``quantplug.plugin.register_fused_lora`` (``quantplug._fused_register``,
 which imports nothing until it is called). A plugin's ``_cuda_kernels.py``
 keeps only its format: a ``_storage`` that finds the layer's packed
-weight, a main kernel that dequantizes its tiles in registers, and its
-config table. Everything else is here:
+weight, a one-token GEMV kernel and a 2-16 token main kernel (tensor cores)
+that dequantize their tiles in registers, and its config table
+(``CONFIGS["gemv"]``, ``CONFIGS[16]``). Everything else is here:
+
+- programmatic dependent launch (:data:`PDL`, Hopper and later): the shrink
+  launch lets the GEMV launch start at once (:func:`gdc_launch_dependents`
+  after its own :func:`gdc_wait`); a kernel's ``PDL`` constexpr is 1 (wait
+  for the previous kernel at the start: no shrink before it), 2 (wait only
+  before the adapter's expand, in :func:`lora_epilogue`) or 0 (off);
+- a one-token GEMV program's place (:func:`gemv_program`) and its per-thread
+  partial sums summed once and split-K'd (:func:`gemv_reduce`);
 
 - the adapter: the shrink ``xa @ A.T`` as its own short launch
   (:func:`shrink_kernel`, about 32 programs, one slice of the input each,
@@ -34,10 +43,12 @@ A main kernel's signature: the plugin's own pointers (``x_ptr`` first,
 ws_ptr, cnt_ptr, M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam,
 stride_ar, stride_bn, stride_ym`` and the constexprs ``HAS_BIAS, LORA,
 SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_S, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
-USE_DOT, EVEN_K, SPLITK`` plus its own, as :func:`launch` passes them. Its
-body: :func:`program_ticket`; for a ticket from ``SPLITS`` up
+USE_DOT, EVEN_K, SPLITK, PDL`` plus its own, as :func:`launch` passes them
+(a GEMV kernel has the same signature with ``BLOCK_M = 1``). A main
+kernel's body: :func:`program_ticket`; for a ticket from ``SPLITS`` up
 :func:`program_tile`, the format's loop over K, split-K and
-:func:`store_rows`; :func:`finish` last.
+:func:`store_rows`; :func:`finish` last. A GEMV kernel's:
+:func:`gemv_program`, the loop, :func:`gemv_reduce`, :func:`store_rows`.
 """
 
 from __future__ import annotations
