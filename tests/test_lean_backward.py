@@ -110,3 +110,35 @@ def test_a_trainable_base_keeps_autograd_so_its_weight_gets_gradients():
     model.proj.base.weight.requires_grad_(True)  # the user trains the dense base too
     model(torch.randn(2, IN)).sum().backward()
     assert model.proj.base.weight.grad is not None
+
+
+def test_the_backward_never_waits_for_the_device(monkeypatch):
+    """No ``bool(tensor)`` in the training step: the plugin's weight is checked for shape and dtype there,
+    not for finiteness (that check stops the host once per layer and step); merges still check it."""
+    model = train_model("linear", None)
+    x = torch.randn(4, IN, requires_grad=True)
+    y = model(x)
+    calls = []
+    real = torch.isfinite
+    monkeypatch.setattr(torch, "isfinite", lambda t: calls.append(t.shape) or real(t))
+    y.sum().backward()
+    assert calls == [], "the lean backward checked a tensor's finiteness (a device sync on CUDA)"
+    assert x.grad is not None and model.proj.lora_A["default"].grad is not None
+    model.proj.dequantized_weight()
+    assert calls == [(OUT, IN)], "dequantized_weight() outside training keeps its finiteness check"
+
+
+def test_one_product_gives_both_input_gradients():
+    """Without dropout the adapter's input is x itself: x's gradient through the weight and through the
+    adapter come from one addmm, and still add up to autograd's."""
+    model = train_model("linear", None)
+    layer = model.proj
+    weight = layer.dequantized_weight().detach()
+    torch.manual_seed(3)
+    x = torch.randn(6, IN, requires_grad=True)
+    model(x).pow(2).sum().backward()
+    A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+    x_ref = x.detach().clone().requires_grad_()
+    bias = 0 if layer.bias is None else layer.bias.detach()
+    (x_ref @ weight.T + bias + (x_ref @ A.T) @ B.T * layer.scaling["default"]).pow(2).sum().backward()
+    assert relative_error(x.grad, x_ref.grad) < 1e-5
