@@ -4,7 +4,9 @@ One process holds both models. Each trial runs ``warmup`` steps, then times
 ``steps`` steps (GPU time between synchronisations); trials alternate
 quantplug and PEFT, so drift in clocks or temperature hits both alike. A row
 gives the median tokens/s with its min and max over the trials, the peak
-memory, the batch shape, gradient checkpointing and the optimizer.
+memory (of the process: both models' weights stay resident, so the two
+libraries' peaks differ only by what their steps allocate), the batch
+shape, gradient checkpointing and the optimizer.
 
 The same run checks correctness: from the same initial adapter and batches,
 quantplug's loss curve over ``check_steps`` steps is compared with PEFT's and
@@ -169,7 +171,7 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
         with torch.no_grad():  # back to the initial adapter for the timed trials
             for p, saved in zip(params, state):
                 p.copy_(saved)
-    del reference
+    del reference, model, params, run  # the loop's last model is the dense reference: not in the trials' peak
     worst = {
         other: max(abs(a - b) / abs(b) for a, b in zip(curves["quantplug"], curves[other]))
         for other in ("reference", "peft")
