@@ -135,9 +135,8 @@ def shrink_kernel(
     xa_ptr, a_ptr, part_ptr, M, KA, R, stride_xam, stride_ar,
     K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if (
-        PDL
-    ):  # the input is the previous kernel's; once it is complete the GEMV may launch (its x is ready too)
+    # the input is the previous kernel's; once it is complete the GEMV may launch (its x is ready too)
+    if PDL:
         gdc_wait()
         gdc_launch_dependents()
     shrink_slice(

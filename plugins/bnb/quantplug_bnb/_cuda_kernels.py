@@ -133,9 +133,8 @@ def _input_pairs(x_ptr, pair, mask, X_PAIRS: tl.constexpr):
         both = tl.load(
             x_ptr.to(tl.pointer_type(tl.int32)) + pair, mask=mask, other=0, eviction_policy="evict_last"
         )
-        if (
-            x_ptr.dtype.element_ty == tl.bfloat16
-        ):  # bf16 -> float32 is a shift: the first input is the low half
+        # bf16 -> float32 is a shift; the first input is the low half
+        if x_ptr.dtype.element_ty == tl.bfloat16:
             return (both << 16).to(tl.float32, bitcast=True), (both & -65536).to(tl.float32, bitcast=True)
         else:
             first = (both & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
