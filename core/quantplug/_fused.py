@@ -379,7 +379,8 @@ def launch(
     output rows that ``BLOCK_N`` (``config[0]``) tiles (``N``, or fewer when
     a program writes several rows per row); ``config`` ``(BLOCK_N, BLOCK_K,
     num_warps, num_stages[, SPLITK])``; ``lora_mode`` forces 0/1/2 (tuning);
-    ``one_launch`` picks ``LORA=2`` over 1; ``pdl`` overrides :data:`PDL`
+    ``one_launch`` picks ``LORA=2`` over 1 (2-16 token main kernels only);
+    ``pdl`` overrides :data:`PDL`
     (tuning); ``constexprs`` the kernel's own. Returns None when the bias
     cannot be read.
     """
@@ -393,6 +394,7 @@ def launch(
     lora = A is not None
     mode = (2 if one_launch and (module in sync or not _capturing()) else 1) if lora else 0
     mode = lora_mode if lora_mode is not None and lora else mode
+    mode = min(mode, 1) if block_m == 1 else mode  # a one-token GEMV kernel has no in-launch shrink (LORA=2)
     pdl = PDL if pdl is None else (pdl and HAS_PDL)
     launch_pdl = {"launch_pdl": True} if pdl else {}
     grid_n = triton.cdiv(rows, block_n)

@@ -280,9 +280,9 @@ def fused_lora_linear(
     return fl.launch(
         _nf4_gemv_kernel if gemv else _nf4_lora_kernel, module, x, xa, A, B, scale,
         (packed, absmax, state.code, abs2, code2, offset), getattr(module, "bias", None), N=N, rows=N,
-        block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH and not gemv,
-        lora_mode=1 if gemv and lora_mode == 2 else lora_mode, pdl=pdl, BS=blocksize, BS2=bs2, NESTED=nested,
-        **({"X_PAIRS": x.data_ptr() % 4 == 0 or not x.is_contiguous()} if gemv else {}),
+        block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH,
+        lora_mode=lora_mode, pdl=pdl, BS=blocksize, BS2=bs2, NESTED=nested,
+        **({"X_PAIRS": x.data_ptr() % 4 == 0} if gemv else {}),
     )  # fmt: skip
 
 

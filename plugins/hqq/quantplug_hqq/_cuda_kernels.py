@@ -260,7 +260,7 @@ def fused_lora_linear(
     return fl.launch(
         _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         getattr(module, "bias", None), N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
-        one_launch=ONE_LAUNCH and not gemv, lora_mode=1 if gemv and lora_mode == 2 else lora_mode, pdl=pdl,
+        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
         GS=group, EXACT=exact and block_m >= 16,
     )  # fmt: skip
 
