@@ -51,7 +51,7 @@ from quantplug._checks import (  # noqa: F401  (GroupSizeError, check_adapter_na
     checked_weight,
 )
 from quantplug._config import LoraConfig
-from quantplug._lean import LeanLoraLinear, lean_applies
+from quantplug._lean import lean_applies, lean_key, lean_lora
 from quantplug._routing import routed_rows
 
 NOT_CONNECTED = (
@@ -166,6 +166,11 @@ class LoraLayer(nn.Module):
         self._wiring: Wiring | None = None
         self._mixed_refusal: str | None = None
         self.register_buffer("_weight_sq", None, persistent=False)  # ‖W‖² per row, for DoRA
+        self._lean_key = lean_key(self)  # this layer in the lean training op's table (quantplug._lean)
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._lean_key = lean_key(self)  # a copy (copy.deepcopy) must not train through the original's key
 
     # -- collaborators ----------------------------------------------------------
 
@@ -383,10 +388,9 @@ class LoraLayer(nn.Module):
                 self.scaling[name],
             )
             if y is None:  # the first adapter goes with the base call: a kernel may run them side by side
-                if lean_applies(
-                    self, x, args[1], args[2]
-                ):  # training: one autograd node, no dense weight kept
-                    y = LeanLoraLinear.apply(x, *args, self)
+                xa, A, B, scale = args
+                if lean_applies(self, x, A, B):  # training: one autograd node, no dense weight kept
+                    y = lean_lora(x, xa, A, B, scale, self)
                 else:
                     y = self.base_with_adapter(x, *args)
                 continue

@@ -44,6 +44,20 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "--no-decode", action="store_true", help="with --model: only the training rows, no decode rows"
     )
     bench.add_argument(
+        "--trials", type=int, default=5,
+        help="with --model: timed training trials per library, alternating (default 5; each is 3 warm-up and "
+        "20 timed steps)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--check-steps", type=int, default=50,
+        help="with --model: steps of the training loss-curve check against plain PyTorch and PEFT (default 50)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--no-compile", action="store_true",
+        help="with --model: time quantplug's training eagerly only, not also under torch.compile "
+        "(qp.prepare_for_training(..., compile=True); the first step compiles, about a minute on a GPU)",
+    )  # fmt: skip
+    bench.add_argument(
         "--out", default="bench.json", help="JSON output path (a PNG chart is written beside it)"
     )
     bench.add_argument("--quick", action="store_true", help="small shapes and few repeats (a smoke run)")

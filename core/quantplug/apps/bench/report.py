@@ -147,15 +147,16 @@ def _render_body(rows: list[dict], json_path) -> str:
                     else ""
                 )
                 checkpointing = ", gradient checkpointing" if r.get("gradient_checkpointing") else ""
+                path = f", {r['path']}" if r.get("path") else ""
                 out.append(
                     f"| {r['backend']} {r['shape']} | {r['library']} | QLoRA training, batch {r.get('batch')}x"
-                    f"{r.get('seq')}{checkpointing} | {r['tokens_per_s']:.0f}{spread} | "
+                    f"{r.get('seq')}{checkpointing}{path} | {r['tokens_per_s']:.0f}{spread} | "
                     f"{fmt(speed, '.2f')}{'x' if speed else ''} | - | {fmt(r.get('peak_gib'), '.2f')} |"
                 )
     for r in rows:
         if r["tokens"] == "train-check":
             out += ["", f"Training correctness ({r['backend']}, same initial adapter and batches, "
-                    f"{r['check_steps']} steps): quantplug's loss differs from plain PyTorch on the dequantized "
+                    f"{r['check_steps']} steps): quantplug's loss ({', '.join(r.get('paths_checked', ['quantplug']))}) differs from plain PyTorch on the dequantized "
                     f"weights by at most {r['max_rel_loss_diff_vs_reference']:.1e} and from PEFT by "
                     f"{r['max_rel_loss_diff_vs_peft']:.1e} (relative, per step; tolerance {r['loss_tolerance']}): "
                     f"{'passed' if r['passed'] else 'FAILED'}."]  # fmt: skip
@@ -262,7 +263,7 @@ def _targets(rows) -> list[str]:
     trains = [
         r
         for r in rows
-        if r["tokens"] == "train" and r["library"] == "quantplug" and r.get("speedup_over_peft")
+        if r["tokens"] == "train" and r["library"].startswith("quantplug") and r.get("speedup_over_peft")
     ]
     if trains:
         out.append(f"- QLoRA training tokens/s ≥ {TARGETS['training_speedup']}x PEFT, at no more memory:")
@@ -275,7 +276,8 @@ def _targets(rows) -> list[str]:
                 f" ({'more: missed' if more else 'no more: met'})"
             )
         out.append(
-            f"  - {train['backend']} {train.get('variant') or ''}: {train['speedup_over_peft']:.2f}x: "
+            f"  - {train['backend']} {train.get('variant') or ''} {train['shape']}, "
+            f"{train.get('path', 'eager')}: {train['speedup_over_peft']:.2f}x: "
             f"{_verdict(train['speedup_over_peft'], TARGETS['training_speedup'], lower_is_better=False)}{mem}"
         )
     if not trains:

@@ -8,9 +8,16 @@ memory (of the process: both models' weights stay resident, so the two
 libraries' peaks differ only by what their steps allocate), the batch
 shape, gradient checkpointing and the optimizer.
 
-The same run checks correctness: from the same initial adapter and batches,
-quantplug's loss curve over ``check_steps`` steps is compared with PEFT's and
-with a reference that is the same adapter math in plain PyTorch
+quantplug runs twice: eagerly, and (unless ``--no-compile``) as
+``qp.prepare_for_training(..., compile=True)`` gives it, the whole model under
+``torch.compile`` with each adapter layer one opaque op (``quantplug._lean``).
+Both share one model, so both sit in the same memory; each row says which path
+it timed.
+
+The same run checks correctness: from the same initial adapter and batches
+(of the timed shape, so the compiled model compiles once), each quantplug
+path's loss curve over ``check_steps`` steps is compared with PEFT's and with
+a reference that is the same adapter math in plain PyTorch
 (``F.linear(x, W) + scale * (x @ A.T) @ B.T``) on the backend's dequantized
 weights, to a stated tolerance.
 """
@@ -24,6 +31,11 @@ from quantplug.apps.bench.backends import importable, model_backend, peft_marker
 from quantplug.apps.bench.model import LINEARS, _llama, llama_shape
 
 LOSS_TOLERANCE = 2e-2  # relative, per step: bf16 compute and different kernel orders, not a different update
+PATHS = {
+    "quantplug": "lean node, eager",
+    "quantplug-compiled": "lean custom ops, torch.compile of the model",
+    "peft": "PEFT, eager",
+}
 
 
 def _synchronize(device: str) -> None:
@@ -43,7 +55,7 @@ class _Run:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4)
 
     def step(self, ids) -> float:
-        loss = self.model(input_ids=ids, labels=ids).loss
+        loss = self.model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -95,6 +107,7 @@ def _plain_lora_reference(qp_model, dtype, device, config: dict):
     for path, layer in qp.lora_layers(qp_model).items():
         reference.set_submodule(path, PlainLora(layer))
     reference.requires_grad_(False)
+    reference.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for name, p in reference.named_parameters() if name.endswith((".A", ".B"))]
     for p in params:
         p.requires_grad_(True)
@@ -129,11 +142,12 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     from peft import get_peft_model
 
     backend, variant, quick = status.name, variant_of(status), args.quick
+    compiled = not getattr(args, "no_compile", False)
     shape, llama = llama_shape(args)
     vocab = llama["vocab_size"]
     batch, seq = (2, 32) if quick else (4, 1024)
-    warmup, steps, trials = (1, 2, 2) if quick else (3, 20, 5)
-    check_steps, check_batch = (4, (2, 32)) if quick else (50, (1, 256))
+    warmup, steps, trials = (1, 2, 2) if quick else (3, 20, getattr(args, "trials", 5))
+    check_steps, check_batch = (4 if quick else getattr(args, "check_steps", 50)), (batch, seq)
     checkpointing = True
     generator = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, vocab, (batch, seq), generator=generator).to(device) for _ in range(4)]
@@ -145,7 +159,7 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     torch.manual_seed(0)
     ours = _llama(backend, variant, device, dtype, llama)
     qp.attach(ours, qp.LoraConfig(**config))
-    qp.prepare_for_training(ours, gradient_checkpointing=checkpointing)
+    ours_compiled = qp.prepare_for_training(ours, gradient_checkpointing=checkpointing, compile=compiled)
     theirs = _llama(backend, variant, device, dtype, llama)
     peft_markers(theirs, theirs)
     theirs = get_peft_model(
@@ -158,12 +172,15 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
 
     # correctness first, from the same initial adapter: loss curves over check_steps
     reference, reference_params = _plain_lora_reference(ours, dtype, device, llama)
+    ours_params, their_params = (
+        qp.trainable_parameters(ours),
+        [p for p in theirs.parameters() if p.requires_grad],
+    )
+    models = {"quantplug": (ours, ours_params), "peft": (theirs, their_params)}
+    if compiled:
+        models["quantplug-compiled"] = (ours_compiled, ours_params)
     curves = {}
-    for name, model, params in (
-        ("quantplug", ours, qp.trainable_parameters(ours)),
-        ("peft", theirs, [p for p in theirs.parameters() if p.requires_grad]),
-        ("reference", reference, reference_params),
-    ):
+    for name, (model, params) in [*models.items(), ("reference", (reference, reference_params))]:
         state = [p.detach().clone() for p in params]
         run = _Run(model, params, device, checks)
         model.train()
@@ -172,20 +189,21 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
             for p, saved in zip(params, state):
                 p.copy_(saved)
     del reference, model, params, run  # the loop's last model is the dense reference: not in the trials' peak
+    ours_names = [name for name in models if name != "peft"]
     worst = {
-        other: max(abs(a - b) / abs(b) for a, b in zip(curves["quantplug"], curves[other]))
+        (name, other): max(abs(a - b) / abs(b) for a, b in zip(curves[name], curves[other]))
+        for name in ours_names
         for other in ("reference", "peft")
     }
-    log(f"loss curves over {check_steps} steps: quantplug vs reference {worst['reference']:.2e}, "
-        f"vs PEFT {worst['peft']:.2e} (tolerance {LOSS_TOLERANCE})")  # fmt: skip
+    for (name, other), diff in worst.items():
+        log(
+            f"loss curves over {check_steps} steps: {name} vs {other} {diff:.2e} (tolerance {LOSS_TOLERANCE})"
+        )
 
     # timed trials, alternating
-    runs = {
-        "quantplug": _Run(ours, qp.trainable_parameters(ours), device, batches),
-        "peft": _Run(theirs, [p for p in theirs.parameters() if p.requires_grad], device, batches),
-    }
-    speeds: dict[str, list[float]] = {"quantplug": [], "peft": []}
-    peaks: dict[str, float | None] = {"quantplug": None, "peft": None}
+    runs = {name: _Run(model, params, device, batches) for name, (model, params) in models.items()}
+    speeds: dict[str, list[float]] = {name: [] for name in runs}
+    peaks: dict[str, float | None] = dict.fromkeys(runs)
     for trial in range(trials):
         for name, run in runs.items():
             if device == "cuda":
@@ -203,18 +221,21 @@ def training_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     }  # fmt: skip
     rows = []
     median = {name: statistics.median(values) for name, values in speeds.items()}
-    for name in ("quantplug", "peft"):
+    for name in runs:
         rows.append({
-            **common, "library": name, "tokens_per_s": median[name], "tokens_per_s_min": min(speeds[name]),
+            **common, "library": name, "path": PATHS[name], "compiled": name == "quantplug-compiled",
+            "tokens_per_s": median[name], "tokens_per_s_min": min(speeds[name]),
             "tokens_per_s_max": max(speeds[name]), "tokens_per_s_trials": speeds[name], "peak_gib": peaks[name],
             "bare_us": 1e6 / median["peft"], "wrapped_us": 1e6 / median[name],
             "wrapped_over_bare": median["peft"] / median[name],
         })  # fmt: skip
-    rows[0].update(speedup_over_peft=median["quantplug"] / median["peft"], peft_peak_gib=peaks["peft"])
+        if name != "peft":
+            rows[-1].update(speedup_over_peft=median[name] / median["peft"], peft_peak_gib=peaks["peft"])
     rows.append({
         **common, "tokens": "train-check", "library": "quantplug", "check_steps": check_steps,
         "check_batch": list(check_batch), "loss_tolerance": LOSS_TOLERANCE,
-        "max_rel_loss_diff_vs_reference": worst["reference"], "max_rel_loss_diff_vs_peft": worst["peft"],
-        "passed": max(worst.values()) <= LOSS_TOLERANCE, "loss_curves": curves,
+        "max_rel_loss_diff_vs_reference": max(worst[name, "reference"] for name in ours_names),
+        "max_rel_loss_diff_vs_peft": max(worst[name, "peft"] for name in ours_names),
+        "paths_checked": ours_names, "passed": max(worst.values()) <= LOSS_TOLERANCE, "loss_curves": curves,
     })  # fmt: skip
     return rows
