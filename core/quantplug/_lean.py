@@ -69,13 +69,21 @@ def _layer(key: int) -> LoraLayer:
 def _forward(
     x: torch.Tensor, xa: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float, layer_key: int
 ) -> torch.Tensor:
-    """``base(x) + scale * (xa @ A.T) @ B.T`` for layer ``layer_key``, in ``x``'s dtype (``xa=None``: ``x``)."""
+    """``base(x) + scale * (xa @ A.T) @ B.T`` for layer ``layer_key`` (``xa=None``: ``x``), in the dtype the
+    layer gives (under autocast, autocast's)."""
     layer = _layer(layer_key)
     with torch.no_grad():  # the inference forward, registered kernels included
-        return layer.base_with_adapter(x, x if xa is None else xa, A, B, scale).to(x.dtype)
+        return layer.base_with_adapter(x, x if xa is None else xa, A, B, scale)
 
 
-lean_lora_linear = torch.library.custom_op("quantplug::lean_lora_linear", _forward, mutates_args=())
+def _op_forward(
+    x: torch.Tensor, xa: torch.Tensor | None, A: torch.Tensor, B: torch.Tensor, scale: float, layer_key: int
+) -> torch.Tensor:
+    """:func:`_forward` in ``x``'s dtype: what the op's fake version can promise without running the layer."""
+    return _forward(x, xa, A, B, scale, layer_key).to(x.dtype)
+
+
+lean_lora_linear = torch.library.custom_op("quantplug::lean_lora_linear", _op_forward, mutates_args=())
 
 
 @lean_lora_linear.register_fake
