@@ -123,14 +123,8 @@ def _grads(
         weight = _layer(layer_key).dequantized_weight(finite=False)  # this layer's, for this backward only
         compute = torch.promote_types(weight.dtype, dy.dtype)  # fp16 weights, fp32 activations: in fp32
         dy_c, weight = dy_flat.to(compute), weight.to(compute)
-        if (
-            xa_is_x and adapter_dx is not None and adapter_dx.dtype == compute
-        ):  # x's two gradients, one product
-            dx = torch.addmm(adapter_dx, dy_c, weight)
-        elif xa_is_x:
-            dx = dy_c @ weight + adapter_dx.to(compute)
-        else:
-            dx = dy_c @ weight
+        # x's two gradients (through the weight and through the adapter) from one product
+        dx = torch.addmm(adapter_dx.to(compute), dy_c, weight) if xa_is_x else dy_c @ weight
         dx = dx.reshape(*dy.shape[:-1], weight.shape[1]).to(x_dtype)
         del weight
     dxa = adapter_dx.reshape(xa.shape).to(xa.dtype) if need_xa else _empty(dy)

@@ -362,10 +362,10 @@ def prepare_for_training(
             registered = getattr(model, "_require_grads_hooks", None) or getattr(
                 model, "_require_grads_hook", None
             )
-            if hasattr(model, "enable_input_require_grads") and not registered:
-                model.enable_input_require_grads()
-            if compile:
+            if compile and hasattr(model, "disable_input_require_grads"):
                 model.disable_input_require_grads()
+            elif not compile and hasattr(model, "enable_input_require_grads") and not registered:
+                model.enable_input_require_grads()
     except BaseException:
         for param, flag in before:
             param.requires_grad_(flag)
