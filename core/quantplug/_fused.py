@@ -340,14 +340,16 @@ def _capturing() -> bool:
     return not INTERPRET and torch.cuda.is_current_stream_capturing()
 
 
-def admit(module, x, xa, A, B, storage, *, serve: bool) -> tuple | None:
+def admit(module, x, xa, A, B, storage, *, serve: bool, max_tokens: int | None = MAX_TOKENS) -> tuple | None:
     """``(tokens, *storage(module, x))`` when a fused kernel may serve this call, else None.
 
     ``serve``: the plugin's SERVE, or ``force``; ``storage``: the plugin's
     check of the layer (its packed tensors, or None). None under
     ``torch.compile``, off CUDA (unless interpreted), outside
     :data:`DTYPES`, with mismatched adapter dtypes, a rank above
-    :data:`MAX_RANK`, autograd, or more than :data:`MAX_TOKENS` rows.
+    :data:`MAX_RANK`, autograd, or more than ``max_tokens`` rows (``None``:
+    any number, for a plugin that serves larger calls with
+    :func:`dense_lora_linear`).
     """
     if not serve or _compiling() or not (x.is_cuda or INTERPRET) or x.dtype not in DTYPES:
         return None
@@ -364,8 +366,25 @@ def admit(module, x, xa, A, B, storage, *, serve: bool) -> tuple | None:
         return None
     K = x.shape[-1]
     M = x.numel() // K if K else 0
-    found = storage(module, x) if 0 < M <= MAX_TOKENS else None
+    found = storage(module, x) if M > 0 and (max_tokens is None or max_tokens >= M) else None
     return None if found is None else (M, *found)
+
+
+def dense_lora_linear(x, weight, bias, xa, A, B, scale):
+    """``x @ weight.T + bias + scale * (xa @ A.T) @ B.T`` in two cuBLAS calls and the small shrink.
+
+    Above the GEMV range (more than :data:`MAX_TOKENS` rows) a plugin with a
+    fast dequantization kernel serves its layer with it and this: one matmul
+    with the bias as its input, then the expand added into that output in
+    place (``addmm_``, the scale as alpha). ``A is None``: the base alone.
+    """
+    K, N = x.shape[-1], weight.shape[0]
+    x2 = x.reshape(-1, K)
+    y = torch.addmm(bias.to(x.dtype), x2, weight.T) if bias is not None else x2 @ weight.T
+    if A is not None:
+        shrink = xa.reshape(-1, xa.shape[-1]).to(A.dtype) @ A.T
+        y.addmm_(shrink.to(y.dtype), B.T.to(y.dtype), alpha=scale)
+    return y.view(*x.shape[:-1], N)
 
 
 def launch(

@@ -3,7 +3,8 @@
 bnb NF4/FP4 (nested and plain absmax), hqq 4-bit g64 and torchao int8
 weight-only, each built by its own library on the GPU. For every layer:
 fresh random inputs, bf16 and fp16, ranks 1-64, tokens 1-64 (above 16 the
-kernel declines and the library's forward serves: checked too), outputs
+kernel declines and the library's forward serves, or, where the plugin
+says ``DENSE``, its dequantization kernel and cuBLAS: checked too), outputs
 poisoned with NaN before each call, odd shapes, CUDA-graph capture and
 ``torch.compile(fullgraph=True)``, and mixed-adapter batches. Truth is the
 layer's dequantized weight (the plugin's own ``quantplug_dequantize``) in
@@ -131,7 +132,8 @@ def test_fused_matches_reference(backend, variant, plugin, shape, dtype):
                 name = adapter_name(r)
                 args = (x, layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
                 served = fused.fused_lora_linear(layer.base, x, *args, force=True)
-                assert (served is not None) == (tokens <= fused.MAX_TOKENS), (tokens, r)
+                # above MAX_TOKENS a plugin with DENSE serves through its dequantization and cuBLAS
+                assert (served is not None) == (tokens <= fused.MAX_TOKENS or fused.DENSE), (tokens, r)
                 poison(tokens * shape[0] * 4, dtype)
                 got = layer(x)
                 want = truth(layer, x, [name])
@@ -259,3 +261,23 @@ def test_mixed_adapter_batch(backend, variant, plugin):
             if name != "__base__":
                 layer.set_adapter(name)
                 assert rel(layer(x[row : row + 1]), want) < TOL[dtype], name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize(
+    "shape", [*SHAPES, (2048, 5632), (6, 64)], ids=["1024x2048", "1000x1536", "2048x5632", "6x64"]
+)
+def test_hqq_dequantize_kernel_is_the_library_bit_for_bit(shape, dtype):
+    """hqq's one-launch Triton dequantization (the lean backward's dx, the forward above 16 tokens) equals
+    ``HQQLinear.dequantize()`` exactly, and the plugin's ``quantplug_dequantize`` takes it on CUDA."""
+    require("hqq")
+    kernels = kernels_module("quantplug_hqq")
+    from quantplug_hqq import layers
+
+    base = build_base("hqq", "4bit-g64", *shape, dtype)
+    want = base.dequantize()
+    poison(want.numel(), dtype)
+    got = kernels.dequantize(base)
+    assert got is not None and got.dtype == want.dtype and got.shape == want.shape
+    assert torch.equal(got, want), (got != want).sum().item()
+    assert torch.equal(layers.dequantize(base), want)

@@ -49,6 +49,8 @@ CONFIGS = {"gemv": (16, 512, 4, 1, 2), 16: (32, 128, 4, 1, 4)}
 # lora_linear serve, and the plugin does not register it (set this before plugins load to try it).
 # ``fused_lora_linear(..., force=True)`` still runs it (tests, tuning).
 SERVE = False
+# Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
+DENSE = False
 
 
 @triton.jit

@@ -30,6 +30,8 @@ also returns ``None``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,9 @@ CONFIGS = {"gemv": (4, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
+# Calls above MAX_TOKENS rows: this plugin's one-launch dequantization and cuBLAS (fused_lora.dense_lora_linear),
+# faster than the library's forward, which dequantizes in several elementwise launches.
+DENSE = True
 
 
 @triton.jit
@@ -207,35 +212,43 @@ def _hqq4_gemv_kernel(
 # --------------------------------------------------------------------------
 
 
-def _storage(module, x):
-    """The layer's packed weight, scale and zero when this kernel can reproduce its forward, else None."""
+def _layout(module):
+    """The layer's packed weight, scale and zero, ``(W_q, scale, zero, N, K, group)``, when these
+    kernels read its layout (4-bit ``4bit_u8``, ``axis=1``, plain scale/zero in the compute dtype), else None."""
     if type(module).__name__ != "HQQLinear":
         return None
     W_q, meta = getattr(module, "W_q", None), getattr(module, "meta", None)
-    if W_q is None or not isinstance(meta, dict):
-        return None
+    if (
+        not torch.is_tensor(W_q)
+        or type(W_q) not in (torch.Tensor, torch.nn.Parameter)
+        or not isinstance(meta, dict)
+    ):
+        return None  # a DTensor (FSDP2, outside the forward) is not read here
     if meta.get("nbits") != 4 or meta.get("axis") != 1 or meta.get("packing") != "4bit_u8":
         return None
     if meta.get("view_as_float") or meta.get("quant_scale") or meta.get("quant_zero") or "zero_scale" in meta:
         return None
     scale, zero = meta.get("scale"), meta.get("zero")
-    if (
-        not (torch.is_tensor(scale) and torch.is_tensor(zero))
-        or scale.dtype != x.dtype
-        or zero.dtype != x.dtype
-    ):
-        return None
-    if getattr(module, "compute_dtype", x.dtype) != x.dtype:
+    dtype = getattr(module, "compute_dtype", None)
+    if not (torch.is_tensor(scale) and torch.is_tensor(zero)) or scale.dtype != dtype or zero.dtype != dtype:
         return None
     N, K = (int(d) for d in meta["shape"])
     group = int(meta["group_size"])
-    if x.shape[-1] != K or N % 2 or K % group or W_q.dtype != torch.uint8 or W_q.numel() != N * K // 2:
+    if N % 2 or K % group or group & (group - 1) or W_q.dtype != torch.uint8 or W_q.numel() != N * K // 2:
         return None
-    if W_q.device != x.device or scale.device != x.device or scale.numel() != N * K // group:
+    if scale.device != W_q.device or zero.device != W_q.device or scale.numel() != N * K // group:
         return None
     if not (W_q.is_contiguous() and scale.is_contiguous() and zero.is_contiguous()):
         return None
     return W_q, scale, zero, N, K, group
+
+
+def _storage(module, x):
+    """:func:`_layout` when this kernel can reproduce the layer's forward on ``x``, else None."""
+    found = _layout(module)
+    if found is None or found[1].dtype != x.dtype or found[0].device != x.device or found[4] != x.shape[-1]:
+        return None
+    return found
 
 
 def fused_lora_linear(
@@ -243,26 +256,97 @@ def fused_lora_linear(
 ):  # fmt: skip
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
-    ``exact`` rounds the dequantized weight as hqq does (tensor-core path
-    only); ``config``, ``lora_mode``, ``pdl`` and ``force`` as in
+    Above :data:`MAX_TOKENS` rows: :func:`dequantize` and cuBLAS
+    (``fused_lora.dense_lora_linear``), which is what hqq's PyTorch backend
+    does, less its several elementwise launches. ``exact`` rounds the
+    dequantized weight as hqq does (tensor-core path only); ``config``,
+    ``lora_mode``, ``pdl`` and ``force`` as in
     ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
-    found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
+    found = fl.admit(
+        module, x, xa, A, B, _storage, serve=SERVE or force, max_tokens=None if DENSE else MAX_TOKENS
+    )
     if found is None:
         return None
     M, W_q, w_scale, w_zero, N, K, group = found
+    bias = getattr(module, "bias", None)
+    if M > MAX_TOKENS:
+        if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
+            return None
+        weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
+        return fl.dense_lora_linear(x, weight, bias, xa, A, B, scale)
     block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, group, config[1])
-    if block_k is None or group & (group - 1):
+    if block_k is None:
         return None
     return fl.launch(
         _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
-        getattr(module, "bias", None), N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
+        bias, N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
         GS=group, EXACT=exact and block_m >= 16,
     )  # fmt: skip
+
+
+# --------------------------------------------------------------------------
+# Dequantization (the lean training backward's dx, and the forward above the GEMV range)
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _hqq4_dequant_kernel(
+    w_ptr, scale_ptr, zero_ptr, out_ptr, HALF_N, K,
+    GS: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr,
+):  # fmt: skip
+    # A (BLOCK_N byte rows, GROUPS groups, GS inputs) tile of W_q to both halves of the weight, rounded as
+    # hqq's dequantize: (q - zero), then * scale, each rounded to the compute dtype (PyTorch's CUDA
+    # elementwise ops compute in float32 and round once, as here).
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    rj = tl.arange(0, GS)
+    n_mask = (rn < HALF_N)[:, None]
+    gk = K // GS
+    mask = n_mask & (g < gk)[None, :]
+    at = rn.to(tl.int64)[:, None, None] * K + (g * GS)[None, :, None] + rj[None, None, :]
+    packed = tl.load(w_ptr + at, mask=mask[:, :, None], other=0)
+    dtype = out_ptr.dtype.element_ty
+    for half in tl.static_range(2):
+        groups = (rn + half * HALF_N).to(tl.int64)[:, None] * gk + g[None, :]
+        s = tl.load(scale_ptr + groups, mask=mask, other=0.0).to(tl.float32)[:, :, None]
+        z = tl.load(zero_ptr + groups, mask=mask, other=0.0).to(tl.float32)[:, :, None]
+        q = _nibble(((packed >> 4) if half == 0 else (packed & 15)).to(tl.int32))
+        w = ((q - z).to(dtype).to(tl.float32) * s).to(dtype)
+        tl.store(out_ptr + at + half * HALF_N * K, w, mask=mask[:, :, None])
+
+
+# (BLOCK_N byte rows, groups per program, num_warps): about 16 KB of codes per program
+DEQUANT_CONFIG = (16, 16, 4)
+
+
+def _dequantize(W_q, scale, zero, N, K, group):
+    half = N // 2
+    out = torch.empty((N, K), device=W_q.device, dtype=scale.dtype)
+    block_n, groups, warps = DEQUANT_CONFIG
+    groups = min(groups, triton.next_power_of_2(K // group))
+    grid = (triton.cdiv(half, block_n), triton.cdiv(K // group, groups))
+    _hqq4_dequant_kernel[grid](
+        W_q, scale, zero, out, half, K, GS=group, BLOCK_N=block_n, GROUPS=groups, num_warps=warps
+    )
+    return out
+
+
+def dequantize(module) -> torch.Tensor | None:
+    """The layer's dense weight, bit for bit ``HQQLinear.dequantize()``, in one launch; None when its
+    layout is not the one read here, off CUDA (unless interpreted) or under ``torch.compile``."""
+    found = _layout(module)
+    if found is None or torch.compiler.is_compiling() or not (found[0].is_cuda or fl.INTERPRET):
+        return None
+    with (
+        torch.no_grad(),
+        torch.cuda.device(found[0].device) if found[0].is_cuda else contextlib.nullcontext(),
+    ):
+        return _dequantize(*found)
 
 
 usable = fl.usable

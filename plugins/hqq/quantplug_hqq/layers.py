@@ -23,6 +23,7 @@ Facts about hqq 0.2.8.post1 this module works around, each tested in
 from __future__ import annotations
 
 import copy
+import functools
 from types import SimpleNamespace
 
 import torch
@@ -56,7 +57,11 @@ def dequantize(module: nn.Module) -> torch.Tensor:
     """The layer's dense ``(out, in)`` weight in its compute dtype, by ``HQQLinear.dequantize``.
 
     HQQLinear's forward is ``x @ dequantize().T + bias`` (every PyTorch
-    backend), and nothing is repacked after a forward, so this is exact. A
+    backend), and nothing is repacked after a forward, so this is exact. On
+    CUDA a 4-bit ``axis=1`` layer is dequantized by this plugin's Triton
+    kernel in one launch, bit for bit the library's (hqq's PyTorch backend
+    takes several elementwise launches; the lean training backward calls
+    this once per layer and step). A
     ``W_q`` sharded by FSDP2 (a DTensor, outside the forward) is gathered
     first and the library's own method runs on the full tensor.
     """
@@ -65,10 +70,27 @@ def dequantize(module: nn.Module) -> torch.Tensor:
         W_q = module.W_q
         gather = getattr(W_q, "full_tensor", None)
         if gather is None:
-            return module.dequantize()
+            fast = _kernel_dequantize(module) if W_q.is_cuda else None
+            return module.dequantize() if fast is None else fast
         # HQQLinear.dequantize reads only ready, W_q and meta (0.2.3 to 0.2.8.post1)
         view = SimpleNamespace(ready=module.ready, W_q=gather(), meta=module.meta)
         return type(module).dequantize(view)
+
+
+def _kernel_dequantize(module: nn.Module) -> torch.Tensor | None:
+    """The same weight from this plugin's one-launch Triton kernel (4-bit, ``axis=1``; bit for bit
+    hqq's, tested on the GPU), or None where it does not apply or Triton cannot load."""
+    kernels = _cuda_kernels()
+    return None if kernels is None else kernels.dequantize(module)
+
+
+@functools.cache
+def _cuda_kernels():
+    try:
+        from quantplug_hqq import _cuda_kernels
+    except Exception:  # no Triton, or one that cannot build for this torch: the library's dequantize serves
+        return None
+    return _cuda_kernels
 
 
 # -- requantize -----------------------------------------------------------------

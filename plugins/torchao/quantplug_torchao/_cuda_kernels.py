@@ -40,6 +40,8 @@ CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 4)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
 # weight-only int8 linear at 1-16 tokens: docs/performance.md).
 SERVE = True
+# Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
+DENSE = False
 
 
 @triton.jit
