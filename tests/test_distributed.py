@@ -90,6 +90,20 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     }
 
 
+def count_lean_backwards() -> list:
+    """A list that grows by one each time the lean training node's backward runs (in this process)."""
+    from quantplug import _lean
+
+    calls, grads = [], _lean._grads
+
+    def counted(*args):
+        calls.append(1)
+        return grads(*args)
+
+    _lean._grads = counted
+    return calls
+
+
 def _worker(rank: int, world: int, init_file: str, out: str, backend: str, variant: str, dora: bool) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
@@ -98,11 +112,14 @@ def _worker(rank: int, world: int, init_file: str, out: str, backend: str, varia
         qp.distributed.shard(model)
         base = next(layer.base for layer in qp.lora_layers(model).values())
         adapters = {id(p) for p in qp.trainable_parameters(model)}
+        lean_backwards = count_lean_backwards()
         result = {
             "adapter_sharded": all(type(p).__name__ == "DTensor" for p in qp.trainable_parameters(model)),
             "base_sharded": any(type(p).__name__ == "DTensor" for p in base.parameters()),
             "only_adapters_train": {id(p) for p in model.parameters() if p.requires_grad} == adapters,
             "losses": train(model, rank, world),
+            "lean_backwards": len(lean_backwards),
+            "layers": len(qp.lora_layers(model)),
         }
         # every rank calls it (the gather is a collective); only rank 0 writes, so rank 1's folder must not appear
         qp.save_adapter(model, os.path.join(out, f"adapter-rank{rank}"))
@@ -153,6 +170,8 @@ def test_two_ranks_train_the_same_adapter_as_one_process(tmp_path, backend, vari
     for result in ranks:
         assert result["adapter_sharded"] and result["base_sharded"] and result["only_adapters_train"]
         assert result["losses"] == pytest.approx(losses, rel=1e-5)
+        # sharded LoRA layers train through the lean node (one backward per layer and step); DoRA does not
+        assert result["lean_backwards"] == (0 if dora else STEPS * result["layers"]), result["lean_backwards"]
         assert result["tensors"].keys() == want.keys()
         for key, tensor in result["tensors"].items():
             torch.testing.assert_close(tensor, want[key], atol=ATOL, rtol=0, msg=key)

@@ -20,6 +20,7 @@ import logging
 import pytest
 import quantplug as qp
 import torch
+from quantplug import _lean
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("bitsandbytes")
@@ -238,7 +239,7 @@ def test_model_save_pretrained_writes_the_adapter_as_peft_lays_it_out(checkpoint
     assert set(model.peft_config) == {"default", "second"}
 
 
-def test_trainer_with_gradient_checkpointing_on_an_hqq_model_from_quantize(tmp_path):
+def test_trainer_with_gradient_checkpointing_on_an_hqq_model_from_quantize(tmp_path, monkeypatch):
     pytest.importorskip("hqq")
     from quantplug.testing import tiny_llama
 
@@ -247,10 +248,43 @@ def test_trainer_with_gradient_checkpointing_on_an_hqq_model_from_quantize(tmp_p
     qp.prepare_for_training(model)
     before = adapter_weights(model)
     args = arguments(tmp_path, gradient_checkpointing=True, save_strategy="no", max_steps=3)
+    backwards = []
+    grads = _lean._grads
+    monkeypatch.setattr(_lean, "_grads", lambda *a: backwards.append(1) or grads(*a))
     result = transformers.Trainer(model=model, args=args, train_dataset=token_rows()).train()
     assert result.global_step == 3 and model.model.is_gradient_checkpointing
+    # every adapter layer trained through the lean node: one backward per layer and step
+    assert len(backwards) == 3 * len(qp.lora_layers(model))
     after = adapter_weights(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_trainer_takes_the_compiled_model_from_prepare_for_training(tmp_path):
+    """The fast path for Trainer users: ``prepare_for_training(compile=True)`` compiles the model with
+    gradient checkpointing; Trainer trains it with no graph break and checkpoints the adapter alone.
+    (Trainer's own ``torch_compile=True`` re-registers the input-gradient hook and breaks the graph.)"""
+    pytest.importorskip("hqq")
+    from quantplug.testing import tiny_llama
+    from torch._dynamo.utils import counters
+
+    model = qp.quantize(tiny_llama(0), "hqq", "4bit-g64")
+    model.config.use_cache = False
+    qp.attach(model, qp.LoraConfig(r=4, alpha=8, target_modules=TARGETS, init="random"))
+    before = adapter_weights(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = qp.prepare_for_training(model, gradient_checkpointing=True, compile=True)
+    args = arguments(
+        tmp_path, max_steps=3, save_steps=3, gradient_checkpointing=False, remove_unused_columns=False
+    )
+    result = transformers.Trainer(model=compiled, args=args, train_dataset=token_rows()).train()
+    assert result.global_step == 3 and model.is_gradient_checkpointing
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    after = adapter_weights(model)
+    assert all(not torch.equal(before[k], after[k]) for k in before)
+    files = {p.name for p in (tmp_path / "checkpoint-3").iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
+    torch._dynamo.reset()
 
 
 def word_tokenizer():
