@@ -13,6 +13,7 @@ def test_doctor_table(capsys):
     out = capsys.readouterr().out
     assert out.splitlines()[0].split()[:3] == ["backend", "status", "plugin"]
     assert "linear" in out and "bnb" in out
+    assert "training path" in out and "quantplug::lean_lora_linear" in out  # which path trains
 
 
 def test_doctor_json(capsys):

@@ -79,6 +79,12 @@ def _doctor(args: argparse.Namespace) -> int:
             print(f"\n{row.name} limits:")
             for what, why in row.info.limits.items():
                 print(f"  {what}: {why}")
+    print(
+        "\ntraining path (every backend): the lean node, one autograd node per adapter layer whose backward "
+        "takes dx through the plugin's dequantization and keeps no dense weight; under "
+        "qp.prepare_for_training(model, compile=True) it runs as the custom ops quantplug::lean_lora_linear "
+        "and quantplug::lean_lora_grads inside torch.compile (docs/performance.md)"
+    )
     ok = sum(row.ok for row in rows)
     if not problems and not absent:
         print(f"\nall {ok} backends ok")
