@@ -63,7 +63,9 @@ def sweep_grid(fmt, key):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
-    for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
+    # hqq's one-token kernel: a sixth entry picks its decode (0 bytes, 1 int32 words, 2 words prefetched)
+    decodes = (0, 1, 2) if fmt == "hqq" and key == "gemv" else (None,)
+    for n, k, w, st, sk, decode in itertools.product(ns, ks, warps, stages, splits, decodes):
         if (
             key == "gemv"
         ):  # weight elements one step decodes (hqq: BLOCK_N rows of each half, a byte per input)
@@ -72,7 +74,7 @@ def sweep_grid(fmt, key):
                 continue
         elif n * k * 16 > 65536:  # the per-block product would not fit in registers
             continue
-        yield (n, k, w, st, sk)
+        yield (n, k, w, st, sk) if decode is None else (n, k, w, st, sk, decode)
 
 
 def copy_rate():
