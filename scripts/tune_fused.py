@@ -63,8 +63,8 @@ def sweep_grid(fmt, key):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
-    # hqq's one-token kernel: a sixth entry picks its decode (0 bytes, 1 int32 words, 2 words prefetched)
-    decodes = (0, 1, 2) if fmt == "hqq" and key == "gemv" else (None,)
+    # hqq's one-token kernel: a sixth entry says whether it prefetches the next step's bytes
+    decodes = (0, 1) if fmt == "hqq" and key == "gemv" else (None,)
     for n, k, w, st, sk, decode in itertools.product(ns, ks, warps, stages, splits, decodes):
         if (
             key == "gemv"

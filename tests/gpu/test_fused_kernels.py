@@ -284,17 +284,20 @@ def test_hqq_dequantize_kernel_is_the_library_bit_for_bit(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("decode", [0, 1, 2], ids=["bytes", "words", "words-prefetch"])
+@pytest.mark.parametrize("prefetch", [0, 1], ids=["step", "prefetch"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["1024x2048", "1000x1536"])
-def test_hqq_one_token_decodes(shape, decode, dtype):
-    """hqq's one-token kernel reads W_q as bytes, or as int32 words decoded by and-or into the mantissa of
-    1.0 (with or without the next step's loads first): each against the truth, unsplit and split-K, with a
-    last step that runs past the row (BLOCK_K 512 over 1536 inputs)."""
+def test_hqq_one_token_prefetch(shape, prefetch, dtype):
+    """hqq's one-token kernel with and without the next step's bytes loaded before this step's math: against
+    the truth, unsplit and split-K, with a last step that runs past the row (BLOCK_K 512 over 1536 inputs)."""
     fused = kernels_module("quantplug_hqq")
     layer = wrapped("hqq", "4bit-g64", shape, dtype, ranks=(16,))
     A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     with torch.no_grad():
-        for config in [(4, 512, 4, 1, 1, decode), (2, 256, 4, 1, 3, decode), (8, 1024, 8, 1, 2, decode)]:
+        for config in [
+            (4, 512, 4, 1, 1, prefetch),
+            (2, 256, 4, 1, 3, prefetch),
+            (8, 1024, 8, 1, 2, prefetch),
+        ]:
             x = torch.randn(1, shape[1], device="cuda", dtype=dtype)
             poison(shape[0] * 4, dtype)
             got = fused.fused_lora_linear(layer.base, x, x, A, B, s, config=config, force=True)

@@ -43,7 +43,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_hqq4_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); BLOCK_N counts rows of one half (a program writes twice as
 # many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
-CONFIGS = {"gemv": (4, 2048, 8, 1, 1, 2), 16: (32, 128, 4, 3, 1)}
+CONFIGS = {"gemv": (4, 2048, 8, 1, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -146,16 +146,28 @@ def _nibble(q):
 
 
 @triton.jit
+def _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS: tl.constexpr):
+    # one step's (byte rows, groups, GS bytes) tile of W_q; groups at or past k_end (the next split, or the
+    # step after the last) read nothing
+    kk = (k0 + rg * GS)[:, None] + rj[None, :]
+    g_ok = (k0 + rg * GS < k_end)[None, :, None]
+    return tl.load(
+        w_ptr + row_bytes[:, None, None] + kk[None, :, :], mask=g_ok, other=0, eviction_policy="evict_first"
+    )
+
+
+@triton.jit
 def _hqq4_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
     # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
+    # PREFETCH issues the next step's loads before this step's math (two steps of bytes in flight).
     HALF_N = N // 2
     row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL)
     GB: tl.constexpr = BLOCK_K // GS
@@ -166,150 +178,29 @@ def _hqq4_gemv_kernel(
     groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
     acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
-    for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
-        g = k0 // GS + rg
-        kk = (k0 + rg * GS)[:, None] + rj[None, :]
-        if EVEN_K:
-            packed = tl.load(w_ptr + row_bytes[:, None, None] + kk[None, :, :], eviction_policy="evict_first")
-            xt = tl.load(x_ptr + kk, eviction_policy="evict_last").to(tl.float32)
-            s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :]).to(tl.float32)
-            z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :]).to(tl.float32)
-            s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :]).to(tl.float32)
-            z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :]).to(tl.float32)
-        else:  # the last step runs past the row: masked groups read nothing and add zero
-            g_mask = g < K // GS
-            packed = tl.load(
-                w_ptr + row_bytes[:, None, None] + kk[None, :, :], mask=g_mask[None, :, None], other=0,
-                eviction_policy="evict_first",
-            )  # fmt: skip
-            xt = tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0).to(tl.float32)
-            s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-            z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-            s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-            z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-            s_top, z_top = s_top.to(tl.float32), z_top.to(tl.float32)
-            s_bot, z_bot = s_bot.to(tl.float32), z_bot.to(tl.float32)
-        x_sum = tl.sum(xt, axis=1)[None, :]
-        dot_top = tl.sum(_nibble((packed >> 4).to(tl.int32)) * xt[None, :, :], axis=2)
-        dot_bot = tl.sum(_nibble((packed & 15).to(tl.int32)) * xt[None, :, :], axis=2)
-        acc_top += s_top * (dot_top - z_top * x_sum)
-        acc_bot += s_bot * (dot_bot - z_bot * x_sum)
-    for half in tl.static_range(2):
-        out, rm, last = fl.gemv_reduce(
-            acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
-            row_block * 2 + half, split, N, BLOCK_N, SPLITK,
-        )  # fmt: skip
-        if last:
-            fl.store_rows(
-                out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
-                n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
-            )  # fmt: skip
-
-
-@triton.jit
-def _nibble_at(word, POS: tl.constexpr):
-    # the 4-bit code at bits POS..POS+3 of ``word`` (int32) as the float 1 + code * 2^(POS - 23): the code
-    # lands in the mantissa of 1.0 by one and-or (a LOP3), with no shift and no conversion
-    return ((word & (15 << POS)) | 0x3F800000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _input_halves(pairs):
-    # two bf16 inputs packed in an int32 (the first in the low half) as float32: a shift and a mask
-    return (pairs << 16).to(tl.float32, bitcast=True), (pairs & -65536).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _fp16_halves(pairs):
-    first = (pairs & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return first, (pairs >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
-def _group_words(words_ptr, row_words, k0, k_end, rg, rw, GS: tl.constexpr, WG: tl.constexpr):
-    # one step's (rows, groups, words of a group) tile of W_q as int32 words; groups at or past k_end read nothing
-    word = (k0 // 4 + rg * WG)[:, None] + rw[None, :]
-    g_ok = (k0 + rg * GS < k_end)[None, :, None]
-    return tl.load(
-        words_ptr + row_words[:, None, None] + word[None, :, :],
-        mask=g_ok,
-        other=0,
-        eviction_policy="evict_first",
-    )
-
-
-@triton.jit
-def _hqq4_gemv_words_kernel(
-    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
-    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
-    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
-    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr,
-):  # fmt: skip
-    # One token, W_q read as int32 words (4 inputs; per byte the top half's code high, the bottom's low).
-    # Each of a word's 8 codes becomes a float by one and-or: 1 + q * 2^(p - 23) with the code at bit p = 12
-    # or 16 (four shifts per word put each one there), so a code costs an and-or and an FMA. Per group and
-    # row, sum((1 + q 2^(p-23)) x) - sum(x) = 2^(p-23) sum(q x), per bit position p; then
-    # scale * (sum(q x) - zero * sum(x)). PREFETCH loads the next step's words before this step's math.
-    HALF_N = N // 2
-    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL)
-    GB: tl.constexpr = BLOCK_K // GS
-    WG: tl.constexpr = GS // 4
-    rg = tl.arange(0, GB)
-    rw = tl.arange(0, WG)
-    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
-    pairs_ptr = x_ptr.to(tl.pointer_type(tl.int32))
-    row_words = tl.multiple_of(rn_safe.to(tl.int64) * (K // 4), 16)
-    groups_top = rn_safe.to(tl.int64) * (K // GS)
-    groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
-    acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
-    acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     k_start = split * KS
     k_end = tl.minimum(K, split * KS + KS)
-    words = _group_words(words_ptr, row_words, k_start, k_end, rg, rw, GS, WG)
+    packed = _group_bytes(w_ptr, row_bytes, k_start, k_end, rg, rj, GS)
     for k0 in range(k_start, k_end, BLOCK_K):
         if PREFETCH:
-            following = _group_words(words_ptr, row_words, k0 + BLOCK_K, k_end, rg, rw, GS, WG)
+            following = _group_bytes(w_ptr, row_bytes, k0 + BLOCK_K, k_end, rg, rj, GS)
         g = k0 // GS + rg
         g_mask = k0 + rg * GS < k_end
-        pair = (k0 // 2 + rg * (GS // 2))[:, None] + 2 * rw[None, :]
-        x01 = tl.load(pairs_ptr + pair, mask=g_mask[:, None], other=0, eviction_policy="evict_last")
-        x23 = tl.load(pairs_ptr + pair + 1, mask=g_mask[:, None], other=0, eviction_policy="evict_last")
-        if x_ptr.dtype.element_ty == tl.bfloat16:
-            x0, x1 = _input_halves(x01)
-            x2, x3 = _input_halves(x23)
-        else:
-            x0, x1 = _fp16_halves(x01)
-            x2, x3 = _fp16_halves(x23)
+        kk = (k0 + rg * GS)[:, None] + rj[None, :]
+        xt = tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
         s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        x_all = tl.sum(x0 + x1 + x2 + x3, axis=1)[None, :]
-        x_1 = tl.sum(x1, axis=1)[None, :]
-        x_2 = tl.sum(x2, axis=1)[None, :]
-        x0, x1, x2, x3 = x0[None, :, :], x1[None, :, :], x2[None, :, :], x3[None, :, :]
-        up12, up4, down12, down4 = words << 12, words << 4, words >> 12, words >> 4
-        # bottom half (low nibbles): bytes 0, 1 and 3 at bit 12, byte 2 at bit 16
-        b12 = tl.sum(
-            _nibble_at(up12, 12) * x0 + _nibble_at(up4, 12) * x1 + _nibble_at(down12, 12) * x3, axis=2
-        )
-        b16 = tl.sum(_nibble_at(words, 16) * x2, axis=2)
-        # top half (high nibbles): bytes 0, 2 and 3 at bit 16, byte 1 at bit 12
-        t16 = tl.sum(
-            _nibble_at(up12, 16) * x0 + _nibble_at(down4, 16) * x2 + _nibble_at(down12, 16) * x3, axis=2
-        )
-        t12 = tl.sum(_nibble_at(words, 12) * x1, axis=2)
-        dot_bot = (b12 - (x_all - x_2)) * 2048.0 + (b16 - x_2) * 128.0
-        dot_top = (t16 - (x_all - x_1)) * 128.0 + (t12 - x_1) * 2048.0
-        acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_all)
-        acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_all)
-        if PREFETCH:
-            words = following
+        x_sum = tl.sum(xt, axis=1)[None, :]
+        dot_top = tl.sum(_nibble((packed >> 4).to(tl.int32)) * xt[None, :, :], axis=2)
+        dot_bot = tl.sum(_nibble((packed & 15).to(tl.int32)) * xt[None, :, :], axis=2)
+        acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_sum)
+        acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_sum)
+        if PREFETCH:  # noqa: SIM108 (a constexpr branch: `following` exists only when PREFETCH)
+            packed = following
         else:
-            words = _group_words(words_ptr, row_words, k0 + BLOCK_K, k_end, rg, rw, GS, WG)
+            packed = _group_bytes(w_ptr, row_bytes, k0 + BLOCK_K, k_end, rg, rj, GS)
     for half in tl.static_range(2):
         out, rm, last = fl.gemv_reduce(
             acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
@@ -398,12 +289,8 @@ def fused_lora_linear(
     if block_k is None:
         return None
     kernel, extra = _hqq4_lora_kernel, {}
-    if gemv:  # config[5]: 0 bytes, 1 words, 2 words with the next step's loads issued first
-        decode = config[5] if len(config) > 5 else 0
-        if decode and x.data_ptr() % 4 == 0 and W_q.data_ptr() % 16 == 0:
-            kernel, extra = _hqq4_gemv_words_kernel, {"PREFETCH": decode == 2}
-        else:
-            kernel = _hqq4_gemv_kernel
+    if gemv:  # config[5]: whether the one-token kernel prefetches the next step's bytes
+        kernel, extra = _hqq4_gemv_kernel, {"PREFETCH": bool(config[5]) if len(config) > 5 else False}
     return fl.launch(
         kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
