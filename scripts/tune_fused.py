@@ -63,9 +63,7 @@ def sweep_grid(fmt, key):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
-    # hqq's one-token kernel: a sixth entry says whether it prefetches the next step's bytes
-    decodes = (0, 1) if fmt == "hqq" and key == "gemv" else (None,)
-    for n, k, w, st, sk, decode in itertools.product(ns, ks, warps, stages, splits, decodes):
+    for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
         if (
             key == "gemv"
         ):  # weight elements one step decodes (hqq: BLOCK_N rows of each half, a byte per input)
@@ -74,7 +72,7 @@ def sweep_grid(fmt, key):
                 continue
         elif n * k * 16 > 65536:  # the per-block product would not fit in registers
             continue
-        yield (n, k, w, st, sk) if decode is None else (n, k, w, st, sk, decode)
+        yield (n, k, w, st, sk)
 
 
 def copy_rate():

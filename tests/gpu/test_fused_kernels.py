@@ -208,7 +208,7 @@ def test_one_token_paths(backend, variant, plugin, shape):
     A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     gemv_config = fused.CONFIGS["gemv"]
     k_split = (shape[1] // 3 // 256 + 1) * 256  # three slices of whole 256-input blocks
-    split = (gemv_config[0], 256, gemv_config[2], gemv_config[3], shape[1] // k_split + 1, *gemv_config[5:])
+    split = (gemv_config[0], 256, gemv_config[2], gemv_config[3], shape[1] // k_split + 1)
     with torch.no_grad():
         for pdl, config, lora in [(p, c, lo) for p in (True, False) for c in (None, split) for lo in (0, 1)]:
             static_x = torch.randn(1, shape[1], device="cuda", dtype=dtype)
@@ -284,20 +284,15 @@ def test_hqq_dequantize_kernel_is_the_library_bit_for_bit(shape, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("prefetch", [0, 1], ids=["step", "prefetch"])
 @pytest.mark.parametrize("shape", SHAPES, ids=["1024x2048", "1000x1536"])
-def test_hqq_one_token_prefetch(shape, prefetch, dtype):
-    """hqq's one-token kernel with and without the next step's bytes loaded before this step's math: against
-    the truth, unsplit and split-K, with a last step that runs past the row (BLOCK_K 512 over 1536 inputs)."""
+def test_hqq_one_token_configs(shape, dtype):
+    """hqq's one-token kernel over several tiles against the truth, unsplit and split-K, with a last step
+    that runs past the row (BLOCK_K 512 over 1536 inputs) and bf16 and fp16."""
     fused = kernels_module("quantplug_hqq")
     layer = wrapped("hqq", "4bit-g64", shape, dtype, ranks=(16,))
     A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     with torch.no_grad():
-        for config in [
-            (4, 512, 4, 1, 1, prefetch),
-            (2, 256, 4, 1, 3, prefetch),
-            (8, 1024, 8, 1, 2, prefetch),
-        ]:
+        for config in [(4, 512, 4, 1, 1), (2, 256, 4, 1, 3), (8, 1024, 8, 1, 2)]:
             x = torch.randn(1, shape[1], device="cuda", dtype=dtype)
             poison(shape[0] * 4, dtype)
             got = fused.fused_lora_linear(layer.base, x, x, A, B, s, config=config, force=True)

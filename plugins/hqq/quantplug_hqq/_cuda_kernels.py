@@ -43,7 +43,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_hqq4_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); BLOCK_N counts rows of one half (a program writes twice as
 # many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
-CONFIGS = {"gemv": (4, 2048, 8, 1, 1, 1), 16: (32, 128, 4, 3, 1)}
+CONFIGS = {"gemv": (4, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -147,8 +147,8 @@ def _nibble(q):
 
 @triton.jit
 def _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS: tl.constexpr):
-    # one step's (byte rows, groups, GS bytes) tile of W_q; groups at or past k_end (the next split, or the
-    # step after the last) read nothing
+    # one step's (byte rows, groups, GS bytes) tile of W_q; groups at or past k_end (the next split, or past
+    # the row) read nothing
     kk = (k0 + rg * GS)[:, None] + rj[None, :]
     g_ok = (k0 + rg * GS < k_end)[None, :, None]
     return tl.load(
@@ -163,11 +163,10 @@ def _hqq4_gemv_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr, PREFETCH: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
     # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
-    # PREFETCH issues the next step's loads before this step's math (two steps of bytes in flight).
     HALF_N = N // 2
     row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL)
     GB: tl.constexpr = BLOCK_K // GS
@@ -180,10 +179,8 @@ def _hqq4_gemv_kernel(
     acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     k_start = split * KS
     k_end = tl.minimum(K, split * KS + KS)
-    packed = _group_bytes(w_ptr, row_bytes, k_start, k_end, rg, rj, GS)
     for k0 in range(k_start, k_end, BLOCK_K):
-        if PREFETCH:
-            following = _group_bytes(w_ptr, row_bytes, k0 + BLOCK_K, k_end, rg, rj, GS)
+        packed = _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS)
         g = k0 // GS + rg
         g_mask = k0 + rg * GS < k_end
         kk = (k0 + rg * GS)[:, None] + rj[None, :]
@@ -197,10 +194,6 @@ def _hqq4_gemv_kernel(
         dot_bot = tl.sum(_nibble((packed & 15).to(tl.int32)) * xt[None, :, :], axis=2)
         acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_sum)
         acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_sum)
-        if PREFETCH:  # noqa: SIM108 (a constexpr branch: `following` exists only when PREFETCH)
-            packed = following
-        else:
-            packed = _group_bytes(w_ptr, row_bytes, k0 + BLOCK_K, k_end, rg, rj, GS)
     for half in tl.static_range(2):
         out, rm, last = fl.gemv_reduce(
             acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
@@ -288,14 +281,11 @@ def fused_lora_linear(
     block_k = fl.group_block_k(K, group, config[1])
     if block_k is None:
         return None
-    kernel, extra = _hqq4_lora_kernel, {}
-    if gemv:  # config[5]: whether the one-token kernel prefetches the next step's bytes
-        kernel, extra = _hqq4_gemv_kernel, {"PREFETCH": bool(config[5]) if len(config) > 5 else False}
     return fl.launch(
-        kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
+        _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
-        GS=group, EXACT=exact and block_m >= 16, **extra,
+        GS=group, EXACT=exact and block_m >= 16,
     )  # fmt: skip
 
 
