@@ -32,9 +32,10 @@ for stage in $STAGES; do
   case $stage in
     fused)
       timeout ${FUSED_TIMEOUT:-300} $PY scripts/tune_fused.py "$OUT/fused.json" ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -30 ;;
-    profile)  # Nsight Compute on one call of each one-token GEMV kernel (4096x4096)
+    profile)  # Nsight Compute on one call of each one-token GEMV kernel (PROFILE_ARGS="OUT IN", default 4096 4096)
       timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \
-        --section Occupancy --section WarpStateStats --section LaunchStats $PY scripts/profile_fused.py \
+        --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats \
+        --section MemoryWorkloadAnalysis $PY scripts/profile_fused.py ${PROFILE_ARGS:-} \
         >"$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
     trainprof)  # where a training step's time goes (torch.profiler), quantplug and PEFT, per backend
       for b in ${TRAINPROF_BACKENDS:-bnb}; do

@@ -1,27 +1,31 @@
-"""One call of each fused kernel at 4096x4096, one token, for Nsight Compute (no timing here).
+"""One call of each fused kernel at one token, for Nsight Compute (no timing here).
 
     ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \\
-        --section WarpStateStats --section Occupancy python scripts/profile_fused.py
+        --section WarpStateStats --section Occupancy python scripts/profile_fused.py [OUT IN]
 
-(``scripts/gpu_run.sh profile`` runs it so.)
+The layer is OUT x IN (default 4096 x 4096). ``scripts/gpu_run.sh profile`` runs it so, with
+``PROFILE_ARGS`` as its arguments.
 """
 
 import importlib
+import sys
 
 import quantplug as qp
 import torch
 from quantplug.testing import Holder
 
+OUT, IN = (int(d) for d in sys.argv[1:3]) if len(sys.argv) > 2 else (4096, 4096)
+
 for backend, variant in (("torchao", "int8wo"), ("hqq", "4bit-g64"), ("bnb", "nf4")):
     torch.manual_seed(0)
-    linear = torch.nn.Linear(4096, 4096, bias=False, device="cuda", dtype=torch.bfloat16)
+    linear = torch.nn.Linear(IN, OUT, bias=False, device="cuda", dtype=torch.bfloat16)
     model = qp.attach(
         Holder(qp.quantize(linear, backend, variant)),
         qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random"),
     )
     layer = model.proj
     kernels = importlib.import_module(f"quantplug_{backend}._cuda_kernels")
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(1, IN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         kernels.fused_lora_linear(layer.base, x, None, None, None, 0.0, force=True)
     torch.cuda.synchronize()
