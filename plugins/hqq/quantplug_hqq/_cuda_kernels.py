@@ -43,7 +43,9 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_hqq4_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); BLOCK_N counts rows of one half (a program writes twice as
 # many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
-CONFIGS = {"gemv": (4, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 1)}
+# The one-token config re-timed on an H100 on 2026-12-05 with the mantissa decode (2048 inputs a step: the
+# four fastest within 3%).
+CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -163,7 +165,7 @@ def _hqq4_gemv_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr, MANTISSA: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
     # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
     # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
@@ -190,15 +192,13 @@ def _hqq4_gemv_kernel(
         s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         x_sum = tl.sum(xt, axis=1)[None, :]
-        if MANTISSA:  # each code into the mantissa of 1.0: 1 + q / 16, by a shift and an and-or
-            codes = packed.to(tl.int32)
-            top = ((codes << 15) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
-            bot = ((codes << 19) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
-            dot_top = (tl.sum(top * xt[None, :, :], axis=2) - x_sum) * 16.0
-            dot_bot = (tl.sum(bot * xt[None, :, :], axis=2) - x_sum) * 16.0
-        else:
-            dot_top = tl.sum(_nibble((packed >> 4).to(tl.int32)) * xt[None, :, :], axis=2)
-            dot_bot = tl.sum(_nibble((packed & 15).to(tl.int32)) * xt[None, :, :], axis=2)
+        # each code into the mantissa of 1.0, as 1 + q / 16, by a shift and an and-or (no float subtract):
+        # sum((1 + q/16) x) = sum(x) + sum(q x) / 16
+        codes = packed.to(tl.int32)
+        top = ((codes << 15) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
+        bot = ((codes << 19) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
+        dot_top = (tl.sum(top * xt[None, :, :], axis=2) - x_sum) * 16.0
+        dot_bot = (tl.sum(bot * xt[None, :, :], axis=2) - x_sum) * 16.0
         acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_sum)
         acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_sum)
     for half in tl.static_range(2):
@@ -293,7 +293,6 @@ def fused_lora_linear(
         bias, N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
         GS=group, EXACT=exact and block_m >= 16,
-        **({"MANTISSA": bool(config[5]) if len(config) > 5 else False} if gemv else {}),
     )  # fmt: skip
 
 
