@@ -1,4 +1,4 @@
-"""Fused 4-bit GEMV + LoRA for hqq ``HQQLinear`` (4-bit, ``axis=1``) on CUDA (Triton), for 1-16 tokens.
+"""Fused 4-bit GEMV + LoRA for hqq ``HQQLinear`` (4-bit, ``axis=1``) on CUDA (Triton), and its dequantization.
 
 Registered for the op ``fused_lora_linear`` (backend ``hqq``, device
 ``cuda``, bf16/fp16) by this plugin's ``quantplug_register_kernels`` when
@@ -12,7 +12,11 @@ row, so byte ``(n, k)`` of ``W_q`` viewed as ``(out/2, in)`` holds
 ``W[n, k]`` and ``W[n + out/2, k]``), ``meta["scale"]`` and
 ``meta["zero"]`` (one each per group, in the compute dtype) and the bias.
 Each program reads one block of bytes and produces its rows of both halves:
-``(q - zero) * scale`` in registers, times the 1-16 input rows.
+``(q - zero) * scale`` in registers, times the 1-16 input rows (one token:
+``scale * (sum(q x) - zero * sum(x))`` per group, each code decoded into the
+mantissa of 1.0). :func:`dequantize` writes the dense weight in one launch,
+bit for bit hqq's; above :data:`MAX_TOKENS` rows it and cuBLAS serve the
+layer (``DENSE``), and the plugin's ``quantplug_dequantize`` uses it on CUDA.
 
 The adapter, split-K, the one-launch variant, the epilogue and the
 launcher are the core's, shared by every plugin's fused kernel
@@ -20,7 +24,7 @@ launcher are the core's, shared by every plugin's fused kernel
 
 It serves a call only when it can reproduce the layer's forward
 (``x @ dequantize().T + bias``): CUDA tensors in the layer's compute dtype
-(bf16/fp16), no autograd, at most :data:`MAX_TOKENS` rows, rank at most
+(bf16/fp16), no autograd, rank at most
 :data:`MAX_RANK`, 4 bits, ``axis=1``, plain ``scale``/``zero`` tensors (not
 hqq's older quantized meta), an even ``out_features`` and ``in_features`` a
 multiple of the group size; otherwise it returns ``None`` and the core takes
