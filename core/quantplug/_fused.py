@@ -383,7 +383,10 @@ def dense_lora_linear(x, weight, bias, xa, A, B, scale):
     y = torch.addmm(bias.to(x.dtype), x2, weight.T) if bias is not None else x2 @ weight.T
     if A is not None:
         shrink = xa.reshape(-1, xa.shape[-1]).to(A.dtype) @ A.T
-        y.addmm_(shrink.to(y.dtype), B.T.to(y.dtype), alpha=scale)
+        if A.dtype == y.dtype:
+            y.addmm_(shrink, B.T, alpha=scale)
+        else:  # float32 adapters: the update in their dtype, rounded once, as the reference
+            y += (shrink @ B.T * scale).to(y.dtype)
     return y.view(*x.shape[:-1], N)
 
 

@@ -243,6 +243,8 @@ def _layout(module):
     dtype = getattr(module, "compute_dtype", None)
     if not (torch.is_tensor(scale) and torch.is_tensor(zero)) or scale.dtype != dtype or zero.dtype != dtype:
         return None
+    if meta.get("compute_dtype", torch.float16) != dtype:  # hqq unpacks to meta's dtype (fp16 without one)
+        return None
     N, K = (int(d) for d in meta["shape"])
     group = int(meta["group_size"])
     if N % 2 or K % group or group & (group - 1) or W_q.dtype != torch.uint8 or W_q.numel() != N * K // 2:
@@ -284,7 +286,8 @@ def fused_lora_linear(
     if M > MAX_TOKENS:
         if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
             return None
-        weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton: current device
+            weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
         return fl.dense_lora_linear(x, weight, bias, xa, A, B, scale)
     block_m = fl.token_block(M)
     gemv = block_m == 1
@@ -328,7 +331,7 @@ def _hqq4_dequant_kernel(
         z = tl.load(zero_ptr + groups, mask=mask, other=0.0).to(tl.float32)[:, :, None]
         q = _nibble(((packed >> 4) if half == 0 else (packed & 15)).to(tl.int32))
         w = ((q - z).to(dtype).to(tl.float32) * s).to(dtype)
-        tl.store(out_ptr + at + half * HALF_N * K, w, mask=mask[:, :, None])
+        tl.store(out_ptr + at + (half * HALF_N).to(tl.int64) * K, w, mask=mask[:, :, None])
 
 
 # (BLOCK_N byte rows, groups per program, num_warps): about 16 KB of codes per program
