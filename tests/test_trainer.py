@@ -273,18 +273,21 @@ def test_trainer_takes_the_compiled_model_from_prepare_for_training(tmp_path):
     before = adapter_weights(model)
     torch._dynamo.reset()
     counters.clear()
-    compiled = qp.prepare_for_training(model, gradient_checkpointing=True, compile=True)
-    args = arguments(
-        tmp_path, max_steps=3, save_steps=3, gradient_checkpointing=False, remove_unused_columns=False
-    )
-    result = transformers.Trainer(model=compiled, args=args, train_dataset=token_rows()).train()
+    try:
+        compiled = qp.prepare_for_training(model, gradient_checkpointing=True, compile=True)
+        args = arguments(
+            tmp_path, max_steps=3, save_steps=3, gradient_checkpointing=False, remove_unused_columns=False
+        )
+        result = transformers.Trainer(model=compiled, args=args, train_dataset=token_rows()).train()
+        breaks = dict(counters["graph_break"])
+    finally:
+        torch._dynamo.reset()  # no compiled graphs left for later tests
     assert result.global_step == 3 and model.is_gradient_checkpointing
-    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not breaks, breaks
     after = adapter_weights(model)
     assert all(not torch.equal(before[k], after[k]) for k in before)
     files = {p.name for p in (tmp_path / "checkpoint-3").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files and "model.safetensors" not in files
-    torch._dynamo.reset()
 
 
 def word_tokenizer():

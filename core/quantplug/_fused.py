@@ -370,6 +370,11 @@ def admit(module, x, xa, A, B, storage, *, serve: bool, max_tokens: int | None =
     return None if found is None else (M, *found)
 
 
+def _bias_readable(bias, x, N) -> bool:
+    """Whether a kernel can add the layer's ``bias``: none, or a tensor of ``N`` values on ``x``'s device."""
+    return bias is None or (torch.is_tensor(bias) and bias.device == x.device and bias.numel() == N)
+
+
 def dense_lora_linear(x, weight, bias, xa, A, B, scale):
     """``x @ weight.T + bias + scale * (xa @ A.T) @ B.T`` in two cuBLAS calls and the small shrink.
 
@@ -377,8 +382,11 @@ def dense_lora_linear(x, weight, bias, xa, A, B, scale):
     fast dequantization kernel serves its layer with it and this: one matmul
     with the bias as its input, then the expand added into that output in
     place (``addmm_``, the scale as alpha). ``A is None``: the base alone.
+    None when the bias cannot be read (as :func:`launch`).
     """
     K, N = x.shape[-1], weight.shape[0]
+    if not _bias_readable(bias, x, N):
+        return None
     x2 = x.reshape(-1, K)
     y = torch.addmm(bias.to(x.dtype), x2, weight.T) if bias is not None else x2 @ weight.T
     if A is not None:
@@ -406,7 +414,7 @@ def launch(
     (tuning); ``constexprs`` the kernel's own. Returns None when the bias
     cannot be read.
     """
-    if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
+    if not _bias_readable(bias, x, N):
         return None
     block_n, _, warps, stages, splitk = (*config, 1)[:5]
     K = x.shape[-1]

@@ -284,10 +284,7 @@ def fused_lora_linear(
     M, W_q, w_scale, w_zero, N, K, group = found
     bias = getattr(module, "bias", None)
     if M > MAX_TOKENS:
-        if bias is not None and (not torch.is_tensor(bias) or bias.device != x.device or bias.numel() != N):
-            return None
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # Triton: current device
-            weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
+        weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
         return fl.dense_lora_linear(x, weight, bias, xa, A, B, scale)
     block_m = fl.token_block(M)
     gemv = block_m == 1
@@ -344,9 +341,11 @@ def _dequantize(W_q, scale, zero, N, K, group):
     block_n, groups, warps = DEQUANT_CONFIG
     groups = min(groups, triton.next_power_of_2(K // group))
     grid = (triton.cdiv(half, block_n), triton.cdiv(K // group, groups))
-    _hqq4_dequant_kernel[grid](
-        W_q, scale, zero, out, half, K, GS=group, BLOCK_N=block_n, GROUPS=groups, num_warps=warps
-    )
+    # Triton launches on the current device: the weight's, which need not be the current one
+    with torch.cuda.device(W_q.device) if W_q.is_cuda else contextlib.nullcontext():
+        _hqq4_dequant_kernel[grid](
+            W_q, scale, zero, out, half, K, GS=group, BLOCK_N=block_n, GROUPS=groups, num_warps=warps
+        )
     return out
 
 
@@ -356,10 +355,7 @@ def dequantize(module) -> torch.Tensor | None:
     found = _layout(module)
     if found is None or torch.compiler.is_compiling() or not (found[0].is_cuda or fl.INTERPRET):
         return None
-    with (
-        torch.no_grad(),
-        torch.cuda.device(found[0].device) if found[0].is_cuda else contextlib.nullcontext(),
-    ):
+    with torch.no_grad():
         return _dequantize(*found)
 
 
