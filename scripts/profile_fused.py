@@ -1,10 +1,12 @@
-"""One call of each fused kernel at one token, for Nsight Compute (no timing here).
+"""One call of each fused kernel, for Nsight Compute (no timing here).
 
     ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \\
-        --section WarpStateStats --section Occupancy python scripts/profile_fused.py [OUT IN]
+        --section WarpStateStats --section Occupancy python scripts/profile_fused.py [OUT IN [TOKENS]]
 
-The layer is OUT x IN (default 4096 x 4096). ``scripts/gpu_run.sh profile`` runs it so, with
-``PROFILE_ARGS`` as its arguments.
+The layer is OUT x IN (default 4096 x 4096), the input TOKENS rows (default 1: the one-token GEMV
+kernels, named ``*_gemv_kernel``; 2-16: the tensor-core kernels, ``*_lora_kernel``).
+``scripts/gpu_run.sh profile`` runs it so, with ``PROFILE_ARGS`` as its arguments and
+``PROFILE_KERNELS`` as the kernel-name pattern.
 """
 
 import importlib
@@ -15,6 +17,7 @@ import torch
 from quantplug.testing import Holder
 
 OUT, IN = (int(d) for d in sys.argv[1:3]) if len(sys.argv) > 2 else (4096, 4096)
+TOKENS = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 
 for backend, variant in (("torchao", "int8wo"), ("hqq", "4bit-g64"), ("bnb", "nf4")):
     torch.manual_seed(0)
@@ -25,7 +28,7 @@ for backend, variant in (("torchao", "int8wo"), ("hqq", "4bit-g64"), ("bnb", "nf
     )
     layer = model.proj
     kernels = importlib.import_module(f"quantplug_{backend}._cuda_kernels")
-    x = torch.randn(1, IN, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(TOKENS, IN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         kernels.fused_lora_linear(layer.base, x, None, None, None, 0.0, force=True)
     torch.cuda.synchronize()
