@@ -83,7 +83,12 @@ def wrapped(backend, variant, shape, dtype, ranks=RANKS):
 def truth(layer, x, names):
     from quantplug._registry import hook
 
-    weight = hook().quantplug_dequantize(module=layer.base, backend=layer.backend).double()
+    if (
+        layer.backend == "hqq"
+    ):  # the library's own: the plugin's dequantization on CUDA is a kernel under test
+        weight = layer.base.dequantize().double()
+    else:
+        weight = hook().quantplug_dequantize(module=layer.base, backend=layer.backend).double()
     out = x.double() @ weight.T
     if layer.bias is not None:
         out = out + layer.bias.double()
@@ -265,16 +270,34 @@ def test_mixed_adapter_batch(backend, variant, plugin):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize(
-    "shape", [*SHAPES, (2048, 5632), (6, 64)], ids=["1024x2048", "1000x1536", "2048x5632", "6x64"]
+    ("shape", "group"),
+    [
+        (SHAPES[0], 64),
+        (SHAPES[1], 64),
+        ((2048, 5632), 64),
+        ((6, 64), 64),
+        ((1000, 1536), 128),
+        ((64, 4096), 1024),
+    ],
+    ids=["1024x2048", "1000x1536", "2048x5632", "6x64", "1000x1536-g128", "64x4096-g1024"],
 )
-def test_hqq_dequantize_kernel_is_the_library_bit_for_bit(shape, dtype):
+def test_hqq_dequantize_kernel_is_the_library_bit_for_bit(shape, group, dtype):
     """hqq's one-launch Triton dequantization (the lean backward's dx, the forward above 16 tokens) equals
-    ``HQQLinear.dequantize()`` exactly, and the plugin's ``quantplug_dequantize`` takes it on CUDA."""
+    ``HQQLinear.dequantize()`` exactly, at groups of 64 to 1024 inputs, and the plugin's
+    ``quantplug_dequantize`` takes it on CUDA."""
     require("hqq")
     kernels = kernels_module("quantplug_hqq")
     from quantplug_hqq import layers
 
-    base = build_base("hqq", "4bit-g64", *shape, dtype)
+    if group == 64:
+        base = build_base("hqq", "4bit-g64", *shape, dtype)
+    else:  # a group size no variant names: built with hqq's own config
+        from hqq.core.quantize import BaseQuantizeConfig, HQQLinear
+
+        torch.manual_seed(group)
+        weight = torch.randn(shape, device="cuda", dtype=dtype) * 0.02
+        config = BaseQuantizeConfig(nbits=4, group_size=group, axis=1)
+        base = HQQLinear.from_weights(weight, None, config, compute_dtype=dtype, device="cuda")
     want = base.dequantize()
     poison(want.numel(), dtype)
     got = kernels.dequantize(base)

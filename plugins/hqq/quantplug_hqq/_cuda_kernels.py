@@ -335,7 +335,8 @@ def _hqq4_dequant_kernel(
         tl.store(out_ptr + at + (half * HALF_N).to(tl.int64) * K, w, mask=mask[:, :, None])
 
 
-# (BLOCK_N byte rows, groups per program, num_warps): about 16 KB of codes per program
+# (BLOCK_N byte rows, groups per program, num_warps) at groups of 64: 16 KB of codes per program; larger
+# groups take fewer per program, then fewer rows, to stay near that
 DEQUANT_CONFIG = (16, 16, 4)
 
 
@@ -343,7 +344,9 @@ def _dequantize(W_q, scale, zero, N, K, group):
     half = N // 2
     out = torch.empty((N, K), device=W_q.device, dtype=scale.dtype)
     block_n, groups, warps = DEQUANT_CONFIG
-    groups = min(groups, triton.next_power_of_2(K // group))
+    budget = block_n * groups * 64  # codes per program (group is a power of two)
+    block_n = max(1, min(block_n, budget // group))
+    groups = max(1, min(groups, budget // (block_n * group), triton.next_power_of_2(K // group)))
     grid = (triton.cdiv(half, block_n), triton.cdiv(K // group, groups))
     # Triton launches on the current device: the weight's, which need not be the current one
     with torch.cuda.device(W_q.device) if W_q.is_cuda else contextlib.nullcontext():
