@@ -57,15 +57,12 @@ def sweep_grid(fmt, key):
 
     One token: the first H200 sweep (BLOCK_K 128-512, stages 1-3) found wider K steps always faster and
     stages without effect, so this one spans BLOCK_K 512-4096 at one stage, keeping 8-64 weight
-    elements per thread (registers). 16 tokens: the tensor-core kernels, which put the weight on the
-    MMA's 64-row side (BLOCK_N 64 or 128; hqq's counts the rows of one half), one warp group per 64 rows.
+    elements per thread (registers). 16 tokens: the tensor-core kernel's grid.
     """
     if key == "gemv":
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
-    elif fmt in ("hqq", "bnb"):
-        ns, ks, warps, stages, splits = (64, 128), (64, 128, 256), (4, 8), (2, 4), (1, 2, 4, 8)
-    else:  # torchao int8: a byte per input
-        ns, ks, warps, stages, splits = (64, 128), (128, 256, 512), (4, 8), (2, 4), (1, 2, 4, 8)
+    else:
+        ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
         if (
             key == "gemv"
@@ -73,9 +70,8 @@ def sweep_grid(fmt, key):
             elements = n * k * (2 if fmt == "hqq" else 1)
             if not 256 * w <= elements <= 2048 * w:
                 continue
-        else:  # the weight on the MMA's 64-row side
-            if w * 16 > n or n * k > 65536:  # a warp group per 64 rows; 64 KB of weight per step at most
-                continue
+        elif n * k * 16 > 65536:  # the per-block product would not fit in registers
+            continue
         yield (n, k, w, st, sk)
 
 
@@ -220,34 +216,6 @@ def precompile(jobs, workers):
     print(f"precompiled {done}/{len(jobs)} kernels in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def _sweep(t, ck, fmt, n, k, tokens, key, results, **kw):
-    """Time ``sweep_grid(fmt, key)`` with the adapter on; [(us, config)] fastest first."""
-    timed = []
-    for cfg in sweep_grid(fmt, key):
-        try:  # with the adapter: what the layer runs (an epilogue can cost registers a config lacks)
-            us = t(
-                lambda lay, x: ck.fused_lora_linear(
-                    lay.base,
-                    x,
-                    x,
-                    lay.lora_A["default"],
-                    lay.lora_B["default"],
-                    2.0,
-                    config=cfg,
-                    force=True,
-                    **kw,
-                )
-            )
-        except Exception as exc:
-            print(f"skip {fmt} {cfg}: {type(exc).__name__}", flush=True)
-            continue
-        timed.append((us, cfg))
-        results["sweep"].append(
-            {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us, **kw}
-        )
-    return sorted(timed)
-
-
 def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, results, rate, shapes, t0):
     xs = [torch.randn(tokens, k, device="cuda", dtype=DTYPE) for _ in layers]
     key = "gemv" if tokens == 1 else 16
@@ -265,16 +233,34 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         )
         results["sweep"].append({"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us})
         print(f"config {fmt} {n}x{k} t={tokens} {cfg}: {us:.2f} us", flush=True)
-    sweep = args.sweep and (n, k) == shapes[0]
+    sweep = args.sweep and key == "gemv" and (n, k) == shapes[0]  # (16 tokens: the earlier sweep's)
     if sweep and time.perf_counter() - t0 < args.budget:
-        timed = _sweep(t, ck, fmt, n, k, tokens, key, results)
+        timed = []
+        for cfg in sweep_grid(fmt, key):
+            try:  # with the adapter: what the layer runs (an epilogue can cost registers a config lacks)
+                us = t(
+                    lambda lay, x: ck.fused_lora_linear(
+                        lay.base,
+                        x,
+                        x,
+                        lay.lora_A["default"],
+                        lay.lora_B["default"],
+                        2.0,
+                        config=cfg,
+                        force=True,
+                    )
+                )
+            except Exception as exc:
+                print(f"skip {fmt} {cfg}: {type(exc).__name__}", flush=True)
+                continue
+            timed.append((us, cfg))
+            results["sweep"].append(
+                {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
+            )
+        timed.sort()
         if timed:
             config = timed[0][1]
             print(f"sweep {fmt} {n}x{k} tokens={tokens}: best {timed[:3]}", flush=True)
-        if tokens == 1 and args.tc1 and hasattr(ck, "TENSOR_CORE_GEMV"):  # the 2-16 token kernel at one token
-            tc = _sweep(t, ck, fmt, n, k, tokens, 16, results, block_m=16)
-            if tc:
-                print(f"sweep {fmt} {n}x{k} tokens=1 on tensor cores: best {tc[:3]}", flush=True)
     else:
         config = best.get((fmt, key), config)
     best[(fmt, key)] = config
@@ -347,9 +333,6 @@ def main():
     parser.add_argument("--sweep", action="store_true")
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--configs", default="", help="JSON list of configs to time for the base kernel")
-    parser.add_argument(
-        "--tc1", action="store_true", help="with --sweep: also time the 2-16 token kernel at one token"
-    )
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; stop sweeping after this")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -374,9 +357,8 @@ def main():
     if args.sweep:
         jobs = []
         for fmt in formats:
-            for key, tokens in (("gemv", 1), (16, 16)):
-                if tokens in tokens_list:
-                    jobs.extend((fmt, shapes[0], tokens, config, 1) for config in sweep_grid(fmt, key))
+            for config in sweep_grid(fmt, "gemv"):
+                jobs.append((fmt, shapes[0], 1, config, 0))
         precompile(jobs, args.workers)
     out_json = args.out
     for fmt, (n, k) in itertools.product(formats, shapes):

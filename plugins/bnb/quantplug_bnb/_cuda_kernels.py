@@ -42,15 +42,13 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_nf4_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
 # the one-token one timed with the adapter).
-CONFIGS = {"gemv": (16, 512, 4, 1, 2), 16: (64, 128, 4, 3, 4)}
+CONFIGS = {"gemv": (16, 512, 4, 1, 2), 16: (32, 128, 4, 1, 4)}
 # Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
 # slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
 # lookups per byte keep it ALU-bound, docs/performance.md), so the library's forward plus the core's
 # lora_linear serve, and the plugin does not register it (set this before plugins load to try it).
 # ``fused_lora_linear(..., force=True)`` still runs it (tests, tuning).
 SERVE = False
-# One token on the 2-16 token kernel (tensor cores) rather than the one-token GEMV kernel
-TENSOR_CORE_GEMV = False
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
 
@@ -71,41 +69,53 @@ def _nf4_lora_kernel(
         PDL,
     )  # fmt: skip
     if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
-        # The weight is the MMA's left operand (its BLOCK_N rows fill the 64-row side, the tokens the narrow
-        # one). Per block of BS inputs: d = codes_hi . x_even + codes_lo . x_odd on tensor cores (the table
-        # values rounded to the compute dtype), then absmax * d in float32: no reshapes, no per-element
-        # multiply.
-        HB: tl.constexpr = BS // 2  # bytes per block
+        HALF: tl.constexpr = BLOCK_K // 2
+        G: tl.constexpr = BLOCK_K // BS
         row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
             ticket, SPLITS, GRID_N, N, M, BLOCK_M, BLOCK_N
         )
-        rj = tl.arange(0, HB)
+        rj = tl.arange(0, HALF)
+        rk = tl.arange(0, BLOCK_K)
+        rg = tl.arange(0, G)
         row_bytes = tl.multiple_of(
             rn_safe.to(tl.int64) * (K // 2), 16
         )  # K is a multiple of BS >= 64: 16-byte rows
         row_groups = rn_safe.to(tl.int64) * (K // BS)
-        dtype = x_ptr.dtype.element_ty
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        k_end = tl.minimum(K, split * KS + KS)
-        for k0 in range(split * KS, k_end, BLOCK_K):
-            for step in tl.static_range(BLOCK_K // BS):
-                kb = k0 + step * BS
-                ok = kb < k_end  # the last block may run past the split or the row: that block reads nothing
-                packed = tl.load(w_ptr + row_bytes[:, None] + (kb // 2 + rj)[None, :], mask=ok, other=0)
-                x_at = x_ptr + rm[None, :] * stride_xm + (kb + 2 * rj)[:, None]
-                x_even = tl.load(x_at, mask=m_mask[None, :] & ok, other=0.0)  # (HB, BLOCK_M)
-                x_odd = tl.load(x_at + 1, mask=m_mask[None, :] & ok, other=0.0)
-                g = row_groups + kb // BS
-                if NESTED:
-                    q = tl.load(absmax_ptr + g, mask=ok, other=0).to(tl.int32)
-                    absmax = tl.load(code2_ptr + q) * tl.load(abs2_ptr + g // BS2, mask=ok, other=0.0)
-                    absmax += tl.load(offset_ptr)
-                else:
-                    absmax = tl.load(absmax_ptr + g, mask=ok, other=0.0)
-                hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)).to(dtype)
-                lo = tl.load(code_ptr + (packed & 15).to(tl.int32)).to(dtype)
-                acc += absmax[:, None] * tl.dot(lo, x_odd, tl.dot(hi, x_even))
-        acc = tl.trans(acc)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+            g = row_groups[:, None] + (k0 // BS + rg)[None, :]
+            if EVEN_K:
+                packed = tl.load(w_ptr + row_bytes[:, None] + (k0 // 2 + rj)[None, :])
+                xt = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0
+                )
+                g_mask = (rg < G)[None, :]  # all true: folded away
+            else:  # the last block runs past the row: masked codes meet masked (zero) inputs
+                packed = tl.load(
+                    w_ptr + row_bytes[:, None] + (k0 // 2 + rj)[None, :],
+                    mask=(k0 // 2 + rj < K // 2)[None, :],
+                    other=0,
+                )
+                xt = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
+                    mask=m_mask[:, None] & (k0 + rk < K)[None, :],
+                    other=0.0,
+                )
+                g_mask = (k0 // BS + rg < K // BS)[None, :]
+            hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+            lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+            if NESTED:
+                q = tl.load(absmax_ptr + g, mask=g_mask, other=0).to(tl.int32)
+                absmax = tl.load(code2_ptr + q) * tl.load(abs2_ptr + g // BS2, mask=g_mask, other=0.0)
+                absmax += tl.load(offset_ptr)
+            else:
+                absmax = tl.load(absmax_ptr + g, mask=g_mask, other=0.0)
+            hi = tl.reshape(tl.reshape(hi, (BLOCK_N, G, BS // 2)) * absmax[:, :, None], (BLOCK_N, HALF))
+            lo = tl.reshape(tl.reshape(lo, (BLOCK_N, G, BS // 2)) * absmax[:, :, None], (BLOCK_N, HALF))
+            x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))
+            # the dequantized tile rounded to the compute dtype, as dequantize_4bit returns it
+            acc = tl.dot(x_even, tl.trans(hi.to(xt.dtype)), acc)
+            acc = tl.dot(x_odd, tl.trans(lo.to(xt.dtype)), acc)
         acc, last = fl.splitk_reduce(
             acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
         )  # fmt: skip
@@ -237,7 +247,7 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None, block_m=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None
 ):  # fmt: skip
     """``Linear4bit(x) + scale * (xa @ A.T) @ B.T``, or ``None`` when not served here.
 
@@ -250,7 +260,7 @@ def fused_lora_linear(
     if found is None:
         return None
     M, packed, state, N, K, blocksize = found
-    block_m = block_m or (16 if TENSOR_CORE_GEMV else fl.token_block(M))
+    block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, blocksize, config[1])

@@ -49,26 +49,13 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
 # The one-token config re-timed on an H100 on 2026-12-05 with the mantissa decode (2048 inputs a step: the
 # four fastest within 3%).
-CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (64, 128, 4, 3, 4)}
+CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
-# One token on the 2-16 token kernel (tensor cores) rather than the one-token GEMV kernel
-TENSOR_CORE_GEMV = False
 # Calls above MAX_TOKENS rows: this plugin's one-launch dequantization and cuBLAS (fused_lora.dense_lora_linear),
 # faster than the library's forward, which dequantizes in several elementwise launches.
 DENSE = True
-
-
-@triton.jit
-def _codes_as_mantissa(codes, dtype: tl.constexpr):
-    # 4-bit codes (int16, 0-15) as 1 + q / 16 in ``dtype`` by an and-or into the mantissa of 1.0 (bf16: 7
-    # mantissa bits, fp16: 10), no conversion instruction; exact
-    if dtype == tl.bfloat16:  # noqa: SIM108  (two statements read clearer in a kernel)
-        bits = (codes << 3) | 0x3F80
-    else:
-        bits = (codes << 6) | 0x3C00
-    return bits.to(dtype, bitcast=True)
 
 
 @triton.jit
@@ -81,54 +68,64 @@ def _hqq4_lora_kernel(
     PDL: tl.constexpr,
     GS: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    # 2-16 tokens on tensor cores, the weight as the left operand (its BLOCK_N rows fill the MMA's 64-row
-    # side; the tokens are its narrow side): per group of GS inputs and row, d = (1 + q/16) . x on tensor
-    # cores, then scale * (16 d - (16 + zero) sum(x)) = scale * (q - zero) . x in float32. No reshapes: a
-    # group's codes are a (BLOCK_N, GS) tile of bytes, both halves' from the same bytes.
     ticket = fl.program_ticket(
         xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
         PDL,
     )  # fmt: skip
     if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
+        G: tl.constexpr = BLOCK_K // GS
         HALF_N = N // 2
         row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
             ticket, SPLITS, GRID_N, HALF_N, M, BLOCK_M, BLOCK_N
         )
-        rj = tl.arange(0, GS)
+        rk = tl.arange(0, BLOCK_K)
+        rg = tl.arange(0, G)
         row_bytes = rn_safe.to(tl.int64) * K
         groups_top = rn_safe.to(tl.int64) * (K // GS)
         groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
-        dtype = x_ptr.dtype.element_ty
-        acc_top = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        acc_bot = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        k_end = tl.minimum(K, split * KS + KS)
-        for k0 in range(split * KS, k_end, BLOCK_K):
-            for step in tl.static_range(BLOCK_K // GS):
-                kg = k0 + step * GS
-                ok = kg < k_end  # the last block may run past the split or the row: that group reads nothing
-                packed = tl.load(w_ptr + row_bytes[:, None] + (kg + rj)[None, :], mask=ok, other=0)
+        acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+            g = (k0 // GS + rg)[None, :]
+            if EVEN_K:
+                packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :])
                 xt = tl.load(
-                    x_ptr + rm[None, :] * stride_xm + (kg + rj)[:, None], mask=m_mask[None, :] & ok, other=0.0
-                )  # (GS, BLOCK_M): the tokens' inputs of this group
-                g = kg // GS
-                s_top = tl.load(scale_ptr + groups_top + g, mask=ok, other=0.0).to(tl.float32)[:, None]
-                z_top = tl.load(zero_ptr + groups_top + g, mask=ok, other=0.0).to(tl.float32)[:, None]
-                s_bot = tl.load(scale_ptr + groups_bot + g, mask=ok, other=0.0).to(tl.float32)[:, None]
-                z_bot = tl.load(zero_ptr + groups_bot + g, mask=ok, other=0.0).to(tl.float32)[:, None]
-                codes = packed.to(tl.int16)
-                if EXACT:  # hqq's own rounding: (q - zero) and then * scale, each in the compute dtype
-                    w_top = (_nibble(codes.to(tl.int32) >> 4) - z_top).to(dtype).to(tl.float32) * s_top
-                    w_bot = (_nibble(codes.to(tl.int32) & 15) - z_bot).to(dtype).to(tl.float32) * s_bot
-                    acc_top = tl.dot(w_top.to(dtype), xt, acc_top)
-                    acc_bot = tl.dot(w_bot.to(dtype), xt, acc_bot)
-                else:
-                    x_sum = tl.sum(xt.to(tl.float32), axis=0)[None, :]
-                    d_top = tl.dot(_codes_as_mantissa(codes >> 4, dtype), xt)
-                    d_bot = tl.dot(_codes_as_mantissa(codes & 15, dtype), xt)
-                    acc_top += s_top * (16.0 * d_top - (16.0 + z_top) * x_sum)
-                    acc_bot += s_bot * (16.0 * d_bot - (16.0 + z_bot) * x_sum)
-        acc_top = tl.trans(acc_top)
-        acc_bot = tl.trans(acc_bot)
+                    x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0
+                )
+                g_mask = (rg < G)[None, :]  # all true: folded away
+            else:  # the last block runs past the row: masked codes meet masked (zero) inputs
+                k_mask = (k0 + rk < K)[None, :]
+                packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :], mask=k_mask, other=0)
+                xt = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
+                    mask=m_mask[:, None] & k_mask,
+                    other=0.0,
+                )
+                g_mask = (k0 // GS + rg < K // GS)[None, :]
+            s_top = tl.load(scale_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                :, :, None
+            ]
+            z_top = tl.load(zero_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                :, :, None
+            ]
+            s_bot = tl.load(scale_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                :, :, None
+            ]
+            z_bot = tl.load(zero_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                :, :, None
+            ]
+            q_top = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, G, GS))
+            q_bot = tl.reshape((packed & 15).to(tl.float32), (BLOCK_N, G, GS))
+            if EXACT:  # hqq's own rounding: (q - zero) and then * scale, each in the compute dtype
+                w_top = ((q_top - z_top).to(xt.dtype).to(tl.float32) * s_top).to(xt.dtype)
+                w_bot = ((q_bot - z_bot).to(xt.dtype).to(tl.float32) * s_bot).to(xt.dtype)
+            else:
+                w_top = (q_top - z_top) * s_top
+                w_bot = (q_bot - z_bot) * s_bot
+            w_top = tl.reshape(w_top, (BLOCK_N, BLOCK_K))
+            w_bot = tl.reshape(w_bot, (BLOCK_N, BLOCK_K))
+            acc_top = tl.dot(xt, tl.trans(w_top.to(xt.dtype)), acc_top)
+            acc_bot = tl.dot(xt, tl.trans(w_bot.to(xt.dtype)), acc_bot)
         last = True
         if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
             fl.splitk_store(ws_ptr, acc_top, rm, rn_safe, n_mask, split, N, BLOCK_M)
@@ -268,7 +265,7 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, pdl=None, block_m=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, pdl=None
 ):  # fmt: skip
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
@@ -277,8 +274,7 @@ def fused_lora_linear(
     does, less its several elementwise launches. ``exact`` rounds the
     dequantized weight as hqq does (tensor-core path only); ``config``,
     ``lora_mode``, ``pdl`` and ``force`` as in
-    ``quantplug_bnb._cuda_kernels`` (tuning, tests); ``block_m=16`` runs
-    the tensor-core kernel on one token too (tuning).
+    ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
     found = fl.admit(
         module, x, xa, A, B, _storage, serve=SERVE or force, max_tokens=None if DENSE else MAX_TOKENS
@@ -290,7 +286,7 @@ def fused_lora_linear(
     if M > MAX_TOKENS:
         weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
         return fl.dense_lora_linear(x, weight, bias, xa, A, B, scale)
-    block_m = block_m or (16 if TENSOR_CORE_GEMV else fl.token_block(M))
+    block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, group, config[1])

@@ -36,12 +36,10 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_int8_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
 # the one-token one timed with the adapter).
-CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (64, 256, 4, 3, 4)}
+CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 4)}
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
 # weight-only int8 linear at 1-16 tokens: docs/performance.md).
 SERVE = True
-# One token on the 2-16 token kernel (tensor cores) rather than the one-token GEMV kernel
-TENSOR_CORE_GEMV = False
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
 
@@ -63,25 +61,23 @@ def _int8_lora_kernel(
         row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
             ticket, SPLITS, GRID_N, N, M, BLOCK_M, BLOCK_N
         )
-        # the weight is the MMA's left operand: its BLOCK_N rows fill the 64-row side, the tokens the narrow one
         rk = tl.arange(0, BLOCK_K)
         rows = rn_safe.to(tl.int64) * K
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             kk = k0 + rk
             if EVEN_K:
                 q = tl.load(w_ptr + rows[:, None] + kk[None, :])
-                xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None], mask=m_mask[None, :], other=0.0)
+                xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :], mask=m_mask[:, None], other=0.0)
             else:
                 k_mask = kk < K
                 q = tl.load(w_ptr + rows[:, None] + kk[None, :], mask=k_mask[None, :], other=0)
                 xt = tl.load(
-                    x_ptr + rm[None, :] * stride_xm + kk[:, None],
-                    mask=m_mask[None, :] & k_mask[:, None],
+                    x_ptr + rm[:, None] * stride_xm + kk[None, :],
+                    mask=m_mask[:, None] & k_mask[None, :],
                     other=0.0,
                 )
-            acc = tl.dot(q.to(xt.dtype), xt, acc)
-        acc = tl.trans(acc)
+            acc = tl.dot(xt, tl.trans(q.to(xt.dtype)), acc)
         acc, last = fl.splitk_reduce(
             acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
         )  # fmt: skip
@@ -171,7 +167,7 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None, block_m=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None
 ):  # fmt: skip
     """``linear(x) + scale * (xa @ A.T) @ B.T`` on an int8 weight, or ``None`` when not served.
 
@@ -183,7 +179,7 @@ def fused_lora_linear(
     if found is None:
         return None
     M, qdata, wscale, N, K = found
-    block_m = block_m or (16 if TENSOR_CORE_GEMV else fl.token_block(M))
+    block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = min(config[1], max(16, triton.next_power_of_2(K)))
