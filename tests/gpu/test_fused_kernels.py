@@ -83,9 +83,8 @@ def wrapped(backend, variant, shape, dtype, ranks=RANKS):
 def truth(layer, x, names):
     from quantplug._registry import hook
 
-    if (
-        layer.backend == "hqq"
-    ):  # the library's own: the plugin's dequantization on CUDA is a kernel under test
+    # hqq's from the library itself: the plugin's dequantization on CUDA is one of the kernels under test
+    if layer.backend == "hqq":
         weight = layer.base.dequantize().double()
     else:
         weight = hook().quantplug_dequantize(module=layer.base, backend=layer.backend).double()
