@@ -53,14 +53,19 @@ def kernels(fmt):
 
 
 def sweep_grid(fmt, key):
-    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try for CONFIGS[key] ("gemv": one token, 16).
+    """(BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK) to try for CONFIGS[key] ("gemv": the one-token
+    GEMV; 16: the tensor-core kernel at 2-16 tokens; 1: the same kernel at one token, for a plugin with
+    ``ONE_TOKEN``).
 
     One token: the first H200 sweep (BLOCK_K 128-512, stages 1-3) found wider K steps always faster and
     stages without effect, so this one spans BLOCK_K 512-4096 at one stage, keeping 8-64 weight
-    elements per thread (registers). 16 tokens: the tensor-core kernel's grid.
+    elements per thread (registers). Tensor cores: hqq's kernel steps one group at a time (BLOCK_K only
+    sets the split-K granularity), so its grid is rows, warps and splits.
     """
     if key == "gemv":
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
+    elif fmt == "hqq":
+        ns, ks, warps, stages, splits = (32, 64, 128), (128,), (4, 8), (1,), (1, 2, 4, 8, 16)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
@@ -70,9 +75,25 @@ def sweep_grid(fmt, key):
             elements = n * k * (2 if fmt == "hqq" else 1)
             if not 256 * w <= elements <= 2048 * w:
                 continue
-        elif n * k * 16 > 65536:  # the per-block product would not fit in registers
+        elif n * k * 16 > 65536 and fmt != "hqq":  # the per-block product would not fit in registers
             continue
         yield (n, k, w, st, sk)
+
+
+def sweep_keys(fmt, tokens):
+    """The CONFIGS keys (kernels) that serve ``tokens`` for ``fmt``."""
+    return [16] if tokens > 1 else ["gemv"] + ([1] if _has_mma1(fmt) else [])
+
+
+def _has_mma1(fmt):
+    return hasattr(kernels(fmt), "ONE_TOKEN")
+
+
+def kernel_args(fmt, key):
+    """``fused_lora_linear``'s kernel choice for CONFIGS[key] (only plugins with ``ONE_TOKEN`` take one)."""
+    if not _has_mma1(fmt) or key == 16:
+        return {}
+    return {"kernel": "gemv" if key == "gemv" else "mma"}
 
 
 def copy_rate():
@@ -170,10 +191,10 @@ def graph_time(calls, trials=7, per_graph=None):
 
 
 def compile_worker(jobs):
-    """Run each (fmt, shape, tokens, config, mode) once so Triton's cache holds its binary."""
+    """Run each (fmt, shape, tokens, CONFIGS key, config, mode) once so Triton's cache holds its binary."""
     torch.cuda.set_device(0)
     done = 0
-    for fmt, (n, k), tokens, config, mode in jobs:
+    for fmt, (n, k), tokens, key, config, mode in jobs:
         try:
             layer = _worker_layer(fmt, n, k)
             x = torch.randn(tokens, k, device="cuda", dtype=DTYPE)
@@ -184,7 +205,13 @@ def compile_worker(jobs):
             )
             with torch.no_grad():
                 kernels(fmt).fused_lora_linear(
-                    layer.base, x, *args, config=config, lora_mode=mode or None, force=True
+                    layer.base,
+                    x,
+                    *args,
+                    config=config,
+                    lora_mode=mode or None,
+                    force=True,
+                    **kernel_args(fmt, key),
                 )
             torch.cuda.synchronize()
             done += 1
@@ -218,7 +245,6 @@ def precompile(jobs, workers):
 
 def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, results, rate, shapes, t0):
     xs = [torch.randn(tokens, k, device="cuda", dtype=DTYPE) for _ in layers]
-    key = "gemv" if tokens == 1 else 16
     pairs = list(zip(layers, xs))
     per_graph = max(len(pairs), 64)
 
@@ -226,6 +252,8 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         with torch.no_grad():
             return graph_time([lambda lay=lay, x=x: fn(lay, x) for lay, x in pairs], per_graph=per_graph)
 
+    keys = sweep_keys(fmt, tokens)
+    key = keys[0] if len(keys) == 1 or getattr(ck, "ONE_TOKEN", "gemv") == "gemv" else 1
     config = ck.CONFIGS[key]
     for cfg in json.loads(args.configs) if args.configs else ():
         us = t(
@@ -233,47 +261,60 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         )
         results["sweep"].append({"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us})
         print(f"config {fmt} {n}x{k} t={tokens} {cfg}: {us:.2f} us", flush=True)
-    sweep = args.sweep and key == "gemv" and (n, k) == shapes[0]  # (16 tokens: the earlier sweep's)
+    sweep = args.sweep and (n, k) == shapes[0]  # other shapes take the first shape's best
     if sweep and time.perf_counter() - t0 < args.budget:
         timed = []
-        for cfg in sweep_grid(fmt, key):
-            try:  # with the adapter: what the layer runs (an epilogue can cost registers a config lacks)
-                us = t(
-                    lambda lay, x: ck.fused_lora_linear(
-                        lay.base,
-                        x,
-                        x,
-                        lay.lora_A["default"],
-                        lay.lora_B["default"],
-                        2.0,
-                        config=cfg,
-                        force=True,
+        for sweep_key in keys:
+            for cfg in sweep_grid(fmt, sweep_key):
+                if time.perf_counter() - t0 > args.budget:
+                    break
+                try:  # with the adapter: what the layer runs (an epilogue can cost registers a config lacks)
+                    us = t(
+                        lambda lay, x: ck.fused_lora_linear(
+                            lay.base,
+                            x,
+                            x,
+                            lay.lora_A["default"],
+                            lay.lora_B["default"],
+                            2.0,
+                            config=cfg,
+                            force=True,
+                            **kernel_args(fmt, sweep_key),
+                        )
                     )
-                )
-            except Exception as exc:
-                print(f"skip {fmt} {cfg}: {type(exc).__name__}", flush=True)
-                continue
-            timed.append((us, cfg))
-            results["sweep"].append(
-                {"format": fmt, "shape": [n, k], "tokens": tokens, "config": cfg, "us": us}
-            )
-        timed.sort()
+                except Exception as exc:
+                    print(f"skip {fmt} {sweep_key} {cfg}: {type(exc).__name__}", flush=True)
+                    continue
+                timed.append((us, sweep_key, cfg))
+                results["sweep"].append(
+                    {"format": fmt, "shape": [n, k], "tokens": tokens, "kernel": str(sweep_key), "config": cfg,
+                     "us": us}
+                )  # fmt: skip
+        timed.sort(key=lambda e: e[0])
         if timed:
-            config = timed[0][1]
-            print(f"sweep {fmt} {n}x{k} tokens={tokens}: best {timed[:3]}", flush=True)
+            _, key, config = timed[0]
+            for sweep_key in keys:
+                mine = [e for e in timed if e[1] == sweep_key]
+                if mine:
+                    print(
+                        f"sweep {fmt} {n}x{k} tokens={tokens} kernel {sweep_key}: best {mine[:3]}", flush=True
+                    )
     else:
-        config = best.get((fmt, key), config)
-    best[(fmt, key)] = config
+        key, config = best.get((fmt, tokens), (key, config))
+    best[(fmt, tokens)] = (key, config)
 
     def lora(lay, x, pdl):
         A, B = lay.lora_A["default"], lay.lora_B["default"]
-        return ck.fused_lora_linear(lay.base, x, x, A, B, 2.0, config=config, pdl=pdl, force=True)
+        return ck.fused_lora_linear(
+            lay.base, x, x, A, B, 2.0, config=config, pdl=pdl, force=True, **kernel_args(fmt, key)
+        )
 
     row = {
         "format": fmt,
         "shape": [n, k],
         "tokens": tokens,
         "bytes": size,
+        "kernel": str(key),
         "config": config,
         "copies": copies,
     }
@@ -288,14 +329,20 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         row["rel_err_vs_reference"] = ((got - want).norm() / want.norm()).item()
     row["library"] = t(lambda lay, x: lay.base(x))
     row["fused_base"] = t(
-        lambda lay, x: ck.fused_lora_linear(lay.base, x, None, None, None, 0.0, config=config, force=True)
+        lambda lay, x: ck.fused_lora_linear(
+            lay.base, x, None, None, None, 0.0, config=config, force=True, **kernel_args(fmt, key)
+        )
     )
     row["fused_lora"] = t(lambda lay, x: lora(lay, x, True))
     row["fused_lora_nopdl"] = t(lambda lay, x: lora(lay, x, False))
-    saved = dict(ck.CONFIGS)
+    saved = dict(ck.CONFIGS), getattr(ck, "ONE_TOKEN", None)
     ck.CONFIGS[key] = config
+    if saved[1] is not None and tokens == 1:
+        ck.ONE_TOKEN = "gemv" if key == "gemv" else "mma"
     row["wrapped"] = t(lambda lay, x: lay(x))
-    ck.CONFIGS.update(saved)
+    ck.CONFIGS.update(saved[0])
+    if saved[1] is not None:
+        ck.ONE_TOKEN = saved[1]
     qp.use_reference_kernels(True)
     try:
         row["wrapped_ref"] = t(lambda lay, x: lay(x))
@@ -357,8 +404,9 @@ def main():
     if args.sweep:
         jobs = []
         for fmt in formats:
-            for config in sweep_grid(fmt, "gemv"):
-                jobs.append((fmt, shapes[0], 1, config, 0))
+            for tokens in tokens_list:
+                for key in sweep_keys(fmt, tokens):
+                    jobs += [(fmt, shapes[0], tokens, key, config, 1) for config in sweep_grid(fmt, key)]
         precompile(jobs, args.workers)
     out_json = args.out
     for fmt, (n, k) in itertools.product(formats, shapes):
@@ -395,7 +443,9 @@ def main():
                 json.dump(results, f, indent=1)
         del layers, probe
         torch.cuda.empty_cache()
-    results["best_configs"] = {f"{fmt}:{key}": cfg for (fmt, key), cfg in best.items()}
+    results["best_configs"] = {
+        f"{fmt}:{tokens}": [str(key), cfg] for (fmt, tokens), (key, cfg) in best.items()
+    }
     with open(out_json, "w") as f:
         json.dump(results, f, indent=1)
     print(f"done in {time.perf_counter() - t0:.0f} s", flush=True)

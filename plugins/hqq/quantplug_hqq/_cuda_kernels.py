@@ -49,13 +49,84 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
 # The one-token config re-timed on an H100 on 2026-12-05 with the mantissa decode (2048 inputs a step: the
 # four fastest within 3%).
-CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (32, 128, 4, 3, 1)}
+# Key 1: the tensor-core kernel at one token (ONE_TOKEN = "mma"); its configs untuned (2026-12-05: offline
+# SASS only, 3.8 instructions per weight element at (64, 128, 4 warps) against the GEMV's 9.2).
+CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (64, 128, 4, 1, 4), 1: (64, 128, 4, 1, 8)}
+# Which kernel serves one token: "gemv" (_hqq4_gemv_kernel) or "mma" (the 2-16 token kernel, the token
+# padded to 16 rows of the MMA)
+ONE_TOKEN = "gemv"
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
 # Calls above MAX_TOKENS rows: this plugin's one-launch dequantization and cuBLAS (fused_lora.dense_lora_linear),
 # faster than the library's forward, which dequantizes in several elementwise launches.
 DENSE = True
+# The tensor-core kernel's decode: two weights per instruction in inline PTX (_codes_to_weights), bit for bit
+# hqq's dequantize(); else float32 (the kernel before 2026-12-05, kept to time against)
+PACKED = True
+
+
+# Four bytes of W_q (one 32-bit register: four codes of the top half in the high nibbles, four of the
+# bottom half in the low ones) to eight weights, two per 32-bit register, rounded as hqq's dequantize():
+# each pair of bytes spread to the two 16-bit halves (prmt); the nibble put in the mantissa of a power
+# of two (shift, and-or: 128 + q in bf16, 1024 + q in fp16) and that power taken off (fma, exact);
+# then q - zero and (q - zero) * scale, each rounded once to the compute dtype (fma with 1 and with
+# -0: these run on sm_80, where add and mul on bf16x2 do not). Operands: $0-$3 the weights out (top,
+# bottom), $4 the bytes, $5-$12 scale and -zero of the top, then the bottom, two per register.
+_CODES_TO_WEIGHTS = """{
+.reg .b32 b01, b23, t01, t23, one, base, neg0;
+prmt.b32 b01, $4, 0, 0x4140;
+prmt.b32 b23, $4, 0, 0x4342;
+shr.b32 t01, b01, 4;
+shr.b32 t23, b23, 4;
+lop3.b32 t01, t01, 0x000F000F, MAGIC, 0xea;
+lop3.b32 t23, t23, 0x000F000F, MAGIC, 0xea;
+lop3.b32 b01, b01, 0x000F000F, MAGIC, 0xea;
+lop3.b32 b23, b23, 0x000F000F, MAGIC, 0xea;
+mov.b32 one, ONE;
+mov.b32 base, MINUS_MAGIC;
+mov.b32 neg0, 0x80008000;
+fma.rn.TYPE t01, t01, one, base;
+fma.rn.TYPE t23, t23, one, base;
+fma.rn.TYPE b01, b01, one, base;
+fma.rn.TYPE b23, b23, one, base;
+fma.rn.TYPE t01, t01, one, $7;
+fma.rn.TYPE t23, t23, one, $8;
+fma.rn.TYPE b01, b01, one, $11;
+fma.rn.TYPE b23, b23, one, $12;
+fma.rn.TYPE $0, t01, $5, neg0;
+fma.rn.TYPE $1, t23, $6, neg0;
+fma.rn.TYPE $2, b01, $9, neg0;
+fma.rn.TYPE $3, b23, $10, neg0;
+}"""
+_INTERPRET = tl.constexpr(fl.INTERPRET)  # inline PTX does not run in Triton's interpreter
+_BF16_ASM = tl.constexpr(
+    _CODES_TO_WEIGHTS.replace("MINUS_MAGIC", "0xC300C300").replace("MAGIC", "0x43004300")
+    .replace("ONE", "0x3F803F80").replace("TYPE", "bf16x2")
+)  # fmt: skip
+_FP16_ASM = tl.constexpr(
+    _CODES_TO_WEIGHTS.replace("MINUS_MAGIC", "0xE400E400").replace("MAGIC", "0x64006400")
+    .replace("ONE", "0x3C003C00").replace("TYPE", "f16x2")
+)  # fmt: skip
+
+
+@triton.jit
+def _codes_to_weights(packed, s_top, nz_top, s_bot, nz_bot):
+    # (top, bottom) weights of a tile of W_q bytes, (q - zero) * scale rounded as hqq does, in the scales'
+    # dtype (nz: -zero); two per instruction in inline PTX, plain Triton when interpreted
+    if _INTERPRET:
+        top = ((packed >> 4).to(tl.float32) + nz_top.to(tl.float32)).to(s_top.dtype).to(tl.float32)
+        bot = ((packed & 15).to(tl.float32) + nz_bot.to(tl.float32)).to(s_bot.dtype).to(tl.float32)
+        return (top * s_top.to(tl.float32)).to(s_top.dtype), (bot * s_bot.to(tl.float32)).to(s_bot.dtype)
+    else:
+        return tl.inline_asm_elementwise(
+            _FP16_ASM if s_top.dtype == tl.float16 else _BF16_ASM,
+            "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+            [packed, s_top, nz_top, s_bot, nz_bot],
+            dtype=(s_top.dtype, s_bot.dtype),
+            is_pure=True,
+            pack=4,
+        )
 
 
 @triton.jit
@@ -66,7 +137,7 @@ def _hqq4_lora_kernel(
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
     PDL: tl.constexpr,
-    GS: tl.constexpr, EXACT: tl.constexpr,
+    GS: tl.constexpr, EXACT: tl.constexpr, PACKED: tl.constexpr,
 ):  # fmt: skip
     ticket = fl.program_ticket(
         xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
@@ -85,47 +156,65 @@ def _hqq4_lora_kernel(
         groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
         acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
-            g = (k0 // GS + rg)[None, :]
-            if EVEN_K:
-                packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :])
-                xt = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0
+        if PACKED:  # one group a step: its scale and zero per row, two weights per instruction, as hqq rounds
+            rj = tl.arange(0, GS)
+            w_rows = w_ptr + row_bytes[:, None] + rj[None, :]
+            x_rows = x_ptr + rm[:, None] * stride_xm + rj[None, :]
+            for k0 in range(split * KS, tl.minimum(K, split * KS + KS), GS):
+                packed = tl.load(w_rows + k0)
+                xt = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+                g = k0 // GS
+                s_top = tl.load(scale_ptr + groups_top + g)
+                z_top = tl.load(zero_ptr + groups_top + g)
+                s_bot = tl.load(scale_ptr + groups_bot + g)
+                z_bot = tl.load(zero_ptr + groups_bot + g)
+                w_top, w_bot = _codes_to_weights(
+                    packed, s_top[:, None], -z_top[:, None], s_bot[:, None], -z_bot[:, None]
                 )
-                g_mask = (rg < G)[None, :]  # all true: folded away
-            else:  # the last block runs past the row: masked codes meet masked (zero) inputs
-                k_mask = (k0 + rk < K)[None, :]
-                packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :], mask=k_mask, other=0)
-                xt = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
-                    mask=m_mask[:, None] & k_mask,
-                    other=0.0,
-                )
-                g_mask = (k0 // GS + rg < K // GS)[None, :]
-            s_top = tl.load(scale_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                :, :, None
-            ]
-            z_top = tl.load(zero_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                :, :, None
-            ]
-            s_bot = tl.load(scale_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                :, :, None
-            ]
-            z_bot = tl.load(zero_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                :, :, None
-            ]
-            q_top = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, G, GS))
-            q_bot = tl.reshape((packed & 15).to(tl.float32), (BLOCK_N, G, GS))
-            if EXACT:  # hqq's own rounding: (q - zero) and then * scale, each in the compute dtype
-                w_top = ((q_top - z_top).to(xt.dtype).to(tl.float32) * s_top).to(xt.dtype)
-                w_bot = ((q_bot - z_bot).to(xt.dtype).to(tl.float32) * s_bot).to(xt.dtype)
-            else:
-                w_top = (q_top - z_top) * s_top
-                w_bot = (q_bot - z_bot) * s_bot
-            w_top = tl.reshape(w_top, (BLOCK_N, BLOCK_K))
-            w_bot = tl.reshape(w_bot, (BLOCK_N, BLOCK_K))
-            acc_top = tl.dot(xt, tl.trans(w_top.to(xt.dtype)), acc_top)
-            acc_bot = tl.dot(xt, tl.trans(w_bot.to(xt.dtype)), acc_bot)
+                acc_top = tl.dot(xt, tl.trans(w_top), acc_top)
+                acc_bot = tl.dot(xt, tl.trans(w_bot), acc_bot)
+        else:
+            for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+                g = (k0 // GS + rg)[None, :]
+                if EVEN_K:
+                    packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :])
+                    xt = tl.load(
+                        x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0
+                    )
+                    g_mask = (rg < G)[None, :]  # all true: folded away
+                else:  # the last block runs past the row: masked codes meet masked (zero) inputs
+                    k_mask = (k0 + rk < K)[None, :]
+                    packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :], mask=k_mask, other=0)
+                    xt = tl.load(
+                        x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
+                        mask=m_mask[:, None] & k_mask,
+                        other=0.0,
+                    )
+                    g_mask = (k0 // GS + rg < K // GS)[None, :]
+                s_top = tl.load(scale_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                    :, :, None
+                ]
+                z_top = tl.load(zero_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                    :, :, None
+                ]
+                s_bot = tl.load(scale_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                    :, :, None
+                ]
+                z_bot = tl.load(zero_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
+                    :, :, None
+                ]
+                q_top = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, G, GS))
+                q_bot = tl.reshape((packed & 15).to(tl.float32), (BLOCK_N, G, GS))
+                if EXACT:  # hqq's own rounding: (q - zero) and then * scale, each in the compute dtype
+                    w_top = ((q_top - z_top).to(xt.dtype).to(tl.float32) * s_top).to(xt.dtype)
+                    w_bot = ((q_bot - z_bot).to(xt.dtype).to(tl.float32) * s_bot).to(xt.dtype)
+                else:
+                    w_top = (q_top - z_top) * s_top
+                    w_bot = (q_bot - z_bot) * s_bot
+                w_top = tl.reshape(w_top, (BLOCK_N, BLOCK_K))
+                w_bot = tl.reshape(w_bot, (BLOCK_N, BLOCK_K))
+                acc_top = tl.dot(xt, tl.trans(w_top.to(xt.dtype)), acc_top)
+                acc_bot = tl.dot(xt, tl.trans(w_bot.to(xt.dtype)), acc_bot)
         last = True
         if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
             fl.splitk_store(ws_ptr, acc_top, rm, rn_safe, n_mask, split, N, BLOCK_M)
@@ -265,15 +354,16 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, pdl=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, pdl=None, kernel=None
 ):  # fmt: skip
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
     Above :data:`MAX_TOKENS` rows: :func:`dequantize` and cuBLAS
     (``fused_lora.dense_lora_linear``), which is what hqq's PyTorch backend
     does, less its several elementwise launches. ``exact`` rounds the
-    dequantized weight as hqq does (tensor-core path only); ``config``,
-    ``lora_mode``, ``pdl`` and ``force`` as in
+    dequantized weight as hqq does (tensor-core path only); ``kernel``
+    (``"gemv"`` or ``"mma"``) overrides :data:`ONE_TOKEN` for one token;
+    ``config``, ``lora_mode``, ``pdl`` and ``force`` as in
     ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
     found = fl.admit(
@@ -286,17 +376,17 @@ def fused_lora_linear(
     if M > MAX_TOKENS:
         weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
         return fl.dense_lora_linear(x, weight, bias, xa, A, B, scale)
-    block_m = fl.token_block(M)
-    gemv = block_m == 1
-    config = config or CONFIGS["gemv" if gemv else block_m]
+    one_token = M == 1
+    gemv = one_token and (kernel or ONE_TOKEN) == "gemv"
+    config = config or CONFIGS["gemv" if gemv else 1 if one_token else 16]
     block_k = fl.group_block_k(K, group, config[1])
     if block_k is None:
         return None
     return fl.launch(
         _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
-        bias, N=N, rows=N // 2, block_m=block_m, block_k=block_k, config=config,
+        bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
-        GS=group, EXACT=exact and block_m >= 16,
+        GS=group, EXACT=exact and not gemv, PACKED=PACKED and not exact,
     )  # fmt: skip
 
 
