@@ -59,13 +59,16 @@ def sweep_grid(fmt, key):
 
     One token: the first H200 sweep (BLOCK_K 128-512, stages 1-3) found wider K steps always faster and
     stages without effect, so this one spans BLOCK_K 512-4096 at one stage, keeping 8-64 weight
-    elements per thread (registers). Tensor cores: hqq's kernel steps one group at a time (BLOCK_K only
-    sets the split-K granularity), so its grid is rows, warps and splits.
+    elements per thread (registers). Tensor cores: hqq's kernel at BLOCK_K 64 steps one group at a time,
+    which Triton pipelines (cp.async) over ``num_stages``; wider steps decode group by group with no loads
+    in flight (2026-12-05, H100: 2x slower).
     """
     if key == "gemv":
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
-    elif fmt == "hqq":
-        ns, ks, warps, stages, splits = (32, 64, 128), (128,), (4, 8), (1,), (1, 2, 4, 8, 16)
+    elif (
+        fmt == "hqq"
+    ):  # one group a step (BLOCK_K 64), so that Triton pipelines its loads (cp.async) over stages
+        ns, ks, warps, stages, splits = (32, 64, 128), (64,), (4, 8), (2, 3, 4), (1, 2, 4, 8)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):

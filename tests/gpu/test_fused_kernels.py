@@ -326,12 +326,13 @@ def test_hqq_one_token_configs(shape, dtype):
 @pytest.mark.parametrize("shape", SHAPES, ids=["1024x2048", "1000x1536"])
 def test_hqq_tensor_core_kernel_configs(shape, dtype):
     """hqq's tensor-core kernel (two weights per instruction in inline PTX) at one token (``kernel="mma"``)
-    and at 2 and 16 tokens, over several tiles, unsplit and split-K (three slices), base alone and with the
+    and at 2 and 16 tokens, over several tiles (one group a step, and several, the last past the row),
+    unsplit and split-K (three slices), base alone and with the
     adapter, against the truth and as close to it as the float32 decode it replaces."""
     fused = kernels_module("quantplug_hqq")
     layer = wrapped("hqq", "4bit-g64", shape, dtype, ranks=(16,))
     A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
-    configs = [(32, 128, 4, 1, 1), (64, 128, 4, 1, 3), (128, 128, 8, 1, 2)]
+    configs = [(32, 64, 4, 3, 1), (64, 64, 4, 4, 3), (128, 128, 8, 1, 2), (32, 1024, 4, 1, 1)]
     with torch.no_grad():
         for config, tokens, lora in [(c, t, lo) for c in configs for t in (1, 2, 16) for lo in (0, 1)]:
             x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)

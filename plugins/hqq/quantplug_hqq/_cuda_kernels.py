@@ -51,7 +51,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # four fastest within 3%).
 # Key 1: the tensor-core kernel at one token (ONE_TOKEN = "mma"); its configs untuned (2026-12-05: offline
 # SASS only, 3.8 instructions per weight element at (64, 128, 4 warps) against the GEMV's 9.2).
-CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (64, 128, 4, 1, 4), 1: (64, 128, 4, 1, 8)}
+CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (64, 64, 4, 3, 4), 1: (64, 64, 4, 3, 4)}
 # Which kernel serves one token: "gemv" (_hqq4_gemv_kernel) or "mma" (the 2-16 token kernel, the token
 # padded to 16 rows of the MMA)
 ONE_TOKEN = "gemv"
@@ -156,23 +156,30 @@ def _hqq4_lora_kernel(
         groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
         acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PACKED:  # one group a step: its scale and zero per row, two weights per instruction, as hqq rounds
+        if (
+            PACKED
+        ):  # a step of BLOCK_K inputs, group by group: all its loads first, then per group its scale and
+            # zero per row and the weights two per instruction, as hqq rounds them
             rj = tl.arange(0, GS)
             w_rows = w_ptr + row_bytes[:, None] + rj[None, :]
             x_rows = x_ptr + rm[:, None] * stride_xm + rj[None, :]
-            for k0 in range(split * KS, tl.minimum(K, split * KS + KS), GS):
-                packed = tl.load(w_rows + k0)
-                xt = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
-                g = k0 // GS
-                s_top = tl.load(scale_ptr + groups_top + g)
-                z_top = tl.load(zero_ptr + groups_top + g)
-                s_bot = tl.load(scale_ptr + groups_bot + g)
-                z_bot = tl.load(zero_ptr + groups_bot + g)
-                w_top, w_bot = _codes_to_weights(
-                    packed, s_top[:, None], -z_top[:, None], s_bot[:, None], -z_bot[:, None]
-                )
-                acc_top = tl.dot(xt, tl.trans(w_top), acc_top)
-                acc_bot = tl.dot(xt, tl.trans(w_bot), acc_bot)
+            k_end = tl.minimum(K, split * KS + KS)
+            for k0 in range(split * KS, k_end, BLOCK_K):
+                for j in tl.static_range(G):
+                    kj = k0 + j * GS
+                    live = kj < k_end  # a step past the split's end (or the row's) reads nothing
+                    packed = tl.load(w_rows + kj, mask=live, other=0)
+                    xt = tl.load(x_rows + kj, mask=m_mask[:, None] & live, other=0.0)
+                    g = kj // GS
+                    s_top = tl.load(scale_ptr + groups_top + g, mask=live, other=0.0)
+                    nz_top = -tl.load(zero_ptr + groups_top + g, mask=live, other=0.0)
+                    s_bot = tl.load(scale_ptr + groups_bot + g, mask=live, other=0.0)
+                    nz_bot = -tl.load(zero_ptr + groups_bot + g, mask=live, other=0.0)
+                    w_top, w_bot = _codes_to_weights(
+                        packed, s_top[:, None], nz_top[:, None], s_bot[:, None], nz_bot[:, None]
+                    )
+                    acc_top = tl.dot(xt, tl.trans(w_top), acc_top)
+                    acc_bot = tl.dot(xt, tl.trans(w_bot), acc_bot)
         else:
             for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
                 g = (k0 // GS + rg)[None, :]
@@ -386,7 +393,7 @@ def fused_lora_linear(
         _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
-        GS=group, EXACT=exact and not gemv, PACKED=PACKED and not exact,
+        GS=group, EXACT=exact and not gemv, **({} if gemv else {"PACKED": PACKED and not exact}),
     )  # fmt: skip
 
 
