@@ -327,23 +327,17 @@ def test_hqq_one_token_configs(shape, dtype):
 def test_hqq_tensor_core_kernel_configs(shape, dtype):
     """hqq's tensor-core kernel (two weights per instruction in inline PTX, rounded as hqq rounds) at one
     token (``kernel="mma"``) and at 16, over several tiles and pipeline depths, unsplit and split-K (three
-    slices), scales loaded a step ahead and not, base alone and with the adapter, against the truth."""
+    slices), base alone and with the adapter, against the truth."""
     fused = kernels_module("quantplug_hqq")
     layer = wrapped("hqq", "4bit-g64", shape, dtype, ranks=(16,))
     A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     configs = [(32, 64, 4, 4, 1), (64, 64, 4, 3, 3), (32, 1024, 8, 2, 1)]
     with torch.no_grad():
-        for config, tokens, lora, ahead in [
-            (c, t, lo, a) for c in configs for t in (1, 16) for lo in (0, 1) for a in (True, False)
-        ]:
+        for config, tokens, lora in [(c, t, lo) for c in configs for t in (1, 16) for lo in (0, 1)]:
             x = torch.randn(tokens, shape[1], device="cuda", dtype=dtype)
             args = (x, A, B, s) if lora else (None, None, None, 0.0)
             poison(tokens * shape[0] * 4, dtype)
-            fused.AHEAD = ahead
-            try:
-                got = fused.fused_lora_linear(layer.base, x, *args, config=config, force=True, kernel="mma")
-            finally:
-                fused.AHEAD = True
-            case = (config, tokens, lora, ahead)
+            got = fused.fused_lora_linear(layer.base, x, *args, config=config, force=True, kernel="mma")
+            case = (config, tokens, lora)
             assert got is not None and torch.isfinite(got).all(), case
             assert rel(got, truth(layer, x, ["default"] if lora else [])) < TOL[dtype], case
