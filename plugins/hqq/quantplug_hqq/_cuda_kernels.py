@@ -11,10 +11,12 @@ with ``axis=1`` a group is ``group_size`` consecutive inputs of one output
 row, so byte ``(n, k)`` of ``W_q`` viewed as ``(out/2, in)`` holds
 ``W[n, k]`` and ``W[n + out/2, k]``), ``meta["scale"]`` and
 ``meta["zero"]`` (one each per group, in the compute dtype) and the bias.
-Each program reads one block of bytes and produces its rows of both halves:
-``(q - zero) * scale`` in registers, times the 1-16 input rows (one token:
-``scale * (sum(q x) - zero * sum(x))`` per group, each code decoded into the
-mantissa of 1.0). :func:`dequantize` writes the dense weight in one launch,
+Each program reads one block of bytes and produces its rows of both halves.
+One token (the GEMV, :data:`ONE_TOKEN`): ``scale * (sum(q x) - zero *
+sum(x))`` per group, each code decoded into the mantissa of 1.0. 2-16
+tokens (tensor cores): ``(q - zero) * scale`` two weights per instruction
+in inline PTX, rounded as hqq rounds (bit for bit ``dequantize()``), one
+group a step, into the MMA with the input rows. :func:`dequantize` writes the dense weight in one launch,
 bit for bit hqq's; above :data:`MAX_TOKENS` rows it and cuBLAS serve the
 layer (``DENSE``), and the plugin's ``quantplug_dequantize`` uses it on CUDA.
 
@@ -61,9 +63,6 @@ SERVE = True
 # Calls above MAX_TOKENS rows: this plugin's one-launch dequantization and cuBLAS (fused_lora.dense_lora_linear),
 # faster than the library's forward, which dequantizes in several elementwise launches.
 DENSE = True
-# The tensor-core kernel's decode: two weights per instruction in inline PTX (_codes_to_weights), bit for bit
-# hqq's dequantize(); else float32 (the kernel before 2026-12-05, kept to time against)
-PACKED = True
 
 
 # Four bytes of W_q (one 32-bit register: four codes of the top half in the high nibbles, four of the
@@ -99,7 +98,8 @@ fma.rn.TYPE $1, t23, $6, neg0;
 fma.rn.TYPE $2, b01, $9, neg0;
 fma.rn.TYPE $3, b23, $10, neg0;
 }"""
-_INTERPRET = tl.constexpr(fl.INTERPRET)  # inline PTX does not run in Triton's interpreter
+# inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the same rounding in float32 there)
+_PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
 _BF16_ASM = tl.constexpr(
     _CODES_TO_WEIGHTS.replace("MINUS_MAGIC", "0xC300C300").replace("MAGIC", "0x43004300")
     .replace("ONE", "0x3F803F80").replace("TYPE", "bf16x2")
@@ -113,8 +113,8 @@ _FP16_ASM = tl.constexpr(
 @triton.jit
 def _codes_to_weights(packed, s_top, nz_top, s_bot, nz_bot):
     # (top, bottom) weights of a tile of W_q bytes, (q - zero) * scale rounded as hqq does, in the scales'
-    # dtype (nz: -zero); two per instruction in inline PTX, plain Triton when interpreted
-    if _INTERPRET:
+    # dtype (nz: -zero); two per instruction in inline PTX, else in float32
+    if not _PTX:
         top = ((packed >> 4).to(tl.float32) + nz_top.to(tl.float32)).to(s_top.dtype).to(tl.float32)
         bot = ((packed & 15).to(tl.float32) + nz_bot.to(tl.float32)).to(s_bot.dtype).to(tl.float32)
         return (top * s_top.to(tl.float32)).to(s_top.dtype), (bot * s_bot.to(tl.float32)).to(s_bot.dtype)
@@ -148,84 +148,38 @@ def _hqq4_lora_kernel(
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
     PDL: tl.constexpr,
-    GS: tl.constexpr, EXACT: tl.constexpr, PACKED: tl.constexpr,
+    GS: tl.constexpr,
 ):  # fmt: skip
     ticket = fl.program_ticket(
         xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
         PDL,
     )  # fmt: skip
     if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
-        G: tl.constexpr = BLOCK_K // GS
         HALF_N = N // 2
         row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
             ticket, SPLITS, GRID_N, HALF_N, M, BLOCK_M, BLOCK_N
         )
-        rk = tl.arange(0, BLOCK_K)
-        rg = tl.arange(0, G)
         row_bytes = rn_safe.to(tl.int64) * K
         groups_top = rn_safe.to(tl.int64) * (K // GS)
         groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
         acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if PACKED:  # one group a step, whose loads Triton pipelines over num_stages; its weights two per
-            # instruction, as hqq rounds them (loading each step's scales a step ahead measured slower: 33.2
-            # against 25.5 us at 4096x4096, 16 tokens, H100, 2026-12-05)
-            rj = tl.arange(0, GS)
-            w_rows = w_ptr + row_bytes[:, None] + rj[None, :]
-            x_rows = x_ptr + rm[:, None] * stride_xm + rj[None, :]
-            for k0 in range(split * KS, tl.minimum(K, split * KS + KS), GS):
-                s_top, nz_top, s_bot, nz_bot = _group_meta(
-                    scale_ptr, zero_ptr, groups_top, groups_bot, k0, GS
-                )
-                packed = tl.load(w_rows + k0)
-                xt = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
-                w_top, w_bot = _codes_to_weights(
-                    packed, s_top[:, None], nz_top[:, None], s_bot[:, None], nz_bot[:, None]
-                )
-                acc_top = tl.dot(xt, tl.trans(w_top), acc_top)
-                acc_bot = tl.dot(xt, tl.trans(w_bot), acc_bot)
-        else:
-            for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
-                g = (k0 // GS + rg)[None, :]
-                if EVEN_K:
-                    packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :])
-                    xt = tl.load(
-                        x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :], mask=m_mask[:, None], other=0.0
-                    )
-                    g_mask = (rg < G)[None, :]  # all true: folded away
-                else:  # the last block runs past the row: masked codes meet masked (zero) inputs
-                    k_mask = (k0 + rk < K)[None, :]
-                    packed = tl.load(w_ptr + row_bytes[:, None] + (k0 + rk)[None, :], mask=k_mask, other=0)
-                    xt = tl.load(
-                        x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
-                        mask=m_mask[:, None] & k_mask,
-                        other=0.0,
-                    )
-                    g_mask = (k0 // GS + rg < K // GS)[None, :]
-                s_top = tl.load(scale_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                    :, :, None
-                ]
-                z_top = tl.load(zero_ptr + groups_top[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                    :, :, None
-                ]
-                s_bot = tl.load(scale_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                    :, :, None
-                ]
-                z_bot = tl.load(zero_ptr + groups_bot[:, None] + g, mask=g_mask, other=0.0).to(tl.float32)[
-                    :, :, None
-                ]
-                q_top = tl.reshape((packed >> 4).to(tl.float32), (BLOCK_N, G, GS))
-                q_bot = tl.reshape((packed & 15).to(tl.float32), (BLOCK_N, G, GS))
-                if EXACT:  # hqq's own rounding: (q - zero) and then * scale, each in the compute dtype
-                    w_top = ((q_top - z_top).to(xt.dtype).to(tl.float32) * s_top).to(xt.dtype)
-                    w_bot = ((q_bot - z_bot).to(xt.dtype).to(tl.float32) * s_bot).to(xt.dtype)
-                else:
-                    w_top = (q_top - z_top) * s_top
-                    w_bot = (q_bot - z_bot) * s_bot
-                w_top = tl.reshape(w_top, (BLOCK_N, BLOCK_K))
-                w_bot = tl.reshape(w_bot, (BLOCK_N, BLOCK_K))
-                acc_top = tl.dot(xt, tl.trans(w_top.to(xt.dtype)), acc_top)
-                acc_bot = tl.dot(xt, tl.trans(w_bot.to(xt.dtype)), acc_bot)
+        # one group a step, whose loads Triton pipelines over num_stages (BLOCK_K only sets the split-K
+        # granularity); its weights two per instruction, rounded as hqq rounds them. Wider steps decoded group
+        # by group with no loads in flight, and loading a step's scales the step before measured slower (62 and
+        # 33 against 25.5 us at 4096x4096, 16 tokens, H100, 2026-12-05).
+        rj = tl.arange(0, GS)
+        w_rows = w_ptr + row_bytes[:, None] + rj[None, :]
+        x_rows = x_ptr + rm[:, None] * stride_xm + rj[None, :]
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), GS):
+            s_top, nz_top, s_bot, nz_bot = _group_meta(scale_ptr, zero_ptr, groups_top, groups_bot, k0, GS)
+            packed = tl.load(w_rows + k0)
+            xt = tl.load(x_rows + k0, mask=m_mask[:, None], other=0.0)
+            w_top, w_bot = _codes_to_weights(
+                packed, s_top[:, None], nz_top[:, None], s_bot[:, None], nz_bot[:, None]
+            )
+            acc_top = tl.dot(xt, tl.trans(w_top), acc_top)
+            acc_bot = tl.dot(xt, tl.trans(w_bot), acc_bot)
         last = True
         if SPLITK > 1:  # split-K: partial sums to a workspace; the last split of this row block finishes
             fl.splitk_store(ws_ptr, acc_top, rm, rn_safe, n_mask, split, N, BLOCK_M)
@@ -269,7 +223,7 @@ def _hqq4_gemv_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, GS: tl.constexpr, EXACT: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr,
 ):  # fmt: skip
     # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
     # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
@@ -365,14 +319,13 @@ def _storage(module, x):
 
 
 def fused_lora_linear(
-    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, exact=False, pdl=None, kernel=None
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None, kernel=None
 ):  # fmt: skip
     """``HQQLinear(x) + scale * (xa @ A.T) @ B.T`` (``A is None``: the base), or ``None`` when not served.
 
     Above :data:`MAX_TOKENS` rows: :func:`dequantize` and cuBLAS
     (``fused_lora.dense_lora_linear``), which is what hqq's PyTorch backend
-    does, less its several elementwise launches. ``exact`` rounds the
-    dequantized weight as hqq does (tensor-core path only); ``kernel``
+    does, less its several elementwise launches. ``kernel``
     (``"gemv"`` or ``"mma"``) overrides :data:`ONE_TOKEN` for one token;
     ``config``, ``lora_mode``, ``pdl`` and ``force`` as in
     ``quantplug_bnb._cuda_kernels`` (tuning, tests).
@@ -397,7 +350,7 @@ def fused_lora_linear(
         _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
-        GS=group, EXACT=exact and not gemv, **({} if gemv else {"PACKED": PACKED and not exact}),
+        GS=group,
     )  # fmt: skip
 
 
