@@ -7,7 +7,9 @@ which imports nothing until it is called). A plugin's ``_cuda_kernels.py``
 keeps only its format: a ``_storage`` that finds the layer's packed
 weight, a one-token GEMV kernel and a 2-16 token main kernel (tensor cores)
 that dequantize their tiles in registers, and its config table
-(``CONFIGS["gemv"]``, ``CONFIGS[16]``). Everything else is here:
+(``CONFIGS["gemv"]``, ``CONFIGS[16]``; a plugin whose main kernel may also
+serve one token says which with ``ONE_TOKEN`` and ``CONFIGS[1]``, as hqq
+does, and ``scripts/tune_fused.py`` times both). Everything else is here:
 
 - programmatic dependent launch (:data:`PDL`, Hopper and later): the shrink
   launch lets the GEMV launch start at once (:func:`gdc_launch_dependents`

@@ -47,15 +47,14 @@ from quantplug.plugin import fused_lora as fl
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_hqq4_gemv_kernel), 16 for 2-16
-# tokens (the main kernel, on tensor cores); BLOCK_N counts rows of one half (a program writes twice as
-# many). From scripts/tune_fused.py's sweeps on an H200 (2026-12-04, the one-token one with the adapter).
-# The one-token config re-timed on an H100 on 2026-12-05 with the mantissa decode (2048 inputs a step: the
-# four fastest within 3%).
-# Key 1: the tensor-core kernel at one token (ONE_TOKEN = "mma"); its configs untuned (2026-12-05: offline
-# SASS only, 3.8 instructions per weight element at (64, 128, 4 warps) against the GEMV's 9.2).
+# tokens and 1 for one token with ONE_TOKEN = "mma" (_hqq4_lora_kernel, on tensor cores; its BLOCK_K only sets
+# the split-K granularity: it steps one group at a time); BLOCK_N counts rows of one half (a program writes
+# twice as many). From scripts/tune_fused.py's sweeps on an H100 (2026-12-05, with the adapter): the GEMV's
+# with the mantissa decode (the four fastest within 3%), the tensor-core kernel's with the packed decode
+# (splits 2, 4 and 8 within 4%).
 CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (32, 64, 4, 4, 2), 1: (32, 64, 4, 4, 2)}
-# Which kernel serves one token: "gemv" (_hqq4_gemv_kernel) or "mma" (the 2-16 token kernel, the token
-# padded to 16 rows of the MMA)
+# Which kernel serves one token: "gemv" (_hqq4_gemv_kernel) or "mma" (the 2-16 token kernel, the token padded
+# to 16 rows of the MMA: 27 against 9.3 us at 4096x4096 on an H100, docs/performance.md)
 ONE_TOKEN = "gemv"
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
