@@ -67,9 +67,9 @@ def sweep_grid(fmt, key):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     elif fmt == "hqq":
         # one group a step (BLOCK_K 64), so that Triton pipelines its loads (cp.async) over stages. On the H100
-        # (2026-12-05) 4 stages beat 3 and 2 (27, 31, 52 us) and 32 rows beat 64 and 128: so deeper pipelines
-        # and smaller tiles, at least 8 rows a warp
-        ns, ks, warps, stages, splits = (16, 32, 64), (64,), (1, 2, 4, 8), (4, 6, 8), (1, 2, 4, 8)
+        # (2026-12-05) 4 stages beat 3 and 2 (27, 31, 52 us), 6 and 8 were within 3% of 4, and 32 rows of 4 warps
+        # beat 64 and 128 rows, and 16 rows of one or two warps (1.2-1.3x slower)
+        ns, ks, warps, stages, splits = (32, 64), (64,), (2, 4, 8), (4, 6), (1, 2, 4, 8)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
