@@ -16,9 +16,10 @@ One token (the GEMV, :data:`ONE_TOKEN`): ``scale * (sum(q x) - zero *
 sum(x))`` per group, each code decoded into the mantissa of 1.0. 2-16
 tokens (tensor cores): ``(q - zero) * scale`` two weights per instruction
 in inline PTX, rounded as hqq rounds (bit for bit ``dequantize()``), one
-group a step, into the MMA with the input rows. :func:`dequantize` writes the dense weight in one launch,
-bit for bit hqq's; above :data:`MAX_TOKENS` rows it and cuBLAS serve the
-layer (``DENSE``), and the plugin's ``quantplug_dequantize`` uses it on CUDA.
+group a step, into the MMA with the input rows. :func:`dequantize` writes
+the dense weight in one launch, bit for bit hqq's; above
+:data:`MAX_TOKENS` rows it and cuBLAS serve the layer (``DENSE``), and the
+plugin's ``quantplug_dequantize`` uses it on CUDA.
 
 The adapter, split-K, the one-launch variant, the epilogue and the
 launcher are the core's, shared by every plugin's fused kernel
