@@ -14,6 +14,11 @@ def test_doctor_table(capsys):
     assert out.splitlines()[0].split()[:3] == ["backend", "status", "plugin"]
     assert "linear" in out and "bnb" in out
     assert "training path" in out and "quantplug::lean_lora_linear" in out  # which path trains
+    # which kernel runs a wrapped layer on CUDA: bnb's fused kernel is not served (its SERVE is off), so the
+    # library's forward with the adapter kernel beside it, here and on a GPU
+    assert out.splitlines()[0].endswith("layer on cuda")
+    bnb_row = next(line for line in out.splitlines() if line.startswith("bnb "))
+    assert bnb_row.split()[-1] == "library"
 
 
 def test_doctor_json(capsys):
@@ -22,6 +27,7 @@ def test_doctor_json(capsys):
     assert rows["bnb"]["status"] == "ok" and rows["bnb"]["library"] == "bitsandbytes"
     assert {"requantize", "dense"} <= set(rows["bnb"]["merge_modes"])
     assert rows["linear"]["kernels"]["lora_add@cpu"] == "reference"
+    assert rows["bnb"]["kernels"]["fused_lora_linear@cuda"] == "reference"
 
 
 def test_doctor_reports_a_missing_library_with_the_fix(monkeypatch, capsys):

@@ -341,3 +341,22 @@ def test_hqq_tensor_core_kernel_configs(shape, dtype):
             case = (config, tokens, lora)
             assert got is not None and torch.isfinite(got).all(), case
             assert rel(got, truth(layer, x, ["default"] if lora else [])) < TOL[dtype], case
+
+
+def test_doctor_names_the_kernel_each_layer_uses(capsys):
+    """``quantplug doctor``'s "layer on cuda" column: the plugin's fused kernel where its SERVE is on, else
+    ``library`` (the library's forward with the adapter kernel beside it)."""
+    from quantplug.apps.cli import main
+
+    names = {"bnb": "triton-nf4-lora", "hqq": "triton-hqq4-lora", "torchao": "triton-int8-lora"}
+    rows = {row.name: row for row in qp.backends()}
+    assert main(["doctor"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows_shown = lines[2 : lines.index("") if "" in lines else len(lines)]  # the table, up to its blank line
+    table = {line.split()[0]: line.split()[-1] for line in rows_shown}
+    for backend, plugin in {(b, p) for b, _, p in FORMATS}:
+        if backend not in rows or not rows[backend].ok:
+            continue
+        serve = kernels_module(plugin).SERVE
+        assert rows[backend].kernels["fused_lora_linear@cuda"] == (names[backend] if serve else "reference")
+        assert table[backend] == (names[backend] if serve else "library"), backend

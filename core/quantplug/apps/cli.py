@@ -33,12 +33,16 @@ def _doctor(args: argparse.Namespace) -> int:
     absent = missing_first_party(rows)
     header = (
         "backend", "status", "plugin", "library", "found", "required", "devices", "merge", "fsdp2",
-        "kernel (cpu / cuda)",
+        "kernel (cpu / cuda)", "layer on cuda",
     )  # fmt: skip
     table = []
     for row in rows:
         info = row.info
         kernel = f"{row.kernels.get('lora_add@cpu', '-')} / {row.kernels.get('lora_add@cuda', '-')}"
+        # the plugin's fused quantized-GEMV + adapter kernel, when one serves the layer here; else the
+        # library's own forward with the adapter kernel beside it
+        fused = row.kernels.get("fused_lora_linear@cuda", "-")
+        layer = "library" if fused == "reference" else fused
         table.append(
             (
                 row.name,
@@ -51,11 +55,12 @@ def _doctor(args: argparse.Namespace) -> int:
                 ",".join(info.merge_modes) if info else "-",
                 _fsdp2(info),
                 kernel,
+                layer,
             )
         )
     for name, plugin in absent:
         state = "not loaded" if plugin.installed() else "not installed"
-        table.append((name, state, plugin.dist, *("-",) * 7))
+        table.append((name, state, plugin.dist, *("-",) * 8))
     widths = [max(len(str(r[i])) for r in (header, *table)) for i in range(len(header))]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
     print("  ".join("-" * w for w in widths))
