@@ -137,13 +137,21 @@ def opcode(instruction):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--formats", default="hqq,bnb,torchao")
-    parser.add_argument("--tokens", default="1,16")
-    parser.add_argument("--arch", type=int, default=90, help="compute capability, 90 for Hopper")
+    parser = argparse.ArgumentParser(
+        description="Count the instructions of each fused kernel's hot loop per weight element, compiled "
+        "for a GPU this machine need not have (Triton's bundled ptxas; no device time).",
+        epilog="Example: python scripts/sass_fused.py --formats hqq --tokens 16 --config hqq:16=32,64,4,4,2 "
+        "(a tile to try before timing it with scripts/tune_fused.py on the device).",
+    )
+    parser.add_argument("--formats", default="hqq,bnb,torchao", help="comma-separated (default: all three)")
+    parser.add_argument("--tokens", default="1,16", help="input rows: 1 (the GEMV) and 2-16 (tensor cores)")
+    parser.add_argument("--arch", type=int, default=90, help="compute capability: 90 Hopper, 80 Ampere")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument(
-        "--config", action="append", default=[], help="FORMAT:TOKENS=BLOCK_N,BLOCK_K,warps,stages[,splitk]"
+        "--config",
+        action="append",
+        default=[],
+        help="FORMAT:TOKENS=BLOCK_N,BLOCK_K,warps,stages[,splitk] instead of the plugin's CONFIGS (repeatable)",
     )
     parser.add_argument("--dump", help="write each kernel's SASS to this folder")
     args = parser.parse_args()

@@ -55,6 +55,7 @@ kernel's body: :func:`program_ticket`; for a ticket from ``SPLITS`` up
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
@@ -333,6 +334,21 @@ def group_block_k(K: int, group: int, want: int) -> int | None:
     return bk if bk >= group and bk % group == 0 else None
 
 
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def capability(device: torch.device) -> tuple[int, int]:
+    """The CUDA device's compute capability, ``(major, minor)``."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# The fused kernels' tensor-core dots in bf16/fp16, cp.async pipelining and packed bf16x2 math need Ampere
+# (sm_80); programmatic dependent launch needs Hopper (sm_90): ptxas rejects griddepcontrol below it.
+MIN_CAPABILITY, PDL_CAPABILITY = (8, 0), (9, 0)
+
+
 def _compiling() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and compiler.is_compiling())
@@ -347,13 +363,16 @@ def admit(module, x, xa, A, B, storage, *, serve: bool, max_tokens: int | None =
 
     ``serve``: the plugin's SERVE, or ``force``; ``storage``: the plugin's
     check of the layer (its packed tensors, or None). None under
-    ``torch.compile``, off CUDA (unless interpreted), outside
+    ``torch.compile``, off CUDA (unless interpreted), on a GPU older than
+    :data:`MIN_CAPABILITY`, outside
     :data:`DTYPES`, with mismatched adapter dtypes, a rank above
     :data:`MAX_RANK`, autograd, or more than ``max_tokens`` rows (``None``:
     any number, for a plugin that serves larger calls with
     :func:`dense_lora_linear`).
     """
     if not serve or _compiling() or not (x.is_cuda or INTERPRET) or x.dtype not in DTYPES:
+        return None
+    if x.is_cuda and capability(x.device) < MIN_CAPABILITY:
         return None
     lora = A is not None
     tensors = (x, xa, A, B) if lora else (x,)
@@ -427,7 +446,7 @@ def launch(
     mode = (2 if one_launch and (module in sync or not _capturing()) else 1) if lora else 0
     mode = lora_mode if lora_mode is not None and lora else mode
     mode = min(mode, 1) if block_m == 1 else mode  # a one-token GEMV kernel has no in-launch shrink (LORA=2)
-    pdl = PDL if pdl is None else (pdl and HAS_PDL)
+    pdl = (PDL if pdl is None else (pdl and HAS_PDL)) and capability(x.device) >= PDL_CAPABILITY
     launch_pdl = {"launch_pdl": True} if pdl else {}
     grid_n = triton.cdiv(rows, block_n)
     if lora:

@@ -360,3 +360,24 @@ def test_doctor_names_the_kernel_each_layer_uses(capsys):
         serve = kernels_module(plugin).SERVE
         assert rows[backend].kernels["fused_lora_linear@cuda"] == (names[backend] if serve else "reference")
         assert table[backend] == (names[backend] if serve else "library"), backend
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_older_gpus(backend, variant, plugin, monkeypatch):
+    """On an Ampere-class GPU (sm_86 here, faked) the kernels serve without programmatic dependent launch,
+    which ptxas rejects below sm_90; below sm_80 they decline and the library's forward serves the layer."""
+    from quantplug.plugin import fused_lora as fl
+
+    fused = kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, SHAPES[1], dtype, ranks=(16,))
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    with torch.no_grad():
+        for tokens in (1, 16):
+            x = torch.randn(tokens, SHAPES[1][1], device="cuda", dtype=dtype)
+            monkeypatch.setattr(fl, "_capability", lambda index: (8, 6))
+            got = fused.fused_lora_linear(layer.base, x, x, A, B, s, force=True)
+            assert got is not None and rel(got, truth(layer, x, ["default"])) < TOL[dtype], tokens
+            monkeypatch.setattr(fl, "_capability", lambda index: (7, 5))
+            assert fused.fused_lora_linear(layer.base, x, x, A, B, s, force=True) is None
+            assert rel(layer(x), truth(layer, x, ["default"])) < TOL[dtype], tokens
