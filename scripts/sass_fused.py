@@ -59,7 +59,7 @@ class _Launch:
         return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
 
 
-def capture(fmt, tokens, dtype, config):
+def capture(fmt, tokens, dtype, config, arch):
     """The main kernel's launch ``(fn, args, kwargs)`` for ``tokens`` rows of a 1024 x 2048 layer with an r=16 adapter."""
     import quantplug as qp
     from quantplug.plugin import fused_lora as fl
@@ -73,15 +73,16 @@ def capture(fmt, tokens, dtype, config):
     calls = []
     names = [n for n in dir(ck) if n.endswith("_kernel") and hasattr(getattr(ck, n), "arg_names")]
     saved = {n: getattr(ck, n) for n in names}
-    shrink, interpret = fl.shrink_kernel, fl.INTERPRET
+    shrink, interpret, capability = fl.shrink_kernel, fl.INTERPRET, fl.capability
     try:
         for n in names:
             setattr(ck, n, _Launch(saved[n], calls))
         fl.shrink_kernel = _Launch(shrink, [])
         fl.INTERPRET = True  # admit CPU tensors; the kernels keep the constexprs they were imported with
+        fl.capability = lambda device: divmod(arch, 10)  # the launch's choices (PDL) for the target GPU
         ck.fused_lora_linear(base, x, x, A, B, 2.0, config=config, force=True)
     finally:
-        fl.shrink_kernel, fl.INTERPRET = shrink, interpret
+        fl.shrink_kernel, fl.INTERPRET, fl.capability = shrink, interpret, capability
         for n, fn in saved.items():
             setattr(ck, n, fn)
     if not calls:
@@ -165,7 +166,7 @@ def main():
 
     for fmt in args.formats.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
-            fn, call_args, kwargs = capture(fmt, tokens, dtype, configs.get((fmt, tokens)))
+            fn, call_args, kwargs = capture(fmt, tokens, dtype, configs.get((fmt, tokens)), args.arch)
             compiled, constexprs, options = compile_launch(fn, call_args, kwargs, args.arch)
             sass = get_sass(compiled.asm["cubin"])
             if args.dump:
