@@ -14,10 +14,13 @@ def register_fused_lora(register, module: str, *, name: str, backend: str, prior
 
     ``module`` is the dotted name of the plugin's kernel module (imported
     here, not before): it must define ``fused_lora_linear``, ``DTYPES`` and
-    ``SERVE``. Nothing is registered without Triton or a CUDA device, when
-    the module fails to import (a Triton that cannot build for this torch:
-    the library's forward serves), or when its ``SERVE`` is false (so
-    ``quantplug doctor`` shows what runs). Returns whether it registered.
+    ``SERVE``. Nothing is registered without Triton or a CUDA device, on a
+    GPU older than the kernels need (``fused_lora.MIN_CAPABILITY``, of the
+    current device), when the module fails to import (a Triton that cannot
+    build for this torch: the library's forward serves), or when its
+    ``SERVE`` is false (so ``quantplug doctor`` shows what runs). Returns
+    whether it registered; the kernel still declines a call on an older GPU
+    of a mixed machine.
     """
     from quantplug._builtin import triton_usable
 
@@ -28,6 +31,12 @@ def register_fused_lora(register, module: str, *, name: str, backend: str, prior
     except Exception:  # a Triton that cannot build for this torch: the library's forward serves
         return False
     if not kernels.SERVE:
+        return False
+    import torch
+
+    from quantplug import _fused  # imported with the kernel module
+
+    if _fused.capability(torch.device("cuda")) < _fused.MIN_CAPABILITY:
         return False
     register.kernel(
         "fused_lora_linear",
