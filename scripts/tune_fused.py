@@ -341,14 +341,14 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     )
     row["fused_lora"] = t(lambda lay, x: lora(lay, x, True))
     row["fused_lora_nopdl"] = t(lambda lay, x: lora(lay, x, False))
-    saved = dict(ck.CONFIGS), getattr(ck, "ONE_TOKEN", None)
+    saved_configs, saved_one_token = dict(ck.CONFIGS), getattr(ck, "ONE_TOKEN", None)
     ck.CONFIGS[key] = config
-    if saved[1] is not None and tokens == 1:
+    if saved_one_token is not None and tokens == 1:
         ck.ONE_TOKEN = "gemv" if key == "gemv" else "mma"
     row["wrapped"] = t(lambda lay, x: lay(x))
-    ck.CONFIGS.update(saved[0])
-    if saved[1] is not None:
-        ck.ONE_TOKEN = saved[1]
+    ck.CONFIGS.update(saved_configs)
+    if saved_one_token is not None:
+        ck.ONE_TOKEN = saved_one_token
     qp.use_reference_kernels(True)
     try:
         row["wrapped_ref"] = t(lambda lay, x: lay(x))
