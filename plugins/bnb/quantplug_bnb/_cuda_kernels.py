@@ -53,6 +53,103 @@ SERVE = False
 DENSE = False
 
 
+# Four bytes of the packed weight (eight codes; a byte's first element in its high nibble) to their eight
+# table values, two per 32-bit register, looked up in registers rather than in memory: the 16-entry table
+# (fp16 or bf16) is held as byte planes (H0-H3: the high bytes of entries 0-15, four a register; L0-L3: the
+# low bytes). One prmt looks up four codes at once in a pair of plane registers (entries 0-7, or 8-15: the
+# selectors' bit 3 cleared, since prmt reads it as "replicate the sign"), a lop3 takes the pair the code's
+# bit 3 names (spread to a byte mask by a third prmt), and a last prmt joins each value's two bytes. The
+# selectors are the word's own nibbles: its low 16 bits name the four codes of bytes 0 and 1 (low nibble
+# first), its high 16 bits those of bytes 2 and 3. Operands: $0-$1 the values of the four high nibbles, $2-$3
+# of the low nibbles; $4 the bytes; $5-$36 H0, H1, H2, H3, L0, L1, L2, L3, four registers each (one value,
+# broadcast); with SCALED, $37-$38 the four bytes' absmax in the table's dtype, which the values are
+# multiplied by (fma with -0: it runs on sm_80, where mul on bf16x2 does not).
+_LOOKUP_HALF = """
+and.b32 s, SELECT, 0x7777;
+shr.b32 m, SELECT, 1;
+and.b32 m, m, 0x4444;
+prmt.b32 m, zero, ones, m;
+prmt.b32 a, $5, $9, s;
+prmt.b32 b, $13, $17, s;
+lop3.b32 h, a, b, m, 0xD8;
+prmt.b32 a, $21, $25, s;
+prmt.b32 b, $29, $33, s;
+lop3.b32 l, a, b, m, 0xD8;
+prmt.b32 HIGH, l, h, 0x7351;
+prmt.b32 LOW, l, h, 0x6240;
+"""
+_LOOKUP = (
+    "{\n.reg .b32 w, s, m, a, b, h, l, zero, ones, v0, v1, v2, v3, neg0;\nmov.b32 zero, 0;\nmov.b32 ones, -1;\n"
+    + _LOOKUP_HALF.replace("SELECT", "$4").replace("HIGH", "v0").replace("LOW", "v2")
+    + "shr.b32 w, $4, 16;\n"
+    + _LOOKUP_HALF.replace("SELECT", "w").replace("HIGH", "v1").replace("LOW", "v3")
+    + "SCALE}"
+)
+_UNSCALED = "mov.b32 $0, v0;\nmov.b32 $1, v1;\nmov.b32 $2, v2;\nmov.b32 $3, v3;\n"
+_SCALED = (
+    "mov.b32 neg0, 0x80008000;\nfma.rn.TYPE $0, v0, $37, neg0;\nfma.rn.TYPE $1, v1, $38, neg0;\n"
+    "fma.rn.TYPE $2, v2, $37, neg0;\nfma.rn.TYPE $3, v3, $38, neg0;\n"
+)
+# inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the table in memory there)
+_PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
+_LOOKUP_ASM = tl.constexpr(_LOOKUP.replace("SCALE", _UNSCALED))
+_LOOKUP_BF16_ASM = tl.constexpr(_LOOKUP.replace("SCALE", _SCALED.replace("TYPE", "bf16x2")))
+_LOOKUP_FP16_ASM = tl.constexpr(_LOOKUP.replace("SCALE", _SCALED.replace("TYPE", "f16x2")))
+
+
+@triton.jit
+def _plane_words(code_ptr, first, dtype: tl.constexpr):
+    # table entries first..first+3 in dtype: their high bytes in one 32-bit word, their low bytes in another
+    high = tl.zeros((), tl.int32)
+    low = tl.zeros((), tl.int32)
+    for t in tl.static_range(4):
+        bits = tl.load(code_ptr + first + t).to(dtype).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        high |= (bits >> 8) << (8 * t)
+        low |= (bits & 255) << (8 * t)
+    return high, low
+
+
+@triton.jit
+def _table_planes(code_ptr, dtype: tl.constexpr):
+    # the 16-entry code table in dtype as the byte planes _LOOKUP reads: H0-H3, then L0-L3
+    h0, l0 = _plane_words(code_ptr, 0, dtype)
+    h1, l1 = _plane_words(code_ptr, 4, dtype)
+    h2, l2 = _plane_words(code_ptr, 8, dtype)
+    h3, l3 = _plane_words(code_ptr, 12, dtype)
+    return h0, h1, h2, h3, l0, l1, l2, l3
+
+
+@triton.jit
+def _lookup(packed, planes, code_ptr, dtype: tl.constexpr):
+    # (high-nibble, low-nibble) table values of a tile of packed bytes in dtype: in registers by inline PTX, else
+    # (interpreter, ROCm) from the table in memory
+    if not _PTX:
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
+        return hi.to(dtype), tl.load(code_ptr + (packed & 15).to(tl.int32)).to(dtype)
+    else:
+        h0, h1, h2, h3, l0, l1, l2, l3 = planes
+        return tl.inline_asm_elementwise(
+            _LOOKUP_ASM, "=r,=r,=r,=r,r" + ",r" * 32, [packed, h0, h1, h2, h3, l0, l1, l2, l3],
+            dtype=(dtype.value, dtype.value), is_pure=True, pack=4,
+        )  # fmt: skip
+
+
+@triton.jit
+def _lookup_scaled(packed, planes, absmax, code_ptr, dtype: tl.constexpr):
+    # the dequantized tile: table values times absmax (float32, broadcast to the tile), in dtype; dequantize_4bit
+    # rounds the float32 product once, the register lookup the table value and then the product (within one
+    # unit in the last place)
+    if not _PTX:
+        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * absmax
+        return hi.to(dtype), (tl.load(code_ptr + (packed & 15).to(tl.int32)) * absmax).to(dtype)
+    else:
+        h0, h1, h2, h3, l0, l1, l2, l3 = planes
+        return tl.inline_asm_elementwise(
+            _LOOKUP_FP16_ASM if dtype == tl.float16 else _LOOKUP_BF16_ASM, "=r,=r,=r,=r,r" + ",r" * 34,
+            [packed, h0, h1, h2, h3, l0, l1, l2, l3, absmax.to(dtype)], dtype=(dtype.value, dtype.value), is_pure=True, pack=4,
+        )  # fmt: skip
+
+
 @triton.jit
 def _nf4_lora_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr,
@@ -82,6 +179,7 @@ def _nf4_lora_kernel(
         )  # K is a multiple of BS >= 64: 16-byte rows
         row_groups = rn_safe.to(tl.int64) * (K // BS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        planes = _table_planes(code_ptr, x_ptr.dtype.element_ty)
         for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             g = row_groups[:, None] + (k0 // BS + rg)[None, :]
             if EVEN_K:
@@ -102,20 +200,17 @@ def _nf4_lora_kernel(
                     other=0.0,
                 )
                 g_mask = (k0 // BS + rg < K // BS)[None, :]
-            hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-            lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
             if NESTED:
                 q = tl.load(absmax_ptr + g, mask=g_mask, other=0).to(tl.int32)
                 absmax = tl.load(code2_ptr + q) * tl.load(abs2_ptr + g // BS2, mask=g_mask, other=0.0)
                 absmax += tl.load(offset_ptr)
             else:
                 absmax = tl.load(absmax_ptr + g, mask=g_mask, other=0.0)
-            hi = tl.reshape(tl.reshape(hi, (BLOCK_N, G, BS // 2)) * absmax[:, :, None], (BLOCK_N, HALF))
-            lo = tl.reshape(tl.reshape(lo, (BLOCK_N, G, BS // 2)) * absmax[:, :, None], (BLOCK_N, HALF))
+            absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], (BLOCK_N, G, BS // 2)), (BLOCK_N, HALF))
+            hi, lo = _lookup_scaled(packed, planes, absmax, code_ptr, xt.dtype)
             x_even, x_odd = tl.split(tl.reshape(xt, (BLOCK_M, HALF, 2)))
-            # the dequantized tile rounded to the compute dtype, as dequantize_4bit returns it
-            acc = tl.dot(x_even, tl.trans(hi.to(xt.dtype)), acc)
-            acc = tl.dot(x_odd, tl.trans(lo.to(xt.dtype)), acc)
+            acc = tl.dot(x_even, tl.trans(hi), acc)
+            acc = tl.dot(x_odd, tl.trans(lo), acc)
         acc, last = fl.splitk_reduce(
             acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
         )  # fmt: skip
@@ -169,6 +264,7 @@ def _nf4_gemv_kernel(
     )  # K is a multiple of BS >= 64: 16-byte rows
     row_blocks = rn_safe.to(tl.int64) * (K // BS)
     acc = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    planes = _table_planes(code_ptr, tl.float16)
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         g = k0 // BS + rg
         byte = (k0 // 2 + rg * HB)[:, None] + rj[None, :]
@@ -197,8 +293,9 @@ def _nf4_gemv_kernel(
                 absmax = tl.load(code2_ptr + q) * abs2 + tl.load(offset_ptr)
             else:
                 absmax = tl.load(absmax_ptr + blocks, mask=g_mask[None, :], other=0.0)
-        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-        lo = tl.load(code_ptr + (packed & 15).to(tl.int32))
+        # the table values in fp16 (exact to 2^-11; bitsandbytes' own GEMV holds them in the compute dtype)
+        hi, lo = _lookup(packed, planes, code_ptr, tl.float16)
+        hi, lo = hi.to(tl.float32), lo.to(tl.float32)
         acc += tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2) * absmax
     out, rm, last = fl.gemv_reduce(
         acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
