@@ -70,6 +70,9 @@ def sweep_grid(fmt, key):
         # (2026-12-05) 4 stages beat 3 and 2 (27, 31, 52 us), 6 and 8 were within 3% of 4, and 32 rows of 4 warps
         # beat 64 and 128 rows, and 16 rows of one or two warps (1.2-1.3x slower)
         ns, ks, warps, stages, splits = (32, 64), (64,), (2, 4, 8), (4, 6), (1, 2, 4, 8)
+    elif fmt == "bnb":
+        # with the NF4 table in registers (2026-12-06): one absmax block a step (BLOCK_K 64), pipelined as hqq's
+        ns, ks, warps, stages, splits = (16, 32, 64), (64, 128, 256), (4,), (1, 3, 4), (1, 2, 4)
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):

@@ -16,7 +16,8 @@ variant you declare. A failure message names the broken contract and the fix.
 Also: :func:`random_linear` (a seeded dense layer), :func:`relative_error`,
 :class:`Holder` (a one-layer model to attach to), and :func:`tiny_llama` (a
 tiny LLaMA built from a config, no download). Names load on first access, so
-``tiny_llama`` needs transformers but not pytest.
+``tiny_llama`` needs transformers but not pytest. :mod:`quantplug.testing.ptx`
+runs a fused kernel's inline PTX on the CPU (Triton's interpreter cannot).
 """
 
 from __future__ import annotations

@@ -36,6 +36,8 @@ import triton
 import triton.language as tl
 from quantplug.plugin import fused_lora as fl
 
+from quantplug_bnb import _ptx
+
 # The core's limits and per-layer counters; ONE_LAUNCH: the adapter's shrink inside the GEMV launch
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
@@ -53,48 +55,11 @@ SERVE = False
 DENSE = False
 
 
-# Four bytes of the packed weight (eight codes; a byte's first element in its high nibble) to their eight
-# table values, two per 32-bit register, looked up in registers rather than in memory: the 16-entry table
-# (fp16 or bf16) is held as byte planes (H0-H3: the high bytes of entries 0-15, four a register; L0-L3: the
-# low bytes). One prmt looks up four codes at once in a pair of plane registers (entries 0-7, or 8-15: the
-# selectors' bit 3 cleared, since prmt reads it as "replicate the sign"), a lop3 takes the pair the code's
-# bit 3 names (spread to a byte mask by a third prmt), and a last prmt joins each value's two bytes. The
-# selectors are the word's own nibbles: its low 16 bits name the four codes of bytes 0 and 1 (low nibble
-# first), its high 16 bits those of bytes 2 and 3. Operands: $0-$1 the values of the four high nibbles, $2-$3
-# of the low nibbles; $4 the bytes; $5-$36 H0, H1, H2, H3, L0, L1, L2, L3, four registers each (one value,
-# broadcast); with SCALED, $37-$38 the four bytes' absmax in the table's dtype, which the values are
-# multiplied by (fma with -0: it runs on sm_80, where mul on bf16x2 does not).
-_LOOKUP_HALF = """
-and.b32 s, SELECT, 0x7777;
-shr.b32 m, SELECT, 1;
-and.b32 m, m, 0x4444;
-prmt.b32 m, zero, ones, m;
-prmt.b32 a, $5, $9, s;
-prmt.b32 b, $13, $17, s;
-lop3.b32 h, a, b, m, 0xD8;
-prmt.b32 a, $21, $25, s;
-prmt.b32 b, $29, $33, s;
-lop3.b32 l, a, b, m, 0xD8;
-prmt.b32 HIGH, l, h, 0x7351;
-prmt.b32 LOW, l, h, 0x6240;
-"""
-_LOOKUP = (
-    "{\n.reg .b32 w, s, m, a, b, h, l, zero, ones, v0, v1, v2, v3, neg0;\nmov.b32 zero, 0;\nmov.b32 ones, -1;\n"
-    + _LOOKUP_HALF.replace("SELECT", "$4").replace("HIGH", "v0").replace("LOW", "v2")
-    + "shr.b32 w, $4, 16;\n"
-    + _LOOKUP_HALF.replace("SELECT", "w").replace("HIGH", "v1").replace("LOW", "v3")
-    + "SCALE}"
-)
-_UNSCALED = "mov.b32 $0, v0;\nmov.b32 $1, v1;\nmov.b32 $2, v2;\nmov.b32 $3, v3;\n"
-_SCALED = (
-    "mov.b32 neg0, 0x80008000;\nfma.rn.TYPE $0, v0, $37, neg0;\nfma.rn.TYPE $1, v1, $38, neg0;\n"
-    "fma.rn.TYPE $2, v2, $37, neg0;\nfma.rn.TYPE $3, v3, $38, neg0;\n"
-)
 # inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the table in memory there)
 _PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
-_LOOKUP_ASM = tl.constexpr(_LOOKUP.replace("SCALE", _UNSCALED))
-_LOOKUP_BF16_ASM = tl.constexpr(_LOOKUP.replace("SCALE", _SCALED.replace("TYPE", "bf16x2")))
-_LOOKUP_FP16_ASM = tl.constexpr(_LOOKUP.replace("SCALE", _SCALED.replace("TYPE", "f16x2")))
+_LOOKUP_ASM = tl.constexpr(_ptx.LOOKUP_VALUES)
+_LOOKUP_BF16_ASM = tl.constexpr(_ptx.lookup_scaled("bf16x2"))
+_LOOKUP_FP16_ASM = tl.constexpr(_ptx.lookup_scaled("f16x2"))
 
 
 @triton.jit
@@ -111,7 +76,7 @@ def _plane_words(code_ptr, first, dtype: tl.constexpr):
 
 @triton.jit
 def _table_planes(code_ptr, dtype: tl.constexpr):
-    # the 16-entry code table in dtype as the byte planes _LOOKUP reads: H0-H3, then L0-L3
+    # the 16-entry code table in dtype as the byte planes _ptx.LOOKUP reads: H0-H3, then L0-L3
     h0, l0 = _plane_words(code_ptr, 0, dtype)
     h1, l1 = _plane_words(code_ptr, 4, dtype)
     h2, l2 = _plane_words(code_ptr, 8, dtype)

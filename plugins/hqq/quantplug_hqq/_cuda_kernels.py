@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from quantplug.plugin import fused_lora as fl
 
+from quantplug_hqq import _ptx
+
 # The core's limits and per-layer counters; ONE_LAUNCH: the adapter's shrink inside the GEMV launch
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
@@ -65,49 +67,10 @@ SERVE = True
 DENSE = True
 
 
-# Four bytes of W_q (one 32-bit register: four codes of the top half in the high nibbles, four of the
-# bottom half in the low ones) to eight weights, two per 32-bit register, rounded as hqq's dequantize():
-# each pair of bytes spread to the two 16-bit halves (prmt); the nibble put in the mantissa of a power
-# of two (shift, and-or: 128 + q in bf16, 1024 + q in fp16) and that power taken off (fma, exact);
-# then q - zero and (q - zero) * scale, each rounded once to the compute dtype (fma with 1 and with
-# -0: these run on sm_80, where add and mul on bf16x2 do not). Operands: $0-$3 the weights out (top,
-# bottom), $4 the bytes, $5-$12 scale and -zero of the top, then the bottom, two per register.
-_CODES_TO_WEIGHTS = """{
-.reg .b32 b01, b23, t01, t23, one, base, neg0;
-prmt.b32 b01, $4, 0, 0x4140;
-prmt.b32 b23, $4, 0, 0x4342;
-shr.b32 t01, b01, 4;
-shr.b32 t23, b23, 4;
-lop3.b32 t01, t01, 0x000F000F, MAGIC, 0xea;
-lop3.b32 t23, t23, 0x000F000F, MAGIC, 0xea;
-lop3.b32 b01, b01, 0x000F000F, MAGIC, 0xea;
-lop3.b32 b23, b23, 0x000F000F, MAGIC, 0xea;
-mov.b32 one, ONE;
-mov.b32 base, MINUS_MAGIC;
-mov.b32 neg0, 0x80008000;
-fma.rn.TYPE t01, t01, one, base;
-fma.rn.TYPE t23, t23, one, base;
-fma.rn.TYPE b01, b01, one, base;
-fma.rn.TYPE b23, b23, one, base;
-fma.rn.TYPE t01, t01, one, $7;
-fma.rn.TYPE t23, t23, one, $8;
-fma.rn.TYPE b01, b01, one, $11;
-fma.rn.TYPE b23, b23, one, $12;
-fma.rn.TYPE $0, t01, $5, neg0;
-fma.rn.TYPE $1, t23, $6, neg0;
-fma.rn.TYPE $2, b01, $9, neg0;
-fma.rn.TYPE $3, b23, $10, neg0;
-}"""
 # inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the same rounding in float32 there)
 _PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
-_BF16_ASM = tl.constexpr(
-    _CODES_TO_WEIGHTS.replace("MINUS_MAGIC", "0xC300C300").replace("MAGIC", "0x43004300")
-    .replace("ONE", "0x3F803F80").replace("TYPE", "bf16x2")
-)  # fmt: skip
-_FP16_ASM = tl.constexpr(
-    _CODES_TO_WEIGHTS.replace("MINUS_MAGIC", "0xE400E400").replace("MAGIC", "0x64006400")
-    .replace("ONE", "0x3C003C00").replace("TYPE", "f16x2")
-)  # fmt: skip
+_BF16_ASM = tl.constexpr(_ptx.codes_to_weights("bf16x2"))
+_FP16_ASM = tl.constexpr(_ptx.codes_to_weights("f16x2"))
 
 
 @triton.jit
