@@ -136,5 +136,5 @@ def quantplug_prepare_for_training(model):
 def quantplug_register_kernels(register):
     # fused 4-bit (NF4/FP4) dequant-GEMV + LoRA for 1-16 tokens on CUDA, reading the layer's own storage
     # (quantplug_bnb._cuda_kernels); nothing registered without Triton and a CUDA device, nor while its
-    # SERVE is off (slower than bitsandbytes' own GEMV here): doctor then shows the reference
+    # SERVE is off: doctor then shows the reference
     register_fused_lora(register, "quantplug_bnb._cuda_kernels", name="triton-nf4-lora", backend=NAME)

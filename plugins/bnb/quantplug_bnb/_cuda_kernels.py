@@ -42,15 +42,15 @@ from quantplug_bnb import _ptx
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_nf4_gemv_kernel), 16 for 2-16
-# tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
-# the one-token one timed with the adapter).
-CONFIGS = {"gemv": (16, 512, 4, 1, 2), 16: (32, 128, 4, 1, 4)}
-# Whether the layer's forward uses this kernel. Off: on an H200 (bitsandbytes 0.50.2, Triton 3.6) it is
-# slower than bitsandbytes' own GEMV (4096x4096, 1 token: 19.6 us against 10.7 us; two code-table
-# lookups per byte keep it ALU-bound, docs/performance.md), so the library's forward plus the core's
-# lora_linear serve, and the plugin does not register it (set this before plugins load to try it).
-# ``fused_lora_linear(..., force=True)`` still runs it (tests, tuning).
-SERVE = False
+# tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H100 (2026-12-06, the
+# table looked up in registers, with the adapter).
+CONFIGS = {"gemv": (8, 1024, 4, 1, 1), 16: (32, 128, 4, 4, 2)}
+# Whether the layer's forward uses this kernel. On an H100 (bitsandbytes 0.50.2, Triton 3.6, 2026-12-06), with
+# the code table looked up in registers, the kernel with the r=16 adapter takes what bitsandbytes' own bare
+# GEMV takes at one token (4096x4096: 10.73 against 10.81 us), and at 16 tokens half of what its dequantize
+# and matmul take (21.3 against 37.5 us), so the wrapped layer is 1.3x and 2x faster than the library's
+# forward plus the adapter (docs/performance.md). ``fused_lora_linear(..., force=True)`` runs it when off.
+SERVE = True
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
 
