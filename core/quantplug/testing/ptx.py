@@ -81,8 +81,10 @@ _OPS = {
     "shr.u32": lambda a, b: a >> b,
     "prmt.b32": prmt,
     "lop3.b32": lop3,
-    "fma.rn.bf16x2": lambda a, b, c: _fma(a, b, c, torch.bfloat16),
-    "fma.rn.f16x2": lambda a, b, c: _fma(a, b, c, torch.float16),
+    **{
+        f"fma.rn.{half2}": lambda a, b, c, dtype=dtype: _fma(a, b, c, dtype)
+        for half2, dtype in _HALF_TYPES.items()
+    },
 }
 
 

@@ -48,7 +48,7 @@ CONFIGS = {"gemv": (8, 1024, 4, 1, 1), 16: (32, 128, 4, 4, 2)}
 # Whether the layer's forward uses this kernel. On an H100 (bitsandbytes 0.50.2, Triton 3.6, 2026-12-06), with
 # the code table looked up in registers, the kernel with the r=16 adapter takes what bitsandbytes' own bare
 # GEMV takes at one token (4096x4096: 10.73 against 10.81 us), and at 16 tokens half of what its dequantize
-# and matmul take (21.3 against 37.5 us), so the wrapped layer is 1.3x and 2x faster than the library's
+# and matmul take (21.3 against 37.5 us), so the wrapped layer is 1.1-1.3x and 1.6-2.1x faster than the library's
 # forward plus the adapter (docs/performance.md). ``fused_lora_linear(..., force=True)`` runs it when off.
 SERVE = True
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
@@ -85,12 +85,18 @@ def _table_planes(code_ptr, dtype: tl.constexpr):
 
 
 @triton.jit
+def _gather(packed, code_ptr):
+    # (high-nibble, low-nibble) float32 table values from the table in memory (interpreter, ROCm)
+    return tl.load(code_ptr + (packed >> 4).to(tl.int32)), tl.load(code_ptr + (packed & 15).to(tl.int32))
+
+
+@triton.jit
 def _lookup(packed, planes, code_ptr, dtype: tl.constexpr):
     # (high-nibble, low-nibble) table values of a tile of packed bytes in dtype: in registers by inline PTX, else
-    # (interpreter, ROCm) from the table in memory
+    # from the table in memory
     if not _PTX:
-        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32))
-        return hi.to(dtype), tl.load(code_ptr + (packed & 15).to(tl.int32)).to(dtype)
+        hi, lo = _gather(packed, code_ptr)
+        return hi.to(dtype), lo.to(dtype)
     else:
         h0, h1, h2, h3, l0, l1, l2, l3 = planes
         return tl.inline_asm_elementwise(
@@ -105,8 +111,8 @@ def _lookup_scaled(packed, planes, absmax, code_ptr, dtype: tl.constexpr):
     # rounds the float32 product once, the register lookup the table value and then the product (within one
     # unit in the last place)
     if not _PTX:
-        hi = tl.load(code_ptr + (packed >> 4).to(tl.int32)) * absmax
-        return hi.to(dtype), (tl.load(code_ptr + (packed & 15).to(tl.int32)) * absmax).to(dtype)
+        hi, lo = _gather(packed, code_ptr)
+        return (hi * absmax).to(dtype), (lo * absmax).to(dtype)
     else:
         h0, h1, h2, h3, l0, l1, l2, l3 = planes
         return tl.inline_asm_elementwise(
