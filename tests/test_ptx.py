@@ -8,6 +8,7 @@ The GPU tests (tests/gpu) then check the kernels that carry it.
 """
 
 import random
+from fractions import Fraction
 
 import pytest
 import torch
@@ -60,16 +61,38 @@ def test_fma_rounds_once_to_nearest_even():
     assert unpack(got[0]) == bits16([exact, 9.0], torch.bfloat16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_round_half_rounds_as_torch_does_from_float32(dtype):
+    # float32 -> bf16/fp16 in torch is one rounding to nearest even: subnormals, overflow, ties and signed zeros
+    values = torch.randn(5000, generator=torch.Generator().manual_seed(3)) * 10 ** torch.empty(5000).uniform_(
+        -9, 6
+    )
+    edges = [0.0, -0.0, 65504.0, 65519.0, 65520.0, 6e-8, 2.98e-8, 3.39e38, -3.4e38, 1 + 2**-8, 1 + 3 * 2**-8]
+    values = torch.cat([values, torch.tensor(edges)])
+    want = [int(b) & 0xFFFF for b in values.to(dtype).view(torch.int16).tolist()]
+    got = [ptx.round_half(Fraction(v), dtype, str(v).startswith("-")) for v in values.tolist()]
+    assert got == want
+
+
 @pytest.mark.parametrize(
     ("asm", "operands", "message"),
     [
         ("add.f32 $0, $1, $2;", {1: 0, 2: 0}, "'add.f32' is not emulated"),
         ("mov.b32 $0, t;", {}, "'t' is read before it is written"),
+        ("ld.global.nc.v4.b32 {a, b, c, d}, [$1];", {1: 8}, "misaligned"),  # a 16-byte load at 8
+        ("ld.global.nc.v4.b32 {a, b, c, d}, [$1];", {1: 32}, "reads address 44, not in memory"),
     ],
 )
-def test_unknown_instructions_and_unset_registers_are_refused(asm, operands, message):
+def test_unknown_instructions_unset_registers_and_bad_loads_are_refused(asm, operands, message):
     with pytest.raises(ValueError, match=message):
-        ptx.run(asm, operands)
+        ptx.run(asm, operands, {8: 1, 12: 2, 16: 3, 20: 4, 32: 5, 36: 6, 40: 7})
+
+
+def test_vector_load_reads_words_at_a_64_bit_address():
+    address = 1 << 40
+    memory = {address + 4 * i: 0x11111111 * (i + 1) for i in range(4)}
+    got = ptx.run("ld.global.nc.v4.b32 {a, b, c, d}, [$1];\nxor.b32 $0, a, d;", {1: address}, memory)
+    assert got == {0: 0x11111111 ^ 0x44444444}
 
 
 # -- bnb: the 16-entry table looked up in registers ---------------------------------------------------------
@@ -83,6 +106,7 @@ def planes(table_bits):
 
 
 def lookup_operands(word, table_bits):
+    # the tensor-core kernel's lookup (pack=4)
     operands = {4: word}
     for index, plane in enumerate(planes(table_bits)):  # $5-$36: each word broadcast to four registers
         for r in range(4):
@@ -99,18 +123,31 @@ def tables():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_bnb_lookup_gives_each_codes_table_value(dtype):
+def test_bnb_dot_word_sums_each_codes_table_value_times_its_input(dtype):
+    # the one-token GEMV's step: eight codes' values times their inputs, the products of the odd and even
+    # elements each summed in dtype, one rounding per fma, in the elements' order
     rng = random.Random(0)
-    asm = bnb_ptx.LOOKUP_VALUES
+    asm = bnb_ptx.dot_word(HALF2[dtype])
     for table in tables():
         table_bits = bits16(table, dtype)
+        values = [ptx.halves(b, dtype)[0] for b in table_bits]
         for _ in range(300):
             packed = [rng.randrange(256) for _ in range(4)]
-            got = ptx.run(asm, lookup_operands(sum(b << (8 * i) for i, b in enumerate(packed)), table_bits))
-            high = unpack(got[0]) + unpack(got[1])  # the four bytes' high nibbles: their first elements
-            low = unpack(got[2]) + unpack(got[3])
-            assert high == [table_bits[b >> 4] for b in packed], (packed, table)
-            assert low == [table_bits[b & 15] for b in packed], (packed, table)
+            codes = [c for b in packed for c in (b >> 4, b & 15)]  # a byte's first element in its high nibble
+            x_bits = bits16([rng.gauss(0, 2) for _ in range(8)], dtype)
+            address = 16 * rng.randrange(1, 1 << 40)  # the inputs' 64-bit address, as the kernel passes it
+            operands = {1: sum(b << (8 * i) for i, b in enumerate(packed)), 2: address}
+            operands.update({3 + i: plane for i, plane in enumerate(planes(table_bits))})
+            memory = {address + 4 * j: x_bits[2 * j] | x_bits[2 * j + 1] << 16 for j in range(4)}
+            got = unpack(ptx.run(asm, operands, memory)[0])
+            x = [ptx.halves(b, dtype)[0] for b in x_bits]
+            for half in (0, 1):
+                total = Fraction(0)
+                for element in range(half, 8, 2):
+                    exact = Fraction(values[codes[element]]) * Fraction(x[element]) + total
+                    bits = ptx.round_half(exact, dtype)
+                    total = Fraction(ptx.halves(bits, dtype)[0])
+                assert got[half] == bits, (packed, table, half)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

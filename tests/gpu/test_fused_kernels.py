@@ -238,6 +238,28 @@ def test_one_token_paths(backend, variant, plugin, shape):
 
 
 @pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+def test_one_token_input_views(backend, variant, plugin):
+    """One token given as a view at an odd element offset (not 4- or 16-byte aligned) and as a strided
+    view: served, correct, and the view itself untouched."""
+    fused = kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(16,))
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    buffer = torch.randn(2 * 2048 + 8, device="cuda", dtype=dtype)
+    views = {
+        "odd offset": buffer[3 : 3 + 2048].view(1, 2048),
+        "strided": buffer[1 : 1 + 2 * 2048 : 2].view(1, 2048),
+    }
+    with torch.no_grad():
+        for name, x in views.items():
+            before = buffer.clone()
+            got = fused.fused_lora_linear(layer.base, x, x, A, B, s, force=True)
+            assert got is not None, name
+            assert rel(got, truth(layer, x, ["default"])) < TOL[dtype], name
+            assert torch.equal(buffer, before), name
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
 def test_torch_compile_fullgraph(backend, variant, plugin):
     kernels_module(plugin)
     dtype = torch.bfloat16

@@ -12,16 +12,20 @@ invocation at a time, on Python integers::
 
 Instructions: ``mov``, ``and``, ``or``, ``xor``, ``shl``, ``shr`` (``.b32``/``.u32``, logical),
 ``prmt.b32`` (the default mode: a selector nibble's bit 3 replicates the
-selected byte's sign), ``lop3.b32`` and ``fma.rn`` on ``bf16x2``/``f16x2``
-(each half rounded once, to nearest even). Anything else raises
+selected byte's sign), ``lop3.b32``, ``fma.rn`` on ``bf16x2``/``f16x2``
+(each half rounded once, to nearest even, from the exact result), and
+vector loads ``ld.global[.nc].v2/.v4.b32`` from a ``memory`` the caller
+gives. Anything else raises
 ``ValueError`` naming it, so a test never passes on an instruction it did
-not run. Registers are 32 bits; ``{`` ``}``, ``.reg`` lines and ``//``
+not run. Registers are 32 bits (an operand may hold a 64-bit address); ``{`` ``}``, ``.reg`` lines and ``//``
 comments are skipped.
 """
 
 from __future__ import annotations
 
+import math
 import re
+from fractions import Fraction
 
 import torch
 
@@ -57,18 +61,46 @@ def halves(word: int, dtype: torch.dtype) -> list[float]:
     return bits.view(dtype).double().tolist()
 
 
-def pack_halves(values: list[float], dtype: torch.dtype) -> int:
-    """Two values (the low half first), each rounded once to ``dtype``, in one 32-bit word."""
-    as_float = torch.tensor(values, dtype=torch.float64).float()
-    if as_float.double().tolist() != list(values):
-        raise ValueError(f"the emulator rounds through float32, which would round {values} twice")
-    low, high = (int(v) & 0xFFFF for v in as_float.to(dtype).view(torch.int16).tolist())
-    return low | high << 16
+# (explicit mantissa bits, exponent bias) of each 16-bit float type
+_FORMATS = {torch.bfloat16: (7, 127), torch.float16: (10, 15)}
+
+
+def round_half(value: Fraction, dtype: torch.dtype, negative: bool = False) -> int:
+    """The 16-bit pattern of the exact ``value`` rounded once to ``dtype``, to nearest even.
+
+    ``negative`` gives zero its sign (IEEE: an exact zero sum is +0 unless
+    every term was -0).
+    """
+    mantissa, bias = _FORMATS[dtype]
+    if value == 0:
+        return 0x8000 if negative else 0
+    sign = 0x8000 if value < 0 else 0
+    value = abs(value)
+    exponent = value.numerator.bit_length() - value.denominator.bit_length()
+    if Fraction(2) ** exponent > value:
+        exponent -= 1  # now 2**exponent <= value < 2**(exponent + 1)
+    exponent = max(exponent, 1 - bias)  # below the normal range: subnormal steps
+    units = value / Fraction(2) ** (exponent - mantissa)
+    steps, rest = divmod(units, 1)
+    steps += 1 if rest > Fraction(1, 2) or (rest == Fraction(1, 2) and steps % 2) else 0
+    if steps == 2 << mantissa:  # rounded up to the next binade
+        steps, exponent = steps // 2, exponent + 1
+    if exponent > bias:
+        return sign | (((2 * bias + 1) << mantissa) & 0x7FFF)  # infinity
+    if steps < 1 << mantissa:
+        return sign | int(steps)  # subnormal
+    return sign | (exponent + bias) << mantissa | int(steps) - (1 << mantissa)
 
 
 def _fma(a: int, b: int, c: int, dtype: torch.dtype) -> int:
+    # each half: a * b + c exact, then one rounding (inputs finite)
     x, y, z = halves(a, dtype), halves(b, dtype), halves(c, dtype)
-    return pack_halves([x[i] * y[i] + z[i] for i in range(2)], dtype)
+    out = 0
+    for i in range(2):
+        exact = Fraction(x[i]) * Fraction(y[i]) + Fraction(z[i])
+        zero_sign = math.copysign(1.0, x[i] * y[i] + z[i]) < 0  # float arithmetic signs an exact zero as IEEE
+        out |= round_half(exact, dtype, zero_sign) << (16 * i)
+    return out
 
 
 _OPS = {
@@ -88,9 +120,17 @@ _OPS = {
 }
 
 
-def run(asm: str, operands: dict[int, int]) -> dict[int, int]:
-    """Run ``asm`` (one invocation) with the input operands ``{n: value}`` (``$n``); the ``$n`` it writes."""
-    registers: dict[str, int] = {f"${n}": value & MASK for n, value in operands.items()}
+_VECTOR_LOAD = re.compile(r"ld\.global(?:\.nc)?\.v([24])\.b32 \{([^}]*)\}, \[([^\]]+)\]")
+
+
+def run(asm: str, operands: dict[int, int], memory: dict[int, int] | None = None) -> dict[int, int]:
+    """Run ``asm`` (one invocation) with the input operands ``{n: value}`` (``$n``); the ``$n`` it writes.
+
+    ``memory``: ``{byte address: 32-bit word}`` for ``ld.global[.nc].v2/.v4.b32``
+    (an address operand is 64 bits; the address must be aligned to the
+    vector's size, as on the GPU).
+    """
+    registers: dict[str, int] = {f"${n}": value & 0xFFFFFFFFFFFFFFFF for n, value in operands.items()}
 
     def value(token: str) -> int:
         if token in registers:
@@ -102,6 +142,18 @@ def run(asm: str, operands: dict[int, int]) -> dict[int, int]:
     for line in asm.splitlines():
         line = line.split("//")[0].strip().rstrip(";").strip()
         if not line or line in ("{", "}") or line.startswith(".reg"):
+            continue
+        load = _VECTOR_LOAD.fullmatch(line)
+        if load is not None:
+            width, targets, address = int(load[1]), [t.strip() for t in load[2].split(",")], value(load[3])
+            if address % (4 * width) or len(targets) != width:
+                raise ValueError(
+                    f"PTX emulator: misaligned or malformed vector load {line!r} (address {address})"
+                )
+            for i, target in enumerate(targets):
+                if memory is None or address + 4 * i not in memory:
+                    raise ValueError(f"PTX emulator: {line!r} reads address {address + 4 * i}, not in memory")
+                registers[target] = memory[address + 4 * i] & MASK
             continue
         opcode, _, rest = line.partition(" ")
         if opcode not in _OPS:

@@ -57,7 +57,8 @@ DENSE = False
 
 # inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the table in memory there)
 _PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
-_LOOKUP_ASM = tl.constexpr(_ptx.LOOKUP_VALUES)
+_DOT_BF16_ASM = tl.constexpr(_ptx.dot_word("bf16x2"))
+_DOT_FP16_ASM = tl.constexpr(_ptx.dot_word("f16x2"))
 _LOOKUP_BF16_ASM = tl.constexpr(_ptx.lookup_scaled("bf16x2"))
 _LOOKUP_FP16_ASM = tl.constexpr(_ptx.lookup_scaled("f16x2"))
 
@@ -76,7 +77,7 @@ def _plane_words(code_ptr, first, dtype: tl.constexpr):
 
 @triton.jit
 def _table_planes(code_ptr, dtype: tl.constexpr):
-    # the 16-entry code table in dtype as the byte planes _ptx.LOOKUP reads: H0-H3, then L0-L3
+    # the 16-entry code table in dtype as the byte planes the asm reads (_ptx.PLANES): H0-H3, then L0-L3
     h0, l0 = _plane_words(code_ptr, 0, dtype)
     h1, l1 = _plane_words(code_ptr, 4, dtype)
     h2, l2 = _plane_words(code_ptr, 8, dtype)
@@ -91,18 +92,41 @@ def _gather(packed, code_ptr):
 
 
 @triton.jit
-def _lookup(packed, planes, code_ptr, dtype: tl.constexpr):
-    # (high-nibble, low-nibble) table values of a tile of packed bytes in dtype: in registers by inline PTX, else
-    # from the table in memory
+def _pair_floats(pair, dtype: tl.constexpr):
+    # the two 16-bit floats (dtype) of int32 words as float32: the low half, then the high half
+    if dtype == tl.bfloat16:  # bf16 -> float32 is a shift
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = (pair & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _byte_dot(byte, pair, code_ptr, dtype: tl.constexpr):
+    # a packed byte's two weights (table values from memory) times its input pair, in float32
+    first, second = _pair_floats(pair, dtype)
+    return tl.load(code_ptr + ((byte >> 4) & 15)) * first + tl.load(code_ptr + (byte & 15)) * second
+
+
+@triton.jit
+def _dot_words(words, x_at, planes, code_ptr, dtype: tl.constexpr):
+    # float32 sums of each packed word's eight table values times their inputs (x_at: int32 pointers to each
+    # word's four input pairs, 16-byte aligned; a pair's first element in its low half). In registers by inline
+    # PTX, which also loads the inputs: two partial sums of four products each in dtype (_ptx.dot_word), then
+    # float32; else the table from memory, in float32.
     if not _PTX:
-        hi, lo = _gather(packed, code_ptr)
-        return hi.to(dtype), lo.to(dtype)
+        total = _byte_dot(words & 255, tl.load(x_at), code_ptr, dtype)
+        total += _byte_dot((words >> 8) & 255, tl.load(x_at + 1), code_ptr, dtype)
+        total += _byte_dot((words >> 16) & 255, tl.load(x_at + 2), code_ptr, dtype)
+        return total + _byte_dot((words >> 24) & 255, tl.load(x_at + 3), code_ptr, dtype)
     else:
         h0, h1, h2, h3, l0, l1, l2, l3 = planes
-        return tl.inline_asm_elementwise(
-            _LOOKUP_ASM, "=r,=r,=r,=r,r" + ",r" * 32, [packed, h0, h1, h2, h3, l0, l1, l2, l3],
-            dtype=(dtype.value, dtype.value), is_pure=True, pack=4,
+        sums = tl.inline_asm_elementwise(
+            _DOT_FP16_ASM if dtype == tl.float16 else _DOT_BF16_ASM, "=r,r,l" + ",r" * 8,
+            [words, x_at.to(tl.int64), h0, h1, h2, h3, l0, l1, l2, l3], dtype=tl.int32, is_pure=True, pack=1,
         )  # fmt: skip
+        odd, even = _pair_floats(sums, dtype)
+        return odd + even
 
 
 @triton.jit
@@ -194,25 +218,6 @@ def _nf4_lora_kernel(
 
 
 @triton.jit
-def _input_pairs(x_ptr, pair, mask, X_PAIRS: tl.constexpr):
-    # inputs 2 * pair (the high nibble's) and 2 * pair + 1 (the low one's) as float32: one 32-bit load per
-    # pair when x is 4-byte aligned (X_PAIRS), else two strided 16-bit loads
-    if X_PAIRS:
-        both = tl.load(
-            x_ptr.to(tl.pointer_type(tl.int32)) + pair, mask=mask, other=0, eviction_policy="evict_last"
-        )
-        # bf16 -> float32 is a shift; the first input is the low half
-        if x_ptr.dtype.element_ty == tl.bfloat16:
-            return (both << 16).to(tl.float32, bitcast=True), (both & -65536).to(tl.float32, bitcast=True)
-        else:
-            first = (both & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-            return first, (both >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        first = tl.load(x_ptr + 2 * pair, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        return first, tl.load(x_ptr + 2 * pair + 1, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _nf4_gemv_kernel(
     x_ptr, w_ptr, absmax_ptr, code_ptr, abs2_ptr, code2_ptr, offset_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr,
     sync_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -220,54 +225,57 @@ def _nf4_gemv_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr, X_PAIRS: tl.constexpr,
+    PDL: tl.constexpr, BS: tl.constexpr, BS2: tl.constexpr, NESTED: tl.constexpr,
 ):  # fmt: skip
-    # One token. A step reads a (BLOCK_N rows, GB blocks, HB bytes) tile straight from bitsandbytes' layout; each
-    # thread keeps float32 sums per (row, block), so the only cross-thread sums are one per block of bytes and
+    # One token. A step reads a (BLOCK_N rows, GB blocks, HW words) tile of packed 32-bit words straight from
+    # bitsandbytes' layout (eight codes a word); each word's eight products are summed in registers and each
+    # thread keeps float32 sums per (row, block), so the only cross-thread sums are one per block of words and
     # one at the end: no reshapes, no per-step reductions across the row block.
     row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL)
-    HB: tl.constexpr = BS // 2  # bytes per absmax block
+    HW: tl.constexpr = BS // 8  # packed words per absmax block
     GB: tl.constexpr = BLOCK_K // BS  # absmax blocks per step
     rg = tl.arange(0, GB)
-    rj = tl.arange(0, HB)
-    row_bytes = tl.multiple_of(
-        rn_safe.to(tl.int64) * (K // 2), 16
-    )  # K is a multiple of BS >= 64: 16-byte rows
+    rw = tl.arange(0, HW)
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+    x_pairs = x_ptr.to(tl.pointer_type(tl.int32))  # the launcher makes x 16-byte aligned
+    row_words = tl.multiple_of(rn_safe.to(tl.int64) * (K // 8), 4)  # K is a multiple of BS >= 32
     row_blocks = rn_safe.to(tl.int64) * (K // BS)
+    x_offsets = 4 * ((rg * HW)[:, None] + rw[None, :])  # a step's words' first input pairs, from its first
     acc = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
-    planes = _table_planes(code_ptr, tl.float16)
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    planes = _table_planes(code_ptr, DT)
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         g = k0 // BS + rg
-        byte = (k0 // 2 + rg * HB)[:, None] + rj[None, :]
+        word = (tl.multiple_of(k0 // 8, HW) + rg * HW)[:, None] + rw[None, :]  # k0: a multiple of BLOCK_K
+        blocks = row_blocks[:, None] + g[None, :]
         if EVEN_K:
-            packed = tl.load(
-                w_ptr + row_bytes[:, None, None] + byte[None, :, :], eviction_policy="evict_first"
+            words = tl.load(
+                words_ptr + row_words[:, None, None] + word[None, :, :], eviction_policy="evict_first"
             )
-            x_hi, x_lo = _input_pairs(x_ptr, byte, (rg >= 0)[:, None], X_PAIRS)
-            blocks = row_blocks[:, None] + g[None, :]
             if NESTED:
                 q = tl.load(absmax_ptr + blocks).to(tl.int32)
                 absmax = tl.load(code2_ptr + q) * tl.load(abs2_ptr + blocks // BS2) + tl.load(offset_ptr)
             else:
                 absmax = tl.load(absmax_ptr + blocks)
-        else:  # the last step runs past the row: masked blocks read nothing and add zero
+            sums = tl.sum(
+                _dot_words(words, (x_pairs + k0 // 2 + x_offsets)[None, :, :], planes, code_ptr, DT), axis=2
+            )
+        else:  # the last step runs past the row: masked blocks read nothing (their inputs: the row's first)
             g_mask = g < K // BS
-            packed = tl.load(
-                w_ptr + row_bytes[:, None, None] + byte[None, :, :], mask=g_mask[None, :, None], other=0,
+            words = tl.load(
+                words_ptr + row_words[:, None, None] + word[None, :, :], mask=g_mask[None, :, None], other=0,
                 eviction_policy="evict_first",
             )  # fmt: skip
-            x_hi, x_lo = _input_pairs(x_ptr, byte, g_mask[:, None], X_PAIRS)
-            blocks = row_blocks[:, None] + g[None, :]
             if NESTED:
                 q = tl.load(absmax_ptr + blocks, mask=g_mask[None, :], other=0).to(tl.int32)
                 abs2 = tl.load(abs2_ptr + blocks // BS2, mask=g_mask[None, :], other=0.0)
                 absmax = tl.load(code2_ptr + q) * abs2 + tl.load(offset_ptr)
             else:
                 absmax = tl.load(absmax_ptr + blocks, mask=g_mask[None, :], other=0.0)
-        # the table values in fp16 (exact to 2^-11; bitsandbytes' own GEMV holds them in the compute dtype)
-        hi, lo = _lookup(packed, planes, code_ptr, tl.float16)
-        hi, lo = hi.to(tl.float32), lo.to(tl.float32)
-        acc += tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2) * absmax
+            x_at = tl.where(g_mask[:, None], x_pairs + k0 // 2 + x_offsets, x_pairs)
+            sums = tl.sum(_dot_words(words, x_at[None, :, :], planes, code_ptr, DT), axis=2)
+            sums = tl.where(g_mask[None, :], sums, 0.0)
+        acc += sums * absmax
     out, rm, last = fl.gemv_reduce(
         acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
     )
@@ -332,8 +340,12 @@ def fused_lora_linear(
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     block_k = fl.group_block_k(K, blocksize, config[1])
-    if block_k is None:
-        return None
+    if block_k is None or (gemv and (blocksize % 8 or packed.data_ptr() % 4)):
+        return None  # the one-token kernel reads the codes as 32-bit words, and a word's inputs in one load
+    if gemv and (x.data_ptr() % 16 or not x.is_contiguous()):
+        x = x.clone(
+            memory_format=torch.contiguous_format
+        )  # 16-byte aligned (the launcher's reshape would keep a view's offset)
     nested = bool(getattr(state, "nested", False))
     if nested:
         state2 = state.state2
@@ -352,7 +364,6 @@ def fused_lora_linear(
         (packed, absmax, state.code, abs2, code2, offset), getattr(module, "bias", None), N=N, rows=N,
         block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH,
         lora_mode=lora_mode, pdl=pdl, BS=blocksize, BS2=bs2, NESTED=nested,
-        **({"X_PAIRS": x.data_ptr() % 4 == 0} if gemv else {}),
     )  # fmt: skip
 
 

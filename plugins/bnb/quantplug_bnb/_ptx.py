@@ -2,49 +2,94 @@
 
 ``quantplug.testing.ptx`` runs it on the CPU (``tests/test_ptx.py``), since
 Triton's interpreter cannot.
+
+Both pieces look the 4-bit codes up in registers rather than in memory. The
+16-entry table (fp16 or bf16) is held as byte planes: H0-H3 the high bytes of
+entries 0-15, four a register, L0-L3 the low bytes. One ``prmt`` looks up
+four codes at once in a pair of plane registers (entries 0-7, or 8-15: the
+selectors' bit 3 cleared, since prmt reads it as "replicate the sign"), a
+``lop3`` takes the pair the code's bit 3 names (spread to a byte mask by a
+third prmt), and a last prmt joins each value's two bytes. The selectors are
+the packed word's own nibbles: its low 16 bits name the four codes of bytes
+0 and 1 (a byte's low nibble first: its second element), its high 16 bits
+those of bytes 2 and 3.
 """
 
-# Four bytes of the packed weight (eight codes; a byte's first element in its high nibble) to their eight
-# table values, two per 32-bit register, looked up in registers rather than in memory: the 16-entry table
-# (fp16 or bf16) is held as byte planes (H0-H3: the high bytes of entries 0-15, four a register; L0-L3: the
-# low bytes). One prmt looks up four codes at once in a pair of plane registers (entries 0-7, or 8-15: the
-# selectors' bit 3 cleared, since prmt reads it as "replicate the sign"), a lop3 takes the pair the code's
-# bit 3 names (spread to a byte mask by a third prmt), and a last prmt joins each value's two bytes. The
-# selectors are the word's own nibbles: its low 16 bits name the four codes of bytes 0 and 1 (low nibble
-# first), its high 16 bits those of bytes 2 and 3. Operands: $0-$1 the values of the four high nibbles, $2-$3
-# of the low nibbles; $4 the bytes; $5-$36 H0, H1, H2, H3, L0, L1, L2, L3, four registers each (one value,
-# broadcast); with SCALED, $37-$38 the four bytes' absmax in the table's dtype, which the values are
-# multiplied by (fma with -0: it runs on sm_80, where mul on bf16x2 does not).
-LOOKUP_HALF = """
-and.b32 s, SELECT, 0x7777;
-shr.b32 m, SELECT, 1;
-and.b32 m, m, 0x4444;
-prmt.b32 m, zero, ones, m;
-prmt.b32 a, $5, $9, s;
-prmt.b32 b, $13, $17, s;
-lop3.b32 h, a, b, m, 0xD8;
-prmt.b32 a, $21, $25, s;
-prmt.b32 b, $29, $33, s;
-lop3.b32 l, a, b, m, 0xD8;
-prmt.b32 HIGH, l, h, 0x7351;
-prmt.b32 LOW, l, h, 0x6240;
+PLANES = ("H0", "H1", "H2", "H3", "L0", "L1", "L2", "L3")
+_REGISTERS = ".reg .b32 s, m, k, a, b, h, l, p0, p1, p2, p3, zero, ones, neg0;"
+# the selectors (bit 3 cleared) and the bit-3 masks' selectors (4 where set) of all eight codes of WORD
+_SELECTORS = "and.b32 s, WORD, 0x77777777;\nshr.b32 m, WORD, 1;\nand.b32 m, m, 0x44444444;\n"
+_NEXT_TWO_BYTES = "shr.b32 s, s, 16;\nshr.b32 m, m, 16;\n"
+# the four codes the low 16 bits of s name: h their values' high bytes, l their low bytes (a code's second
+# element first, as the nibbles come)
+_LOOKUP_FOUR = """prmt.b32 k, zero, ones, m;
+prmt.b32 a, H0, H1, s;
+prmt.b32 b, H2, H3, s;
+lop3.b32 h, a, b, k, 0xD8;
+prmt.b32 a, L0, L1, s;
+prmt.b32 b, L2, L3, s;
+lop3.b32 l, a, b, k, 0xD8;
 """
-LOOKUP = (
-    "{\n.reg .b32 w, s, m, a, b, h, l, zero, ones, v0, v1, v2, v3, neg0;\nmov.b32 zero, 0;\nmov.b32 ones, -1;\n"
-    + LOOKUP_HALF.replace("SELECT", "$4").replace("HIGH", "v0").replace("LOW", "v2")
-    + "shr.b32 w, $4, 16;\n"
-    + LOOKUP_HALF.replace("SELECT", "w").replace("HIGH", "v1").replace("LOW", "v3")
-    + "SCALE}"
-)
-UNSCALED = "mov.b32 $0, v0;\nmov.b32 $1, v1;\nmov.b32 $2, v2;\nmov.b32 $3, v3;\n"
-SCALED = (
-    "mov.b32 neg0, 0x80008000;\nfma.rn.TYPE $0, v0, $37, neg0;\nfma.rn.TYPE $1, v1, $38, neg0;\n"
-    "fma.rn.TYPE $2, v2, $37, neg0;\nfma.rn.TYPE $3, v3, $38, neg0;\n"
-)
-# the two variants the kernels use: the values alone (fp16, the one-token GEMV), and times absmax in TYPE
-LOOKUP_VALUES = LOOKUP.replace("SCALE", UNSCALED)
+
+
+def _with_planes(asm: str, operands: list[str]) -> str:
+    for plane, operand in zip(PLANES, operands, strict=True):
+        asm = asm.replace(plane, operand)
+    return asm
+
+
+def dot_word(half2: str) -> str:
+    """One packed word's eight weights times their inputs: two partial sums of four products, in ``half2``.
+
+    For the one-token GEMV. Operands: ``$0`` the result (the first, third,
+    fifth and seventh elements' products summed in its low half, the others'
+    in its high half); ``$1`` the word (four bytes, eight codes); ``$2`` the
+    64-bit address of its eight inputs (16-byte aligned, read-only for the
+    kernel), which it loads itself in one 128-bit load: the kernel's own
+    loads of them would land in another register layout, and Triton would
+    move them through shared memory; ``$3``-``$10`` the planes H0-L3. The
+    table values are taken in ``half2``'s type and each product and partial
+    sum is rounded once to it, as bitsandbytes' own GEMV rounds each
+    product (``fma`` with -0 for the first: it runs on sm_80, where
+    ``mul.bf16x2`` does not).
+    """
+    # per two bytes: p0 the first byte's two values, p1 the second's, each in its inputs' order (first low)
+    two_bytes = _LOOKUP_FOUR + "prmt.b32 p0, l, h, 0x4051;\nprmt.b32 p1, l, h, 0x6273;\n"
+    fma = f"fma.rn.{half2}"
+    asm = (
+        "{\n" + _REGISTERS + "\n.reg .b32 x0, x1, x2, x3;\nmov.b32 zero, 0;\nmov.b32 ones, -1;\n"
+        + "mov.b32 neg0, 0x80008000;\nld.global.nc.v4.b32 {x0, x1, x2, x3}, [$2];\n"
+        + _SELECTORS.replace("WORD", "$1")
+        + two_bytes
+        + f"{fma} p2, p0, x0, neg0;\n{fma} p2, p1, x1, p2;\n"
+        + _NEXT_TWO_BYTES
+        + two_bytes
+        + f"{fma} p2, p0, x2, p2;\n{fma} $0, p1, x3, p2;\n}}"
+    )  # fmt: skip
+    return _with_planes(asm, [f"${3 + i}" for i in range(8)])
 
 
 def lookup_scaled(half2: str) -> str:
-    """The lookup times absmax, for ``half2`` ``"bf16x2"`` or ``"f16x2"``."""
-    return LOOKUP.replace("SCALE", SCALED.replace("TYPE", half2))
+    """Four packed bytes' eight table values times their blocks' absmax, in ``half2``'s type.
+
+    For the tensor-core kernel, as ``tl.inline_asm_elementwise`` with
+    ``pack=4``. Operands: ``$0``-``$1`` the values of the four high nibbles
+    (the bytes' first elements), two a register, ``$2``-``$3`` of the low
+    nibbles; ``$4`` the bytes; ``$5``-``$36`` the planes H0-L3, four
+    registers each (one value, broadcast); ``$37``-``$38`` the four bytes'
+    absmax in the table's type. Each value is the table value times absmax,
+    rounded once (``fma`` with -0).
+    """
+    # per two bytes: HIGH their high nibbles' values, LOW their low nibbles'
+    two_bytes = _LOOKUP_FOUR + "prmt.b32 HIGH, l, h, 0x7351;\nprmt.b32 LOW, l, h, 0x6240;\n"
+    fma = f"fma.rn.{half2}"
+    asm = (
+        "{\n" + _REGISTERS + "\nmov.b32 zero, 0;\nmov.b32 ones, -1;\nmov.b32 neg0, 0x80008000;\n"
+        + _SELECTORS.replace("WORD", "$4")
+        + two_bytes.replace("HIGH", "p0").replace("LOW", "p2")
+        + _NEXT_TWO_BYTES
+        + two_bytes.replace("HIGH", "p1").replace("LOW", "p3")
+        + f"{fma} $0, p0, $37, neg0;\n{fma} $1, p1, $38, neg0;\n"
+        + f"{fma} $2, p2, $37, neg0;\n{fma} $3, p3, $38, neg0;\n}}"
+    )  # fmt: skip
+    return _with_planes(asm, [f"${5 + 4 * i}" for i in range(8)])
