@@ -123,6 +123,21 @@ def tables():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_bnb_table_planes_are_the_tables_bytes_rounded_once(dtype):
+    # the planes the kernel builds from the float32 table in memory, in every lane, as planes() builds them
+    # from the table rounded to dtype (once, to nearest even)
+    asm = bnb_ptx.table_planes(HALF2[dtype])
+    address = 1 << 36
+    for table in tables():
+        words = torch.tensor(table, dtype=torch.float32).view(torch.int32).tolist()
+        memory = {address + 4 * i: w for i, w in enumerate(words)}
+        want = planes(bits16(table, dtype))
+        for lane in (0, 7, 31):
+            got = ptx.run(asm, {8: address}, memory, lane=lane)
+            assert [got[i] for i in range(8)] == want, (table, lane)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_bnb_dot_word_sums_each_codes_table_value_times_its_input(dtype):
     # the one-token GEMV's step: eight codes' values times their inputs, the products of the odd and even
     # elements each summed in dtype, one rounding per fma, in the elements' order

@@ -185,12 +185,16 @@ def program_tile(ticket, SPLITS: tl.constexpr, GRID_N, rows, M, BLOCK_M: tl.cons
 
 
 @triton.jit
-def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr, SPLITK: tl.constexpr):
     # a one-token GEMV program (a plugin's ``*_gemv_kernel``): its row block, K split and BLOCK_N rows
     if PDL == 1:  # launched early after any kernel: its output (our input) is complete only after the wait
         gdc_wait()
-    row_block = tl.program_id(0) % GRID_N
-    split = tl.program_id(0) // GRID_N
+    if SPLITK == 1:  # no integer division (some 25 instructions a program)
+        row_block = tl.program_id(0)
+        split = 0
+    else:
+        row_block = tl.program_id(0) % GRID_N
+        split = tl.program_id(0) // GRID_N
     rn = row_block * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < rows
     return row_block, split, rn, n_mask, tl.where(n_mask, rn, 0)

@@ -98,14 +98,28 @@ def test_training_step_on_cuda_uses_autograd_path():
     assert layer.lora_B["default"].grad is not None
 
 
+@pytest.mark.parametrize("fused", ["served", "off"])
 @pytest.mark.parametrize(("backend", "variant"), BACKENDS)
-def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(backend, variant):
+def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(
+    backend, variant, fused, monkeypatch
+):
     """A chain of three adapter layers (the middle one with two adapters) captured in one graph: the
-    first adapter's shrink goes to the side stream (lora_linear), and the replay equals the references."""
+    first adapter's shrink goes to the side stream (lora_linear), or, where the plugin's fused kernel
+    serves the layer, into that kernel's launches (no side stream); the replay equals the references."""
+    import importlib
+
     from quantplug import _kernels as kernels
     from quantplug import _triton as triton_kernels
 
     layers = [wrapped_layer(backend, variant, 2048, 2048) for _ in range(3)]
+    found = layers[0].kernels.find("fused_lora_linear", backend, "cuda", DTYPE)
+    serves = found is not None and found.priority > 0
+    if fused == "off" and serves:  # the plugin's kernel declines every call: lora_linear serves
+        plugin = importlib.import_module(found.fn.__module__)
+        monkeypatch.setattr(plugin, "SERVE", False)
+        serves = False
+    elif fused == "served" and not serves:
+        pytest.skip(f"{backend}: no fused kernel serves here (the 'off' case covers it)")
     model = torch.nn.Sequential(*layers)
     torch.manual_seed(1)
     layers[1].add_adapter("second", qp.LoraConfig(r=8, alpha=8, target_modules=["x"], init="random"), DTYPE)
@@ -114,7 +128,10 @@ def test_graph_runs_the_shrink_beside_the_base_and_matches_the_reference(backend
     with torch.no_grad():
         triton_kernels._side_streams.clear()  # the warm-up runs uncaptured: only the capture adds one
         graph, static_y = capture(lambda: model(static_x))
-        assert triton_kernels._side_streams, "lora_linear did not take the side-stream path under capture"
+        if serves:
+            assert not triton_kernels._side_streams, "the fused kernel should have served, not lora_linear"
+        else:
+            assert triton_kernels._side_streams, "lora_linear did not take the side-stream path under capture"
         for _ in range(2):
             fresh = torch.randn_like(static_x)
             static_x.copy_(fresh)

@@ -10,12 +10,13 @@ invocation at a time, on Python integers::
     out = run(asm, {4: packed_word, 5: scale_pair})  # operand number -> 32-bit value
     out[0], out[1]  # the output operands $0, $1
 
-Instructions: ``mov``, ``and``, ``or``, ``xor``, ``shl``, ``shr`` (``.b32``/``.u32``, logical),
+Instructions: ``mov`` (also of ``%laneid``), ``and``, ``or``, ``xor``, ``shl``, ``shr`` (``.b32``/``.u32``, logical),
 ``prmt.b32`` (the default mode: a selector nibble's bit 3 replicates the
 selected byte's sign), ``lop3.b32``, ``fma.rn`` on ``bf16x2``/``f16x2``
-(each half rounded once, to nearest even, from the exact result), and
-vector loads ``ld.global[.nc].v2/.v4.b32`` from a ``memory`` the caller
-gives. Anything else raises
+(each half rounded once, to nearest even, from the exact result),
+``cvt.rn.bf16x2.f32``/``cvt.rn.f16x2.f32``, and vector loads
+``ld.global[.nc].v2/.v4.b32 {...}, [r]`` or ``[r+offset]`` from a
+``memory`` the caller gives. Anything else raises
 ``ValueError`` naming it, so a test never passes on an instruction it did
 not run. Registers are 32 bits (an operand may hold a 64-bit address); ``{`` ``}``, ``.reg`` lines and ``//``
 comments are skipped.
@@ -103,8 +104,21 @@ def _fma(a: int, b: int, c: int, dtype: torch.dtype) -> int:
     return out
 
 
+def _float32(word: int) -> float:
+    return torch.tensor([word & MASK], dtype=torch.int64).to(torch.int32).view(torch.float32).item()
+
+
+def _cvt_pack(a: int, b: int, dtype: torch.dtype) -> int:
+    # cvt.rn.{bf16x2,f16x2}.f32 d, a, b: a rounded into d's high half, b into its low half (finite inputs)
+    high, low = (_float32(v) for v in (a, b))
+    return round_half(Fraction(high), dtype, math.copysign(1.0, high) < 0) << 16 | round_half(
+        Fraction(low), dtype, math.copysign(1.0, low) < 0
+    )
+
+
 _OPS = {
     "mov.b32": lambda a: a,
+    "mov.u32": lambda a: a,
     "and.b32": lambda a, b: a & b,
     "or.b32": lambda a, b: a | b,
     "xor.b32": lambda a, b: a ^ b,
@@ -117,20 +131,27 @@ _OPS = {
         f"fma.rn.{half2}": lambda a, b, c, dtype=dtype: _fma(a, b, c, dtype)
         for half2, dtype in _HALF_TYPES.items()
     },
+    **{
+        f"cvt.rn.{half2}.f32": lambda a, b, dtype=dtype: _cvt_pack(a, b, dtype)
+        for half2, dtype in _HALF_TYPES.items()
+    },
 }
 
 
-_VECTOR_LOAD = re.compile(r"ld\.global(?:\.nc)?\.v([24])\.b32 \{([^}]*)\}, \[([^\]]+)\]")
+_VECTOR_LOAD = re.compile(r"ld\.global(?:\.nc)?\.v([24])\.b32 \{([^}]*)\}, \[([^\]+]+)(?:\+(\d+))?\]")
 
 
-def run(asm: str, operands: dict[int, int], memory: dict[int, int] | None = None) -> dict[int, int]:
+def run(
+    asm: str, operands: dict[int, int], memory: dict[int, int] | None = None, lane: int = 0
+) -> dict[int, int]:
     """Run ``asm`` (one invocation) with the input operands ``{n: value}`` (``$n``); the ``$n`` it writes.
 
     ``memory``: ``{byte address: 32-bit word}`` for ``ld.global[.nc].v2/.v4.b32``
     (an address operand is 64 bits; the address must be aligned to the
-    vector's size, as on the GPU).
+    vector's size, as on the GPU). ``lane``: the thread's ``%laneid``.
     """
     registers: dict[str, int] = {f"${n}": value & 0xFFFFFFFFFFFFFFFF for n, value in operands.items()}
+    registers["%laneid"] = lane % 32
 
     def value(token: str) -> int:
         if token in registers:
@@ -145,7 +166,8 @@ def run(asm: str, operands: dict[int, int], memory: dict[int, int] | None = None
             continue
         load = _VECTOR_LOAD.fullmatch(line)
         if load is not None:
-            width, targets, address = int(load[1]), [t.strip() for t in load[2].split(",")], value(load[3])
+            width, targets = int(load[1]), [t.strip() for t in load[2].split(",")]
+            address = value(load[3]) + int(load[4] or 0)
             if address % (4 * width) or len(targets) != width:
                 raise ValueError(
                     f"PTX emulator: misaligned or malformed vector load {line!r} (address {address})"

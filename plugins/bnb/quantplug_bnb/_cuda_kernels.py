@@ -44,7 +44,7 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_nf4_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H100 (2026-12-06, the
 # table looked up in registers, with the adapter).
-CONFIGS = {"gemv": (8, 1024, 4, 1, 1), 16: (32, 128, 4, 4, 2)}
+CONFIGS = {"gemv": (2, 2048, 2, 1, 1), 16: (32, 128, 4, 4, 2)}
 # Whether the layer's forward uses this kernel. On an H100 (bitsandbytes 0.50.2, Triton 3.6, 2026-12-06), with
 # the code table looked up in registers, the kernel with the r=16 adapter takes what bitsandbytes' own bare
 # GEMV takes at one token (4096x4096: 10.73 against 10.81 us), and at 16 tokens half of what its dequantize
@@ -57,6 +57,8 @@ DENSE = False
 
 # inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the table in memory there)
 _PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
+_PLANES_BF16_ASM = tl.constexpr(_ptx.table_planes("bf16x2"))
+_PLANES_FP16_ASM = tl.constexpr(_ptx.table_planes("f16x2"))
 _DOT_BF16_ASM = tl.constexpr(_ptx.dot_word("bf16x2"))
 _DOT_FP16_ASM = tl.constexpr(_ptx.dot_word("f16x2"))
 _LOOKUP_BF16_ASM = tl.constexpr(_ptx.lookup_scaled("bf16x2"))
@@ -77,12 +79,19 @@ def _plane_words(code_ptr, first, dtype: tl.constexpr):
 
 @triton.jit
 def _table_planes(code_ptr, dtype: tl.constexpr):
-    # the 16-entry code table in dtype as the byte planes the asm reads (_ptx.PLANES): H0-H3, then L0-L3
-    h0, l0 = _plane_words(code_ptr, 0, dtype)
-    h1, l1 = _plane_words(code_ptr, 4, dtype)
-    h2, l2 = _plane_words(code_ptr, 8, dtype)
-    h3, l3 = _plane_words(code_ptr, 12, dtype)
-    return h0, h1, h2, h3, l0, l1, l2, l3
+    # the 16-entry code table in dtype as the byte planes the asm reads (_ptx.PLANES): H0-H3, then L0-L3; by
+    # inline PTX (_ptx.table_planes: four vector loads, eight packing cvt), else from sixteen scalar loads
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            _PLANES_FP16_ASM if dtype == tl.float16 else _PLANES_BF16_ASM, "=r,=r,=r,=r,=r,=r,=r,=r,l",
+            [code_ptr.to(tl.int64)], dtype=(tl.int32,) * 8, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        h0, l0 = _plane_words(code_ptr, 0, dtype)
+        h1, l1 = _plane_words(code_ptr, 4, dtype)
+        h2, l2 = _plane_words(code_ptr, 8, dtype)
+        h3, l3 = _plane_words(code_ptr, 12, dtype)
+        return h0, h1, h2, h3, l0, l1, l2, l3
 
 
 @triton.jit
@@ -231,7 +240,7 @@ def _nf4_gemv_kernel(
     # bitsandbytes' layout (eight codes a word); each word's eight products are summed in registers and each
     # thread keeps float32 sums per (row, block), so the only cross-thread sums are one per block of words and
     # one at the end: no reshapes, no per-step reductions across the row block.
-    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL)
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL, SPLITK)
     HW: tl.constexpr = BS // 8  # packed words per absmax block
     GB: tl.constexpr = BLOCK_K // BS  # absmax blocks per step
     rg = tl.arange(0, GB)

@@ -32,6 +32,37 @@ lop3.b32 l, a, b, k, 0xD8;
 """
 
 
+def table_planes(half2: str) -> str:
+    """The 16-entry table (float32 in memory) as the eight plane registers the lookups read.
+
+    Operands: ``$0``-``$7`` the planes H0-H3, L0-L3; ``$8`` the table's
+    64-bit address (16-byte aligned). Four 128-bit loads, each pair of
+    entries rounded once to ``half2``'s type and packed by one ``cvt``, and
+    two ``prmt`` per four entries: 20 instructions where building the planes
+    from scalar loads took about a hundred, in every program.
+    """
+    cvt = f"cvt.rn.{half2}.f32"
+    lines = ["{", ".reg .b32 " + ", ".join(f"e{i}" for i in range(16)) + ", a, b, high, low;"]
+    # the selectors carry the lane number in their upper half, which prmt ignores: ptxas then keeps the planes
+    # in each thread's registers, not in uniform ones it would copy back before each use in the loop
+    lines += [
+        "mov.u32 high, %laneid;",
+        "shl.b32 high, high, 16;",
+        "or.b32 low, high, 0x6420;",
+        "or.b32 high, high, 0x7531;",
+    ]
+    for j in range(4):
+        offset = f"+{16 * j}" if j else ""
+        lines.append(
+            f"ld.global.nc.v4.b32 {{e{4 * j}, e{4 * j + 1}, e{4 * j + 2}, e{4 * j + 3}}}, [$8{offset}];"
+        )
+    for j in range(4):  # entries 4j..4j+3: a = (e0 low, e1 high), b = (e2, e3); H takes their high bytes
+        e = [f"e{4 * j + t}" for t in range(4)]
+        lines += [f"{cvt} a, {e[1]}, {e[0]};", f"{cvt} b, {e[3]}, {e[2]};"]
+        lines += [f"prmt.b32 ${j}, a, b, high;", f"prmt.b32 ${4 + j}, a, b, low;"]
+    return "\n".join([*lines, "}"])
+
+
 def _with_planes(asm: str, operands: list[str]) -> str:
     for plane, operand in zip(PLANES, operands, strict=True):
         asm = asm.replace(plane, operand)

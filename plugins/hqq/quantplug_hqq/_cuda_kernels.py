@@ -191,7 +191,7 @@ def _hqq4_gemv_kernel(
     # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
     # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
     HALF_N = N // 2
-    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL)
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL, SPLITK)
     GB: tl.constexpr = BLOCK_K // GS
     rg = tl.arange(0, GB)
     rj = tl.arange(0, GS)

@@ -103,7 +103,7 @@ def _int8_gemv_kernel(
 ):  # fmt: skip
     # One token. Each thread keeps float32 sums per (row, input) it reads, summed once at the end; int8 to
     # float32 without a conversion instruction (2^23 + 128 + q, less 2^23 + 128).
-    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL)
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL, SPLITK)
     rk = tl.arange(0, BLOCK_K)
     rows = rn_safe.to(tl.int64) * K
     # wide steps (few of them) are summed across the row as they come; narrow ones per input, at the end
