@@ -9,10 +9,13 @@ What it reads: bitsandbytes' own storage, untouched (no repack): the packed
 nibble, row-major over the ``(out, in)`` weight), ``quant_state.code`` (the
 16-entry NF4 or FP4 table), ``quant_state.absmax`` (float32 per block of
 ``blocksize`` elements, or, nested, uint8 codes into ``state2.code`` times
-``state2.absmax`` per 256 blocks, plus ``offset``), and the bias. Each
-program dequantizes its ``BLOCK_N`` rows in registers (code lookup times
-absmax in float32, as ``dequantize_4bit`` does) and multiplies them by the
-1-16 input rows it holds.
+``state2.absmax`` per 256 blocks, plus ``offset``), and the bias. The
+codes are looked up in registers (``_ptx``). At 2-16 tokens each program
+dequantizes its ``BLOCK_N`` rows (table value times absmax, in the compute
+dtype) and multiplies them by the input rows on tensor cores. At one token
+each packed word's eight products are summed in the compute dtype (as
+bitsandbytes' own GEMV rounds its products), then in float32 per absmax
+block, times the absmax.
 
 The adapter (its shrink as its own launch, or in the same launch with
 :data:`ONE_LAUNCH`), split-K (``SPLITK`` in :data:`CONFIGS`), the epilogue
@@ -42,14 +45,14 @@ from quantplug_bnb import _ptx
 # (LORA=2), off (quantplug._fused says why)
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_nf4_gemv_kernel), 16 for 2-16
-# tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H100 (2026-12-06, the
-# table looked up in registers, with the adapter).
+# tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H100 (2026-12-06, with
+# the adapter: the one-token one after the word GEMV, the 16-token one after the register lookup).
 CONFIGS = {"gemv": (2, 2048, 2, 1, 1), 16: (32, 128, 4, 4, 2)}
-# Whether the layer's forward uses this kernel. On an H100 (bitsandbytes 0.50.2, Triton 3.6, 2026-12-06), with
-# the code table looked up in registers, the kernel with the r=16 adapter takes what bitsandbytes' own bare
-# GEMV takes at one token (4096x4096: 10.73 against 10.81 us), and at 16 tokens half of what its dequantize
-# and matmul take (21.3 against 37.5 us), so the wrapped layer is 1.1-1.3x and 1.6-2.1x faster than the library's
-# forward plus the adapter (docs/performance.md). ``fused_lora_linear(..., force=True)`` runs it when off.
+# Whether the layer's forward uses this kernel. On an H100 (bitsandbytes 0.50.2, Triton 3.6, 2026-12-06) the
+# kernel with the r=16 adapter takes 0.81-0.88x what bitsandbytes' own bare GEMV takes at one token (4096x4096:
+# 9.52 against 10.85 us), and at 16 tokens half of what its dequantize and matmul take (21.2 against 38.4 us):
+# the wrapped layer is faster than the library's forward plus the adapter at every size up to 16 tokens
+# (docs/performance.md). ``fused_lora_linear(..., force=True)`` runs it when off.
 SERVE = True
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
