@@ -17,6 +17,9 @@ GEMV: 9.2 measured, against this script's static count of its loop).
 
 The count is of one loop iteration's instructions times the threads of a
 program, over the weight elements one iteration decodes (:data:`ELEMENTS`).
+It also prints the instructions outside the loop, which each thread runs
+once per program: at 4096 inputs and a wide step (two steps a program) they
+are a third of a one-token kernel's work (bnb, 2026-12-06).
 It says nothing of latency, occupancy or memory: time on the GPU decides.
 """
 
@@ -133,6 +136,12 @@ def hot_loop(sass):
     return instructions[best[0] : best[1] + 1]
 
 
+def instruction_count(sass):
+    """The kernel's instructions (static: each once), without the padding and the final self-branch."""
+    lines = [line.split("\t", 1)[1].strip() for line in sass.splitlines() if "\t" in line]
+    return sum(1 for i in lines if i and not i.startswith("NOP")) - 1
+
+
 def opcode(instruction):
     return re.sub(r"^@!?U?P\w+\s+", "", instruction).split()[0].split(".")[0]
 
@@ -181,7 +190,8 @@ def main():
             print(
                 f"{fmt:8s} tokens={tokens:<3d}{fn.__name__:20s} {tile}: loop {len(loop)} instructions, "
                 f"{len(loop) * threads / elements:.2f} per weight element; "
-                + " ".join(f"{op} {n}" for op, n in mix),
+                + " ".join(f"{op} {n}" for op, n in mix)
+                + f"; outside the loop {instruction_count(sass) - len(loop)} a thread (prologue, epilogue)",
                 flush=True,
             )
 
