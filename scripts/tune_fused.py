@@ -81,8 +81,8 @@ def sweep_grid(fmt, key):
             key == "gemv"
         ):  # weight elements one step decodes (hqq: BLOCK_N rows of each half, a byte per input)
             elements = n * k * (2 if fmt == "hqq" else 1)
-            # bnb's GEMV (eight products a word summed in the asm, 2026-12-06) has registers for 128 a thread
-            if not 256 * w <= elements <= (4096 if fmt == "bnb" else 2048) * w:
+            # bnb's and hqq's word GEMVs (products summed in the asm, 2026-12-06) have registers for 128 a thread
+            if not 256 * w <= elements <= (2048 if fmt == "torchao" else 4096) * w:
                 continue
         # hqq: fewer than 8 rows a warp and warps decode the same rows; else the per-block product would not fit
         # in registers

@@ -7,6 +7,7 @@ the rounding the library's own dequantization does, computed in PyTorch.
 The GPU tests (tests/gpu) then check the kernels that carry it.
 """
 
+import math
 import random
 from fractions import Fraction
 
@@ -216,3 +217,29 @@ def test_hqq_decode_is_bit_for_bit_hqqs_rounding(dtype):
         bottom = ((torch.tensor([b & 15 for b in packed]).to(dtype) - zero_bot) * scale_bot).view(torch.int16)
         assert unpack(got[0]) + unpack(got[1]) == [int(v) & 0xFFFF for v in top.tolist()], packed
         assert unpack(got[2]) + unpack(got[3]) == [int(v) & 0xFFFF for v in bottom.tolist()], packed
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hqq_dot_word_sums_centred_codes_times_inputs(dtype):
+    # the one-token GEMV's step: per half, (q - 8) * x for inputs k and k+2 (low) and k+1 and k+3 (high),
+    # each product and the sum rounded once to dtype
+    rng = random.Random(3)
+    asm = hqq_ptx.dot_word(HALF2[dtype])
+    for _ in range(500):
+        packed = [rng.randrange(256) for _ in range(4)]
+        x_bits = bits16([rng.gauss(0, 2) for _ in range(4)], dtype)
+        x = [ptx.halves(b, dtype)[0] for b in x_bits]
+        address = 8 * rng.randrange(1, 1 << 40)
+        memory = {address: x_bits[0] | x_bits[1] << 16, address + 4: x_bits[2] | x_bits[3] << 16}
+        got = ptx.run(asm, {2: sum(b << (8 * i) for i, b in enumerate(packed)), 3: address}, memory)
+        for out, codes in ((0, [b >> 4 for b in packed]), (1, [b & 15 for b in packed])):
+            for half in (0, 1):
+                # float64 is exact here (a code times a 16-bit input, plus a 16-bit sum), zero signs included
+                first = to_bits((codes[half] - 8) * x[half] + -0.0, dtype)
+                second = (codes[half + 2] - 8) * x[half + 2] + ptx.halves(first, dtype)[0]
+                assert unpack(got[out])[half] == to_bits(second, dtype), (packed, out, half)
+
+
+def to_bits(value, dtype):
+    """An exact float64 value rounded once to dtype, as 16 bits (IEEE's zero sign kept)."""
+    return ptx.round_half(Fraction(value), dtype, math.copysign(1.0, value) < 0)

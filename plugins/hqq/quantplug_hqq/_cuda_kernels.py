@@ -71,6 +71,8 @@ DENSE = True
 _PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
 _BF16_ASM = tl.constexpr(_ptx.codes_to_weights("bf16x2"))
 _FP16_ASM = tl.constexpr(_ptx.codes_to_weights("f16x2"))
+_DOT_BF16_ASM = tl.constexpr(_ptx.dot_word("bf16x2"))
+_DOT_FP16_ASM = tl.constexpr(_ptx.dot_word("f16x2"))
 
 
 @triton.jit
@@ -169,14 +171,42 @@ def _nibble(q):
 
 
 @triton.jit
-def _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS: tl.constexpr):
-    # one step's (byte rows, groups, GS bytes) tile of W_q; groups at or past k_end (the next split, or past
-    # the row) read nothing
-    kk = (k0 + rg * GS)[:, None] + rj[None, :]
-    g_ok = (k0 + rg * GS < k_end)[None, :, None]
-    return tl.load(
-        w_ptr + row_bytes[:, None, None] + kk[None, :, :], mask=g_ok, other=0, eviction_policy="evict_first"
-    )
+def _centred_nibble(q):
+    # a 4-bit code (int32, 0-15) less 8 as float32 without a conversion instruction: 2^23 + q, less 2^23 + 8
+    return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+
+@triton.jit
+def _dot_words(words, x_at, dtype: tl.constexpr):
+    # float32 sums of each packed word's four top and four bottom codes, less 8, times their four inputs (x_at:
+    # a pointer to each word's first input, 8-byte aligned). In registers by inline PTX, which also loads the
+    # inputs (_ptx.dot_word: each product and pair sum rounded once to dtype), else in float32.
+    if not _PTX:
+        top = tl.zeros(words.shape, tl.float32)
+        bot = tl.zeros(words.shape, tl.float32)
+        for j in tl.static_range(4):
+            x = tl.load(x_at + j).to(tl.float32)
+            top += _centred_nibble((words >> (8 * j + 4)) & 15) * x
+            bot += _centred_nibble((words >> (8 * j)) & 15) * x
+        return top, bot
+    else:
+        top, bot = tl.inline_asm_elementwise(
+            _DOT_FP16_ASM if dtype == tl.float16 else _DOT_BF16_ASM, "=r,=r,r,l", [words, x_at.to(tl.int64)],
+            dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
+        )  # fmt: skip
+        top_low, top_high = _pair_floats(top, dtype)
+        bot_low, bot_high = _pair_floats(bot, dtype)
+        return top_low + top_high, bot_low + bot_high
+
+
+@triton.jit
+def _pair_floats(pair, dtype: tl.constexpr):
+    # the two 16-bit floats (dtype) of int32 words as float32: the low half, then the high half
+    if dtype == tl.bfloat16:  # bf16 -> float32 is a shift
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = (pair & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -188,14 +218,20 @@ def _hqq4_gemv_kernel(
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
     PDL: tl.constexpr, GS: tl.constexpr,
 ):  # fmt: skip
-    # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
-    # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
+    # One token. A step reads a (BLOCK_N byte rows, GB groups, GW words) tile of W_q as 32-bit words (four
+    # inputs, both halves' codes); per group and row scale * (sum((q - 8) x) - (zero - 8) * sum(x)), kept per
+    # thread as float32 sums per (row, group), summed at the end.
     HALF_N = N // 2
     row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL, SPLITK)
     GB: tl.constexpr = BLOCK_K // GS
+    GW: tl.constexpr = GS // 4  # words per group
+    DT: tl.constexpr = x_ptr.dtype.element_ty
     rg = tl.arange(0, GB)
     rj = tl.arange(0, GS)
-    row_bytes = rn_safe.to(tl.int64) * K
+    rw = tl.arange(0, GW)
+    words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
+    row_words = tl.multiple_of(rn_safe.to(tl.int64) * (K // 4), 4)  # K is a multiple of GS >= 16
+    x_offsets = (rg * GS)[:, None] + 4 * rw[None, :]  # a step's words' first inputs, from its first
     groups_top = rn_safe.to(tl.int64) * (K // GS)
     groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
     acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
@@ -203,25 +239,34 @@ def _hqq4_gemv_kernel(
     k_start = split * KS
     k_end = tl.minimum(K, split * KS + KS)
     for k0 in range(k_start, k_end, BLOCK_K):
-        packed = _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS)
         g = k0 // GS + rg
+        word = (tl.multiple_of(k0 // 4, GW) + rg * GW)[:, None] + rw[None, :]  # k0: a multiple of BLOCK_K
         g_mask = k0 + rg * GS < k_end
+        if EVEN_K:  # every group of the step is in the row
+            words = tl.load(
+                words_ptr + row_words[:, None, None] + word[None, :, :], eviction_policy="evict_first"
+            )
+            x_at = x_ptr + k0 + x_offsets
+        else:  # the last step runs past the row: masked groups read nothing (their inputs: the row's first)
+            words = tl.load(
+                words_ptr + row_words[:, None, None] + word[None, :, :], mask=g_mask[None, :, None], other=0,
+                eviction_policy="evict_first",
+            )  # fmt: skip
+            x_at = tl.where(g_mask[:, None], x_ptr + k0 + x_offsets, x_ptr)
         kk = (k0 + rg * GS)[:, None] + rj[None, :]
-        xt = tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        x_sum = tl.sum(tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0).to(tl.float32), axis=1)[None, :]
         s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
         z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        x_sum = tl.sum(xt, axis=1)[None, :]
-        # each code into the mantissa of 1.0, as 1 + q / 16, by a shift and an and-or (no float subtract):
-        # sum((1 + q/16) x) = sum(x) + sum(q x) / 16
-        codes = packed.to(tl.int32)
-        top = ((codes << 15) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
-        bot = ((codes << 19) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
-        dot_top = (tl.sum(top * xt[None, :, :], axis=2) - x_sum) * 16.0
-        dot_bot = (tl.sum(bot * xt[None, :, :], axis=2) - x_sum) * 16.0
-        acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_sum)
-        acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_sum)
+        top, bot = _dot_words(words, x_at[None, :, :], DT)
+        dot_top = tl.sum(top, axis=2)
+        dot_bot = tl.sum(bot, axis=2)
+        if not EVEN_K:
+            dot_top = tl.where(g_mask[None, :], dot_top, 0.0)
+            dot_bot = tl.where(g_mask[None, :], dot_bot, 0.0)
+        acc_top += s_top.to(tl.float32) * (dot_top - (z_top.to(tl.float32) - 8.0) * x_sum)
+        acc_bot += s_bot.to(tl.float32) * (dot_bot - (z_bot.to(tl.float32) - 8.0) * x_sum)
     for half in tl.static_range(2):
         out, rm, last = fl.gemv_reduce(
             acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
@@ -307,8 +352,12 @@ def fused_lora_linear(
     gemv = one_token and (kernel or ONE_TOKEN) == "gemv"
     config = config or CONFIGS["gemv" if gemv else 1 if one_token else 16]
     block_k = fl.group_block_k(K, group, config[1])
-    if block_k is None:
-        return None
+    if block_k is None or (gemv and (group % 16 or W_q.data_ptr() % 4)):
+        return None  # the one-token kernel reads W_q as 32-bit words, and a word's inputs in one load
+    if gemv and (x.data_ptr() % 8 or not x.is_contiguous()):
+        x = x.clone(
+            memory_format=torch.contiguous_format
+        )  # 8-byte aligned (the launcher's reshape keeps offsets)
     return fl.launch(
         _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,

@@ -50,3 +50,45 @@ def codes_to_weights(half2: str) -> str:
     for name, value in _CONSTANTS[half2].items():  # MINUS_MAGIC before MAGIC, which it contains
         asm = asm.replace(name, value)
     return asm
+
+
+# One packed word of W_q (four bytes: four inputs k..k+3, the top half's codes in the high nibbles, the bottom
+# half's in the low ones) times its four inputs, for the one-token GEMV: each code spread to a 16-bit half and
+# put under a power of two as above, that power and 8 taken off (fma, exact: q - 8 in -8..7), then multiplied
+# by its input and summed in pairs (fma), each product and sum rounded once to the compute dtype. Operands: $0
+# the top half's sums, $1 the bottom's (inputs k and k+2 in the low half, k+1 and k+3 in the high half); $2
+# the word; $3 the 64-bit address of the four inputs (8-byte aligned), which it loads itself in one 64-bit
+# load. Centring on 8 keeps the later sum(q x) - zero sum(x) from cancelling: zero - 8 is small.
+DOT_WORD = """{
+.reg .b32 b01, b23, t01, t23, x01, x23, one, base, neg0;
+ld.global.nc.v2.b32 {x01, x23}, [$3];
+prmt.b32 b01, $2, 0, 0x4140;
+prmt.b32 b23, $2, 0, 0x4342;
+shr.b32 t01, b01, 4;
+shr.b32 t23, b23, 4;
+lop3.b32 t01, t01, 0x000F000F, MAGIC, 0xea;
+lop3.b32 t23, t23, 0x000F000F, MAGIC, 0xea;
+lop3.b32 b01, b01, 0x000F000F, MAGIC, 0xea;
+lop3.b32 b23, b23, 0x000F000F, MAGIC, 0xea;
+mov.b32 one, ONE;
+mov.b32 base, MINUS_CENTRE;
+mov.b32 neg0, 0x80008000;
+fma.rn.TYPE t01, t01, one, base;
+fma.rn.TYPE t23, t23, one, base;
+fma.rn.TYPE b01, b01, one, base;
+fma.rn.TYPE b23, b23, one, base;
+fma.rn.TYPE t01, t01, x01, neg0;
+fma.rn.TYPE $0, t23, x23, t01;
+fma.rn.TYPE b01, b01, x01, neg0;
+fma.rn.TYPE $1, b23, x23, b01;
+}"""
+# the power of two plus 8, negated: 136 in bf16, 1032 in fp16
+_CENTRE = {"bf16x2": "0xC308C308", "f16x2": "0xE408E408"}
+
+
+def dot_word(half2: str) -> str:
+    """:data:`DOT_WORD` for ``half2`` ``"bf16x2"`` or ``"f16x2"``."""
+    asm = DOT_WORD.replace("TYPE", half2).replace("MINUS_CENTRE", _CENTRE[half2])
+    for name, value in _CONSTANTS[half2].items():
+        asm = asm.replace(name, value)
+    return asm
