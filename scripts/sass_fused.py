@@ -40,6 +40,7 @@ PLUGINS = {
 # weight elements one loop iteration decodes, from the launch's constexprs
 ELEMENTS = {
     "_hqq4_gemv_kernel": lambda c: 2 * c["BLOCK_N"] * c["BLOCK_K"],
+    "_hqq4_word_gemv_kernel": lambda c: 2 * c["BLOCK_N"] * c["BLOCK_K"],
     "_hqq4_lora_kernel": lambda c: 2 * c["BLOCK_N"] * c["GS"],
     "_nf4_gemv_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
     "_nf4_lora_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
@@ -62,7 +63,7 @@ class _Launch:
         return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
 
 
-def capture(fmt, tokens, dtype, config, arch):
+def capture(fmt, tokens, dtype, config, arch, kernel=None):
     """The main kernel's launch ``(fn, args, kwargs)`` for ``tokens`` rows of a 1024 x 2048 layer with an r=16 adapter."""
     import quantplug as qp
     from quantplug.plugin import fused_lora as fl
@@ -83,7 +84,9 @@ def capture(fmt, tokens, dtype, config, arch):
         fl.shrink_kernel = _Launch(shrink, [])
         fl.INTERPRET = True  # admit CPU tensors; the kernels keep the constexprs they were imported with
         fl.capability = lambda device: divmod(arch, 10)  # the launch's choices (PDL) for the target GPU
-        ck.fused_lora_linear(base, x, x, A, B, 2.0, config=config, force=True)
+        ck.fused_lora_linear(
+            base, x, x, A, B, 2.0, config=config, force=True, **({"kernel": kernel} if kernel else {})
+        )
     finally:
         fl.shrink_kernel, fl.INTERPRET, fl.capability = shrink, interpret, capability
         for n, fn in saved.items():
@@ -164,6 +167,9 @@ def main():
         help="FORMAT:TOKENS=BLOCK_N,BLOCK_K,warps,stages[,splitk] instead of the plugin's CONFIGS (repeatable)",
     )
     parser.add_argument("--dump", help="write each kernel's SASS to this folder")
+    parser.add_argument(
+        "--kernel", help="the one-token kernel of a plugin that has several (hqq: gemv, word, mma)"
+    )
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     configs = {}
@@ -175,7 +181,9 @@ def main():
 
     for fmt in args.formats.split(","):
         for tokens in (int(t) for t in args.tokens.split(",")):
-            fn, call_args, kwargs = capture(fmt, tokens, dtype, configs.get((fmt, tokens)), args.arch)
+            fn, call_args, kwargs = capture(
+                fmt, tokens, dtype, configs.get((fmt, tokens)), args.arch, args.kernel
+            )
             compiled, constexprs, options = compile_launch(fn, call_args, kwargs, args.arch)
             sass = get_sass(compiled.asm["cubin"])
             if args.dump:

@@ -63,7 +63,7 @@ def sweep_grid(fmt, key):
     which Triton pipelines (cp.async) over ``num_stages``; wider steps decode group by group with no loads
     in flight (2026-12-05, H100: 2x slower).
     """
-    if key == "gemv":
+    if key in ("gemv", "word"):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     elif fmt == "hqq":
         # one group a step (BLOCK_K 64), so that Triton pipelines its loads (cp.async) over stages. On the H100
@@ -77,12 +77,12 @@ def sweep_grid(fmt, key):
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
-        if (
-            key == "gemv"
-        ):  # weight elements one step decodes (hqq: BLOCK_N rows of each half, a byte per input)
+        if key in ("gemv", "word"):  # weight elements a step decodes (hqq: BLOCK_N rows of each half)
             elements = n * k * (2 if fmt == "hqq" else 1)
-            # bnb's and hqq's word GEMVs (products summed in the asm, 2026-12-06) have registers for 128 a thread
-            if not 256 * w <= elements <= (2048 if fmt == "torchao" else 4096) * w:
+            # the word GEMVs (bnb's, hqq's "word": products summed in the asm, 2026-12-06) have registers for 128
+            # a thread
+            words = (fmt, key) in (("bnb", "gemv"), ("hqq", "word"))
+            if not 256 * w <= elements <= (4096 if words else 2048) * w:
                 continue
         # hqq: fewer than 8 rows a warp and warps decode the same rows; else the per-block product would not fit
         # in registers
@@ -92,19 +92,27 @@ def sweep_grid(fmt, key):
 
 
 def sweep_keys(fmt, tokens):
-    """The CONFIGS keys (kernels) that serve ``tokens`` for ``fmt``."""
-    return [16] if tokens > 1 else ["gemv"] + ([1] if _has_mma1(fmt) else [])
+    """The CONFIGS keys (kernels) that serve ``tokens`` for ``fmt``: 16, or at one token "gemv" and, for a
+    plugin with ``ONE_TOKEN``, its other one-token kernels (1: the tensor-core kernel; "word": hqq's)."""
+    if tokens > 1:
+        return [16]
+    return ["gemv"] + ([k for k in kernels(fmt).CONFIGS if k not in ("gemv", 16)] if _has_choice(fmt) else [])
 
 
-def _has_mma1(fmt):
+def _has_choice(fmt):
     return hasattr(kernels(fmt), "ONE_TOKEN")
+
+
+def one_token_kernel(key):
+    """The ``kernel=`` (and ``ONE_TOKEN``) name of CONFIGS[key]: 1 is the tensor-core kernel, "mma"."""
+    return "mma" if key == 1 else key
 
 
 def kernel_args(fmt, key):
     """``fused_lora_linear``'s kernel choice for CONFIGS[key] (only plugins with ``ONE_TOKEN`` take one)."""
-    if not _has_mma1(fmt) or key == 16:
+    if not _has_choice(fmt) or key == 16:
         return {}
-    return {"kernel": "gemv" if key == "gemv" else "mma"}
+    return {"kernel": one_token_kernel(key)}
 
 
 def copy_rate():
@@ -264,7 +272,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
             return graph_time([lambda lay=lay, x=x: fn(lay, x) for lay, x in pairs], per_graph=per_graph)
 
     keys = sweep_keys(fmt, tokens)
-    key = keys[0] if len(keys) == 1 or getattr(ck, "ONE_TOKEN", "gemv") == "gemv" else 1
+    key = keys[0] if len(keys) == 1 else {"mma": 1}.get(ck.ONE_TOKEN, ck.ONE_TOKEN)
     config = ck.CONFIGS[key]
     for cfg in json.loads(args.configs) if args.configs else ():
         us = t(
@@ -349,7 +357,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     saved_configs, saved_one_token = dict(ck.CONFIGS), getattr(ck, "ONE_TOKEN", None)
     ck.CONFIGS[key] = config
     if saved_one_token is not None and tokens == 1:
-        ck.ONE_TOKEN = "gemv" if key == "gemv" else "mma"
+        ck.ONE_TOKEN = one_token_kernel(key)
     row["wrapped"] = t(lambda lay, x: lay(x))
     ck.CONFIGS.update(saved_configs)
     if saved_one_token is not None:

@@ -55,9 +55,18 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # twice as many). From scripts/tune_fused.py's sweeps on an H100 (2026-12-05, with the adapter): the GEMV's
 # with the mantissa decode (the four fastest within 3%), the tensor-core kernel's with the packed decode
 # (splits 2, 4 and 8 within 4%).
-CONFIGS = {"gemv": (2, 2048, 4, 1, 1), 16: (32, 64, 4, 4, 2), 1: (32, 64, 4, 4, 2)}
-# Which kernel serves one token: "gemv" (_hqq4_gemv_kernel) or "mma" (the 2-16 token kernel, the token padded
-# to 16 rows of the MMA: 27 against 9.3 us at 4096x4096 on an H100, docs/performance.md)
+# "word": _hqq4_word_gemv_kernel's, from scripts/sass_fused.py's instruction counts only (2026-12-06, untimed).
+CONFIGS = {
+    "gemv": (2, 2048, 4, 1, 1),
+    "word": (8, 2048, 8, 1, 1),
+    16: (32, 64, 4, 4, 2),
+    1: (32, 64, 4, 4, 2),
+}
+# Which kernel serves one token: "gemv" (_hqq4_gemv_kernel), "mma" (the 2-16 token kernel, the token padded to
+# 16 rows of the MMA: 27 against 9.3 us at 4096x4096 on an H100, docs/performance.md), or "word"
+# (_hqq4_word_gemv_kernel: products in the compute dtype, 4.1-4.5 instructions per weight element against the
+# GEMV's 8.2, built on 2026-12-06 when no GPU was left to time or test it: run tests/gpu and
+# scripts/tune_fused.py --formats hqq --tokens 1 --sweep, then choose).
 ONE_TOKEN = "gemv"
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
@@ -171,6 +180,73 @@ def _nibble(q):
 
 
 @triton.jit
+def _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS: tl.constexpr):
+    # one step's (byte rows, groups, GS bytes) tile of W_q; groups at or past k_end (the next split, or past
+    # the row) read nothing
+    kk = (k0 + rg * GS)[:, None] + rj[None, :]
+    g_ok = (k0 + rg * GS < k_end)[None, :, None]
+    return tl.load(
+        w_ptr + row_bytes[:, None, None] + kk[None, :, :], mask=g_ok, other=0, eviction_policy="evict_first"
+    )
+
+
+@triton.jit
+def _hqq4_gemv_kernel(
+    x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr,
+):  # fmt: skip
+    # One token. A step reads a (BLOCK_N byte rows, GB groups, GS inputs) tile of W_q; per group and row
+    # scale * (sum(q * x) - zero * sum(x)), kept per thread as float32 sums per (row, group), summed at the end.
+    HALF_N = N // 2
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, HALF_N, BLOCK_N, PDL, SPLITK)
+    GB: tl.constexpr = BLOCK_K // GS
+    rg = tl.arange(0, GB)
+    rj = tl.arange(0, GS)
+    row_bytes = rn_safe.to(tl.int64) * K
+    groups_top = rn_safe.to(tl.int64) * (K // GS)
+    groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
+    acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    k_start = split * KS
+    k_end = tl.minimum(K, split * KS + KS)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        packed = _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS)
+        g = k0 // GS + rg
+        g_mask = k0 + rg * GS < k_end
+        kk = (k0 + rg * GS)[:, None] + rj[None, :]
+        xt = tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
+        s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+        z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+        s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+        z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+        x_sum = tl.sum(xt, axis=1)[None, :]
+        # each code into the mantissa of 1.0, as 1 + q / 16, by a shift and an and-or (no float subtract):
+        # sum((1 + q/16) x) = sum(x) + sum(q x) / 16
+        codes = packed.to(tl.int32)
+        top = ((codes << 15) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
+        bot = ((codes << 19) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
+        dot_top = (tl.sum(top * xt[None, :, :], axis=2) - x_sum) * 16.0
+        dot_bot = (tl.sum(bot * xt[None, :, :], axis=2) - x_sum) * 16.0
+        acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_sum)
+        acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_sum)
+    for half in tl.static_range(2):
+        out, rm, last = fl.gemv_reduce(
+            acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
+            row_block * 2 + half, split, N, BLOCK_N, SPLITK,
+        )  # fmt: skip
+        if last:
+            fl.store_rows(
+                out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
+                n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            )  # fmt: skip
+
+
+@triton.jit
 def _centred_nibble(q):
     # a 4-bit code (int32, 0-15) less 8 as float32 without a conversion instruction: 2^23 + q, less 2^23 + 8
     return (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
@@ -210,7 +286,7 @@ def _pair_floats(pair, dtype: tl.constexpr):
 
 
 @triton.jit
-def _hqq4_gemv_kernel(
+def _hqq4_word_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
@@ -334,7 +410,7 @@ def fused_lora_linear(
     Above :data:`MAX_TOKENS` rows: :func:`dequantize` and cuBLAS
     (``fused_lora.dense_lora_linear``), which is what hqq's PyTorch backend
     does, less its several elementwise launches. ``kernel``
-    (``"gemv"`` or ``"mma"``) overrides :data:`ONE_TOKEN` for one token;
+    (``"gemv"``, ``"word"`` or ``"mma"``) overrides :data:`ONE_TOKEN` for one token;
     ``config``, ``lora_mode``, ``pdl`` and ``force`` as in
     ``quantplug_bnb._cuda_kernels`` (tuning, tests).
     """
@@ -348,18 +424,22 @@ def fused_lora_linear(
     if M > MAX_TOKENS:
         weight = _dequantize(W_q, w_scale, w_zero, N, K, group)
         return fl.dense_lora_linear(x, weight, bias, xa, A, B, scale)
-    one_token = M == 1
-    gemv = one_token and (kernel or ONE_TOKEN) == "gemv"
-    config = config or CONFIGS["gemv" if gemv else 1 if one_token else 16]
+    choice = (kernel or ONE_TOKEN) if M == 1 else "mma"
+    if choice not in ("gemv", "word", "mma"):
+        raise ValueError(f"kernel={choice!r}: one of 'gemv', 'word', 'mma'")
+    gemv = choice != "mma"
+    config = config or CONFIGS[choice if gemv else 1 if M == 1 else 16]
     block_k = fl.group_block_k(K, group, config[1])
-    if block_k is None or (gemv and (group % 16 or W_q.data_ptr() % 4)):
-        return None  # the one-token kernel reads W_q as 32-bit words, and a word's inputs in one load
-    if gemv and (x.data_ptr() % 8 or not x.is_contiguous()):
-        x = x.clone(
-            memory_format=torch.contiguous_format
-        )  # 8-byte aligned (the launcher's reshape keeps offsets)
+    if block_k is None:
+        return None
+    if choice == "word":  # it reads W_q as 32-bit words, and a word's four inputs in one 64-bit load
+        if group % 16 or W_q.data_ptr() % 4:
+            return None
+        if x.data_ptr() % 8 or not x.is_contiguous():
+            x = x.clone(memory_format=torch.contiguous_format)  # the launcher's reshape would keep the offset
+    fn = {"gemv": _hqq4_gemv_kernel, "word": _hqq4_word_gemv_kernel, "mma": _hqq4_lora_kernel}[choice]
     return fl.launch(
-        _hqq4_gemv_kernel if gemv else _hqq4_lora_kernel, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
+        fn, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
         GS=group,
