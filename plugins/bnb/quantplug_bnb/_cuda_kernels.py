@@ -329,8 +329,10 @@ def _storage(module, x):
         return None
     packed = packed.view(torch.uint8) if packed.dtype != torch.uint8 else packed
     code = state.code
-    if code is None or code.numel() != 16 or code.device != x.device:
+    if code is None or code.numel() != 16 or code.device != x.device or code.dtype != torch.float32:
         return None
+    if code.data_ptr() % 16 or not code.is_contiguous():
+        return None  # the table planes' asm reads the table in four 16-byte loads
     return packed, state, N, K, blocksize
 
 
