@@ -201,6 +201,17 @@ def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr, SPLITK:
 
 
 @triton.jit
+def pair_floats(pair, dtype: tl.constexpr):
+    # the two 16-bit floats (dtype: bf16 or fp16) packed in int32 words, as float32: the low half, then the high
+    # half (a plugin's asm returns bf16x2/f16x2 sums so)
+    if dtype == tl.bfloat16:  # bf16 -> float32 is a shift
+        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
+    else:
+        low = (pair & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def gemv_reduce(
     acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N: tl.constexpr, SPLITK: tl.constexpr
 ):  # fmt: skip

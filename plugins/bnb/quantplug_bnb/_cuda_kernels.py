@@ -104,19 +104,9 @@ def _gather(packed, code_ptr):
 
 
 @triton.jit
-def _pair_floats(pair, dtype: tl.constexpr):
-    # the two 16-bit floats (dtype) of int32 words as float32: the low half, then the high half
-    if dtype == tl.bfloat16:  # bf16 -> float32 is a shift
-        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
-    else:
-        low = (pair & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def _byte_dot(byte, pair, code_ptr, dtype: tl.constexpr):
     # a packed byte's two weights (table values from memory) times its input pair, in float32
-    first, second = _pair_floats(pair, dtype)
+    first, second = fl.pair_floats(pair, dtype)
     return tl.load(code_ptr + ((byte >> 4) & 15)) * first + tl.load(code_ptr + (byte & 15)) * second
 
 
@@ -137,7 +127,7 @@ def _dot_words(words, x_at, planes, code_ptr, dtype: tl.constexpr):
             _DOT_FP16_ASM if dtype == tl.float16 else _DOT_BF16_ASM, "=r,r,l" + ",r" * 8,
             [words, x_at.to(tl.int64), h0, h1, h2, h3, l0, l1, l2, l3], dtype=tl.int32, is_pure=True, pack=1,
         )  # fmt: skip
-        odd, even = _pair_floats(sums, dtype)
+        odd, even = fl.pair_floats(sums, dtype)
         return odd + even
 
 

@@ -191,6 +191,38 @@ def _group_bytes(w_ptr, row_bytes, k0, k_end, rg, rj, GS: tl.constexpr):
 
 
 @triton.jit
+def _gemv_scales(scale_ptr, zero_ptr, groups_top, groups_bot, g, g_mask):
+    # a one-token step's scale and zero per (row, group) of both halves, float32; masked groups 0
+    s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+    z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+    s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+    z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+    return s_top.to(tl.float32), z_top.to(tl.float32), s_bot.to(tl.float32), z_bot.to(tl.float32)
+
+
+@triton.jit
+def _gemv_store(
+    acc_top, acc_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
+    part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr,
+    SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITK: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    # a one-token program's per-thread sums of both halves' rows, summed, split-K, then the epilogue
+    HALF_N = N // 2
+    for half in tl.static_range(2):
+        out, rm, last = fl.gemv_reduce(
+            acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
+            row_block * 2 + half, split, N, BLOCK_N, SPLITK,
+        )  # fmt: skip
+        if last:
+            fl.store_rows(
+                out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
+                n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            )  # fmt: skip
+
+
+@triton.jit
 def _hqq4_gemv_kernel(
     x_ptr, w_ptr, scale_ptr, zero_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
@@ -219,10 +251,7 @@ def _hqq4_gemv_kernel(
         g_mask = k0 + rg * GS < k_end
         kk = (k0 + rg * GS)[:, None] + rj[None, :]
         xt = tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0, eviction_policy="evict_last").to(tl.float32)
-        s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+        s_top, z_top, s_bot, z_bot = _gemv_scales(scale_ptr, zero_ptr, groups_top, groups_bot, g, g_mask)
         x_sum = tl.sum(xt, axis=1)[None, :]
         # each code into the mantissa of 1.0, as 1 + q / 16, by a shift and an and-or (no float subtract):
         # sum((1 + q/16) x) = sum(x) + sum(q x) / 16
@@ -231,19 +260,12 @@ def _hqq4_gemv_kernel(
         bot = ((codes << 19) & 0x780000 | 0x3F800000).to(tl.float32, bitcast=True)
         dot_top = (tl.sum(top * xt[None, :, :], axis=2) - x_sum) * 16.0
         dot_bot = (tl.sum(bot * xt[None, :, :], axis=2) - x_sum) * 16.0
-        acc_top += s_top.to(tl.float32) * (dot_top - z_top.to(tl.float32) * x_sum)
-        acc_bot += s_bot.to(tl.float32) * (dot_bot - z_bot.to(tl.float32) * x_sum)
-    for half in tl.static_range(2):
-        out, rm, last = fl.gemv_reduce(
-            acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
-            row_block * 2 + half, split, N, BLOCK_N, SPLITK,
-        )  # fmt: skip
-        if last:
-            fl.store_rows(
-                out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
-                n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
-            )  # fmt: skip
+        acc_top += s_top * (dot_top - z_top * x_sum)
+        acc_bot += s_bot * (dot_bot - z_bot * x_sum)
+    _gemv_store(
+        acc_top, acc_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
+        part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -270,19 +292,9 @@ def _dot_words(words, x_at, dtype: tl.constexpr):
             _DOT_FP16_ASM if dtype == tl.float16 else _DOT_BF16_ASM, "=r,=r,r,l", [words, x_at.to(tl.int64)],
             dtype=(tl.int32, tl.int32), is_pure=True, pack=1,
         )  # fmt: skip
-        top_low, top_high = _pair_floats(top, dtype)
-        bot_low, bot_high = _pair_floats(bot, dtype)
+        top_low, top_high = fl.pair_floats(top, dtype)
+        bot_low, bot_high = fl.pair_floats(bot, dtype)
         return top_low + top_high, bot_low + bot_high
-
-
-@triton.jit
-def _pair_floats(pair, dtype: tl.constexpr):
-    # the two 16-bit floats (dtype) of int32 words as float32: the low half, then the high half
-    if dtype == tl.bfloat16:  # bf16 -> float32 is a shift
-        return (pair << 16).to(tl.float32, bitcast=True), (pair & -65536).to(tl.float32, bitcast=True)
-    else:
-        low = (pair & 65535).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-        return low, (pair >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -331,29 +343,19 @@ def _hqq4_word_gemv_kernel(
             x_at = tl.where(g_mask[:, None], x_ptr + k0 + x_offsets, x_ptr)
         kk = (k0 + rg * GS)[:, None] + rj[None, :]
         x_sum = tl.sum(tl.load(x_ptr + kk, mask=g_mask[:, None], other=0.0).to(tl.float32), axis=1)[None, :]
-        s_top = tl.load(scale_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        z_top = tl.load(zero_ptr + groups_top[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        s_bot = tl.load(scale_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
-        z_bot = tl.load(zero_ptr + groups_bot[:, None] + g[None, :], mask=g_mask[None, :], other=0.0)
+        s_top, z_top, s_bot, z_bot = _gemv_scales(scale_ptr, zero_ptr, groups_top, groups_bot, g, g_mask)
         top, bot = _dot_words(words, x_at[None, :, :], DT)
         dot_top = tl.sum(top, axis=2)
         dot_bot = tl.sum(bot, axis=2)
         if not EVEN_K:
             dot_top = tl.where(g_mask[None, :], dot_top, 0.0)
             dot_bot = tl.where(g_mask[None, :], dot_bot, 0.0)
-        acc_top += s_top.to(tl.float32) * (dot_top - (z_top.to(tl.float32) - 8.0) * x_sum)
-        acc_bot += s_bot.to(tl.float32) * (dot_bot - (z_bot.to(tl.float32) - 8.0) * x_sum)
-    for half in tl.static_range(2):
-        out, rm, last = fl.gemv_reduce(
-            acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
-            row_block * 2 + half, split, N, BLOCK_N, SPLITK,
-        )  # fmt: skip
-        if last:
-            fl.store_rows(
-                out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
-                n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
-            )  # fmt: skip
+        acc_top += s_top * (dot_top - (z_top - 8.0) * x_sum)
+        acc_bot += s_bot * (dot_bot - (z_bot - 8.0) * x_sum)
+    _gemv_store(
+        acc_top, acc_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
+        part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------

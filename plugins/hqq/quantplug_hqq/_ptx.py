@@ -4,17 +4,14 @@
 Triton's interpreter cannot.
 """
 
-# Four bytes of W_q (one 32-bit register: four codes of the top half in the high nibbles, four of the
-# bottom half in the low ones) to eight weights, two per 32-bit register, rounded as hqq's dequantize():
-# each pair of bytes spread to the two 16-bit halves (prmt); the nibble put in the mantissa of a power
-# of two (shift, and-or: 128 + q in bf16, 1024 + q in fp16) and that power taken off (fma, exact);
-# then q - zero and (q - zero) * scale, each rounded once to the compute dtype (fma with 1 and with
-# -0: these run on sm_80, where add and mul on bf16x2 do not). Operands: $0-$3 the weights out (top,
-# bottom), $4 the bytes, $5-$12 scale and -zero of the top, then the bottom, two per register.
-CODES_TO_WEIGHTS = """{
-.reg .b32 b01, b23, t01, t23, one, base, neg0;
-prmt.b32 b01, $4, 0, 0x4140;
-prmt.b32 b23, $4, 0, 0x4342;
+# Four bytes of W_q in WORD (one 32-bit register: four codes of the top half in the high nibbles, four of the
+# bottom half in the low ones) to their codes less BASE's power of two, exactly, two per register (t01, t23
+# the top half's, b01, b23 the bottom's, each of bytes 0-1 and 2-3): each pair of bytes spread to the two
+# 16-bit halves (prmt); the nibble put in the mantissa of a power of two (shift, and-or: 128 + q in bf16, 1024
+# + q in fp16) and BASE added (fma with 1, exact: BASE is minus that power, or minus it and 8).
+_DECODE = """.reg .b32 b01, b23, t01, t23, one, base, neg0;
+prmt.b32 b01, WORD, 0, 0x4140;
+prmt.b32 b23, WORD, 0, 0x4342;
 shr.b32 t01, b01, 4;
 shr.b32 t23, b23, 4;
 lop3.b32 t01, t01, 0x000F000F, MAGIC, 0xea;
@@ -22,13 +19,21 @@ lop3.b32 t23, t23, 0x000F000F, MAGIC, 0xea;
 lop3.b32 b01, b01, 0x000F000F, MAGIC, 0xea;
 lop3.b32 b23, b23, 0x000F000F, MAGIC, 0xea;
 mov.b32 one, ONE;
-mov.b32 base, MINUS_MAGIC;
+mov.b32 base, BASE;
 mov.b32 neg0, 0x80008000;
 fma.rn.TYPE t01, t01, one, base;
 fma.rn.TYPE t23, t23, one, base;
 fma.rn.TYPE b01, b01, one, base;
 fma.rn.TYPE b23, b23, one, base;
-fma.rn.TYPE t01, t01, one, $7;
+"""
+# Four bytes to eight weights, two per 32-bit register, rounded as hqq's dequantize(): the codes decoded
+# (q exactly), then q - zero and (q - zero) * scale, each rounded once to the compute dtype (fma with 1 and
+# with -0: these run on sm_80, where add and mul on bf16x2 do not). Operands: $0-$3 the weights out (top,
+# bottom), $4 the bytes, $5-$12 scale and -zero of the top, then the bottom, two per register.
+CODES_TO_WEIGHTS = (
+    "{\n"
+    + _DECODE.replace("WORD", "$4").replace("BASE", "MINUS_MAGIC")
+    + """fma.rn.TYPE t01, t01, one, $7;
 fma.rn.TYPE t23, t23, one, $8;
 fma.rn.TYPE b01, b01, one, $11;
 fma.rn.TYPE b23, b23, one, $12;
@@ -37,6 +42,7 @@ fma.rn.TYPE $1, t23, $6, neg0;
 fma.rn.TYPE $2, b01, $9, neg0;
 fma.rn.TYPE $3, b23, $10, neg0;
 }"""
+)
 # the constants of each compute dtype: the power of two a nibble is put under, its negation, and 1
 _CONSTANTS = {
     "bf16x2": {"MINUS_MAGIC": "0xC300C300", "MAGIC": "0x43004300", "ONE": "0x3F803F80"},
@@ -59,29 +65,15 @@ def codes_to_weights(half2: str) -> str:
 # the top half's sums, $1 the bottom's (inputs k and k+2 in the low half, k+1 and k+3 in the high half); $2
 # the word; $3 the 64-bit address of the four inputs (8-byte aligned), which it loads itself in one 64-bit
 # load. Centring on 8 keeps the later sum(q x) - zero sum(x) from cancelling: zero - 8 is small.
-DOT_WORD = """{
-.reg .b32 b01, b23, t01, t23, x01, x23, one, base, neg0;
-ld.global.nc.v2.b32 {x01, x23}, [$3];
-prmt.b32 b01, $2, 0, 0x4140;
-prmt.b32 b23, $2, 0, 0x4342;
-shr.b32 t01, b01, 4;
-shr.b32 t23, b23, 4;
-lop3.b32 t01, t01, 0x000F000F, MAGIC, 0xea;
-lop3.b32 t23, t23, 0x000F000F, MAGIC, 0xea;
-lop3.b32 b01, b01, 0x000F000F, MAGIC, 0xea;
-lop3.b32 b23, b23, 0x000F000F, MAGIC, 0xea;
-mov.b32 one, ONE;
-mov.b32 base, MINUS_CENTRE;
-mov.b32 neg0, 0x80008000;
-fma.rn.TYPE t01, t01, one, base;
-fma.rn.TYPE t23, t23, one, base;
-fma.rn.TYPE b01, b01, one, base;
-fma.rn.TYPE b23, b23, one, base;
-fma.rn.TYPE t01, t01, x01, neg0;
+DOT_WORD = (
+    "{\n.reg .b32 x01, x23;\nld.global.nc.v2.b32 {x01, x23}, [$3];\n"
+    + _DECODE.replace("WORD", "$2").replace("BASE", "MINUS_CENTRE")
+    + """fma.rn.TYPE t01, t01, x01, neg0;
 fma.rn.TYPE $0, t23, x23, t01;
 fma.rn.TYPE b01, b01, x01, neg0;
 fma.rn.TYPE $1, b23, x23, b01;
 }"""
+)
 # the power of two plus 8, negated: 136 in bf16, 1032 in fp16
 _CENTRE = {"bf16x2": "0xC308C308", "f16x2": "0xE408E408"}
 
