@@ -23,7 +23,7 @@ def rel(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None):
+def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None, kernel=None):
     linear = torch.nn.Linear(K, N, bias=bias, dtype=dtype)
     with torch.no_grad():
         linear.weight.normal_(0, 0.02)
@@ -40,17 +40,18 @@ def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None):
     results = []
     split = (16, 64, 4, 1, 3)  # split-K over (up to) three slices of 64-wide blocks
     configs = ((0, None), (1, None), (2, None), (0, split), (1, split), (2, split))
+    choice = {"kernel": kernel} if kernel else {}  # a plugin's one-token kernel (hqq: "gemv", "word", "mma")
     for mode, config in configs:
         if mode:
-            out = fused(base, x, xa, A, B, 2.0, lora_mode=mode, config=config, force=True)
+            out = fused(base, x, xa, A, B, 2.0, lora_mode=mode, config=config, force=True, **choice)
         else:
-            out = fused(base, x, None, None, None, 0.0, config=config, force=True)
+            out = fused(base, x, None, None, None, 0.0, config=config, force=True, **choice)
         assert out is not None, f"{backend} did not serve N={N} K={K} M={M}"
         want = truth if mode else truth - 2.0 * (xa.double() @ A.double().T) @ B.double().T
         results.append(rel(out, want))
     ok = all(e < (2e-2 if dtype == torch.bfloat16 else 3e-3) for e in results)
     print(
-        f"{backend} {variant} {dtype} N={N} K={K} M={M} R={R}: errors {' '.join(f'{e:.1e}' for e in results)} {'ok' if ok else 'FAIL'}"
+        f"{backend} {variant}{f' ({kernel})' if kernel else ''} {dtype} N={N} K={K} M={M} R={R}: errors {' '.join(f'{e:.1e}' for e in results)} {'ok' if ok else 'FAIL'}"
     )
     return ok
 
@@ -74,6 +75,8 @@ def main(backends):
 
             for N, K, M, R in [(48, 256, 1, 4), (38, 192, 1, 4), (64, 512, 5, 16), (34, 128, 2, 2)]:
                 ok &= check(backend, "4bit-g64", fused, N, K, M, R, torch.float16)
+            for N, K in [(48, 256), (38, 192)]:  # the word GEMV, one token
+                ok &= check(backend, "4bit-g64", fused, N, K, 1, 4, torch.float16, kernel="word")
         elif backend == "torchao":
             from quantplug_torchao._cuda_kernels import fused_lora_linear as fused
 
