@@ -185,11 +185,12 @@ def program_tile(ticket, SPLITS: tl.constexpr, GRID_N, rows, M, BLOCK_M: tl.cons
 
 
 @triton.jit
-def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr, SPLITK: tl.constexpr):
-    # a one-token GEMV program (a plugin's ``*_gemv_kernel``): its row block, K split and BLOCK_N rows
+def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr, SPLITK: tl.constexpr = 0):
+    # a one-token GEMV program (a plugin's ``*_gemv_kernel``): its row block, K split and BLOCK_N rows. SPLITK:
+    # the kernel's (1: unsplit, no integer division, some 25 instructions a program); 0 (unknown) divides
     if PDL == 1:  # launched early after any kernel: its output (our input) is complete only after the wait
         gdc_wait()
-    if SPLITK == 1:  # no integer division (some 25 instructions a program)
+    if SPLITK == 1:
         row_block = tl.program_id(0)
         split = 0
     else:
