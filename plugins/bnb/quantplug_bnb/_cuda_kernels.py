@@ -127,8 +127,8 @@ def _dot_words(words, x_at, planes, code_ptr, dtype: tl.constexpr):
             _DOT_FP16_ASM if dtype == tl.float16 else _DOT_BF16_ASM, "=r,r,l" + ",r" * 8,
             [words, x_at.to(tl.int64), h0, h1, h2, h3, l0, l1, l2, l3], dtype=tl.int32, is_pure=True, pack=1,
         )  # fmt: skip
-        odd, even = fl.pair_floats(sums, dtype)
-        return odd + even
+        firsts, seconds = fl.pair_floats(sums, dtype)  # each byte's first elements' products, its seconds'
+        return firsts + seconds
 
 
 @triton.jit
