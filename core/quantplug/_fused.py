@@ -437,7 +437,7 @@ def dense_lora_linear(x, weight, bias, xa, A, B, scale):
 
 def launch(
     kernel, module, x, xa, A, B, scale, weights, bias, *, N, rows, block_m, block_k, config,
-    one_launch=False, lora_mode=None, pdl=None, **constexprs,
+    one_launch=False, lora_mode=None, pdl=None, x_align=1, **constexprs,
 ):  # fmt: skip
     """Run ``kernel`` on ``x`` (after :func:`admit`) and return ``y`` shaped like ``x`` with ``N`` outputs.
 
@@ -448,7 +448,9 @@ def launch(
     num_warps, num_stages[, SPLITK])``; ``lora_mode`` forces 0/1/2 (tuning);
     ``one_launch`` picks ``LORA=2`` over 1 (2-16 token main kernels only);
     ``pdl`` overrides :data:`PDL`
-    (tuning); ``constexprs`` the kernel's own. Returns None when the bias
+    (tuning); ``x_align`` the bytes ``x``'s start must be aligned to for
+    the kernel's vector loads of it (a view at another offset is copied);
+    ``constexprs`` the kernel's own. Returns None when the bias
     cannot be read.
     """
     if not _bias_readable(bias, x, N):
@@ -457,6 +459,8 @@ def launch(
     K = x.shape[-1]
     M = x.numel() // K
     x2 = x.reshape(M, K).contiguous()
+    if x2.data_ptr() % x_align:
+        x2 = x2.clone()  # a fresh allocation: aligned
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     lora = A is not None
     mode = (2 if one_launch and (module in sync or not _capturing()) else 1) if lora else 0

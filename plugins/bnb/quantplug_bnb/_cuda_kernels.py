@@ -346,10 +346,6 @@ def fused_lora_linear(
     block_k = fl.group_block_k(K, blocksize, config[1])
     if block_k is None or (gemv and (blocksize % 8 or packed.data_ptr() % 4)):
         return None  # the one-token kernel reads the codes as 32-bit words, and a word's inputs in one load
-    if gemv and (x.data_ptr() % 16 or not x.is_contiguous()):
-        x = x.clone(
-            memory_format=torch.contiguous_format
-        )  # 16-byte aligned (the launcher's reshape would keep a view's offset)
     nested = bool(getattr(state, "nested", False))
     if nested:
         state2 = state.state2
@@ -367,7 +363,7 @@ def fused_lora_linear(
         _nf4_gemv_kernel if gemv else _nf4_lora_kernel, module, x, xa, A, B, scale,
         (packed, absmax, state.code, abs2, code2, offset), getattr(module, "bias", None), N=N, rows=N,
         block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH,
-        lora_mode=lora_mode, pdl=pdl, BS=blocksize, BS2=bs2, NESTED=nested,
+        lora_mode=lora_mode, pdl=pdl, x_align=16 if gemv else 1, BS=blocksize, BS2=bs2, NESTED=nested,
     )  # fmt: skip
 
 

@@ -434,16 +434,13 @@ def fused_lora_linear(
     block_k = fl.group_block_k(K, group, config[1])
     if block_k is None:
         return None
-    if choice == "word":  # it reads W_q as 32-bit words, and a word's four inputs in one 64-bit load
-        if group % 16 or W_q.data_ptr() % 4:
-            return None
-        if x.data_ptr() % 8 or not x.is_contiguous():
-            x = x.clone(memory_format=torch.contiguous_format)  # the launcher's reshape would keep the offset
+    if choice == "word" and (group % 16 or W_q.data_ptr() % 4):
+        return None  # it reads W_q as 32-bit words (and a word's four inputs in one 64-bit load: x_align)
     fn = {"gemv": _hqq4_gemv_kernel, "word": _hqq4_word_gemv_kernel, "mma": _hqq4_lora_kernel}[choice]
     return fl.launch(
         fn, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,
-        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
+        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl, x_align=8 if choice == "word" else 1,
         GS=group,
     )  # fmt: skip
 
