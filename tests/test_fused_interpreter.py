@@ -32,4 +32,4 @@ def test_fused_kernels_match_the_dequantized_weight_in_the_interpreter():
     rows = [line for line in run.stdout.splitlines() if line.endswith((" ok", " FAIL"))]
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert len(rows) == 15 and all(row.endswith(" ok") for row in rows), run.stdout
-    assert sum("(word)" in row for row in rows) == 2, run.stdout
+    assert sum("(gemv)" in row for row in rows) == 2, run.stdout  # the served word GEMV runs in the others

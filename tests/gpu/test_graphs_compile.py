@@ -79,6 +79,9 @@ def test_cuda_graph_capture_replays_the_eager_result(backend, variant, tokens):
 
 @pytest.mark.parametrize(("backend", "variant"), BACKENDS)
 def test_torch_compile_fullgraph(backend, variant):
+    # Each test compiles a fresh layer's forward; earlier tests' entries would count against
+    # Dynamo's recompile limit (8 per code object), which fullgraph turns into a failure.
+    torch._dynamo.reset()
     layer = wrapped_layer(backend, variant)
     compiled = torch.compile(layer, fullgraph=True)
     with torch.no_grad():

@@ -55,19 +55,19 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # twice as many). From scripts/tune_fused.py's sweeps on an H100 (2026-12-05, with the adapter): the GEMV's
 # with the mantissa decode (the four fastest within 3%), the tensor-core kernel's with the packed decode
 # (splits 2, 4 and 8 within 4%).
-# "word": _hqq4_word_gemv_kernel's, from scripts/sass_fused.py's instruction counts only (2026-12-06, untimed).
+# "word": _hqq4_word_gemv_kernel's, from the H100 sweep of 2026-12-06 (third session): (4, 2048, 4 warps) 8.18 us
+# at 4096x4096 with the adapter, the next five within 6%.
 CONFIGS = {
     "gemv": (2, 2048, 4, 1, 1),
-    "word": (8, 2048, 8, 1, 1),
+    "word": (4, 2048, 4, 1, 1),
     16: (32, 64, 4, 4, 2),
     1: (32, 64, 4, 4, 2),
 }
-# Which kernel serves one token: "gemv" (_hqq4_gemv_kernel), "mma" (the 2-16 token kernel, the token padded to
-# 16 rows of the MMA: 27 against 9.3 us at 4096x4096 on an H100, docs/performance.md), or "word"
-# (_hqq4_word_gemv_kernel: products in the compute dtype, 4.1-4.5 instructions per weight element against the
-# GEMV's 8.2, built on 2026-12-06 when no GPU was left to time or test it: run tests/gpu and
-# scripts/tune_fused.py --formats hqq --tokens 1 --sweep, then choose).
-ONE_TOKEN = "gemv"
+# Which kernel serves one token: "word" (_hqq4_word_gemv_kernel: products in the compute dtype, 4.1-4.5
+# instructions per weight element; 8.18 us at 4096x4096 with the adapter on an H100), "gemv" (_hqq4_gemv_kernel,
+# float32 products, 8.2 instructions per element: 9.18 us) or "mma" (the 2-16 token kernel, the token padded to
+# 16 rows of the MMA: 23.7 us). scripts/tune_fused.py --formats hqq --tokens 1 --sweep times all three.
+ONE_TOKEN = "word"
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -429,13 +429,17 @@ def fused_lora_linear(
     choice = (kernel or ONE_TOKEN) if M == 1 else "mma"
     if choice not in ("gemv", "word", "mma"):
         raise ValueError(f"kernel={choice!r}: one of 'gemv', 'word', 'mma'")
+    if choice == "word" and (group % 16 or W_q.data_ptr() % 4):
+        # it reads W_q as 32-bit words (and a word's four inputs in one 64-bit load: x_align); asked for by
+        # name it declines, as the default it leaves the call to the float32 GEMV
+        if kernel == "word":
+            return None
+        choice = "gemv"
     gemv = choice != "mma"
     config = config or CONFIGS[choice if gemv else 1 if M == 1 else 16]
     block_k = fl.group_block_k(K, group, config[1])
     if block_k is None:
         return None
-    if choice == "word" and (group % 16 or W_q.data_ptr() % 4):
-        return None  # it reads W_q as 32-bit words (and a word's four inputs in one 64-bit load: x_align)
     fn = {"gemv": _hqq4_gemv_kernel, "word": _hqq4_word_gemv_kernel, "mma": _hqq4_lora_kernel}[choice]
     return fl.launch(
         fn, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
