@@ -18,10 +18,9 @@ does, and ``scripts/tune_fused.py`` times both). Everything else is here:
   before the adapter's expand, in :func:`lora_epilogue`) or 0 (off);
 - a one-token GEMV program's place (:func:`gemv_program`) and its per-thread
   partial sums summed once and split-K'd (:func:`gemv_reduce`);
-
 - the adapter: the shrink ``xa @ A.T`` as its own short launch
-  (:func:`shrink_kernel`, about 32 programs, one slice of the input each,
-  into a float32 scratch) before the GEMV (``LORA=1``), or inside the GEMV
+  (:func:`shrink_kernel`, :data:`SHRINK_SPLITS` programs: 32 for one
+  token, 2 for more, one slice of the input each, into a float32 scratch) before the GEMV (``LORA=1``), or inside the GEMV
   launch (``LORA=2``, :func:`program_ticket`): the first ``SPLITS`` programs
   to start (a ticket from an atomic counter, so they are always running,
   never waiting) compute the slices, and the GEMV programs wait for their
@@ -68,16 +67,17 @@ MAX_TOKENS = 16
 MAX_RANK = 64
 
 # TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# The shrink's input slices (at most), per token block (BLOCK_M): each slice is one shrink program, and every
+# main-kernel program sums the slices' float32 partial products (16 rows of R each) in its epilogue. One
+# token: many short slices, so that the shrink is done before the short GEMV's epilogue. 2-16 tokens: the
+# main kernel runs long enough to hide two long slices, and reading 32 slices cost each program 32 KB (H100,
+# 2026-12-06, r=16, with PDL: 32 -> 2 slices took the wrapped layer 8-18% faster at 16 tokens; at one token 8
+# slices were within -4..+9% of 32 and 2 slices 4-37% slower, a side-by-side probe).
+SHRINK_SPLITS = {1: 32, 16: 2}
 # The adapter's shrink inside the GEMV launch (LORA=2) rather than as its own launch before it (LORA=1):
 # each plugin's ONE_LAUNCH, off in all three. On an H200 the ticket and counter atomics cost more than the
 # extra launch (docs/performance.md).
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The shrink's input slices (at most): each is one program of shrink_kernel, and every main-kernel program
-# sums their float32 partial products in its epilogue.
-SHRINK_SPLITS = 32
-# Whether the shrink's last program sums the slices (one float32 (16, R) slice left for every main-kernel
-# program to read, against SHRINK_SPLITS of them) at the price of an atomic per shrink program.
-SHRINK_REDUCE = os.environ.get("QUANTPLUG_SHRINK_REDUCE", "0") == "1"
 sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters (LORA=2)
 counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
 # Programmatic dependent launch (Hopper and later, Triton's ``launch_pdl``): the shrink launch lets the GEMV
@@ -87,11 +87,6 @@ counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> sp
 _CUDA_EXTRA = getattr(getattr(tl, "extra", None), "cuda", None)
 HAS_PDL = hasattr(_CUDA_EXTRA, "gdc_wait") and not INTERPRET
 PDL = HAS_PDL and os.environ.get("QUANTPLUG_PDL", "1") != "0"
-# Whether a GEMV or main kernel launched with PDL lets the next kernel in the stream launch as soon as its own
-# programs start (``gdc_launch_dependents`` at the top) rather than when they exit: the next layer's shrink or
-# GEMV is then resident and waiting (``gdc_wait``) when this one drains, and its launch latency is hidden. Safe
-# for any next kernel: one launched with PDL must wait before it reads anything (the PDL contract; ours do).
-PDL_EARLY = tl.constexpr(os.environ.get("QUANTPLUG_PDL_EARLY", "1") != "0")
 
 if HAS_PDL:
 
@@ -145,25 +140,9 @@ def shrink_slice(
 
 
 @triton.jit
-def sum_slices(part_ptr, SPLITS, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr):
-    # the shrink's SPLITS float32 slices part[s, m, :] summed: (16, BLOCK_R)
-    rs = tl.arange(0, BLOCK_S)
-    rm = tl.arange(0, 16)
-    rr = tl.arange(0, BLOCK_R)
-    parts = tl.load(
-        part_ptr + rs[:, None, None] * (16 * BLOCK_R) + rm[None, :, None] * BLOCK_R + rr[None, None, :],
-        mask=(rs < SPLITS)[:, None, None],
-        other=0.0,
-        cache_modifier=".cg",
-    )
-    return tl.sum(parts, axis=0)
-
-
-@triton.jit
 def shrink_kernel(
-    xa_ptr, a_ptr, part_ptr, cnt_ptr, M, KA, R, stride_xam, stride_ar,
-    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
-    REDUCE: tl.constexpr, PDL: tl.constexpr,
+    xa_ptr, a_ptr, part_ptr, M, KA, R, stride_xam, stride_ar,
+    K_PER_SPLIT: tl.constexpr, SHRINK_K: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # the input is the previous kernel's; once it is complete the GEMV may launch (its x is ready too)
     if PDL:
@@ -172,15 +151,6 @@ def shrink_kernel(
     shrink_slice(
         xa_ptr, a_ptr, part_ptr, tl.program_id(0), M, KA, R, stride_xam, stride_ar, K_PER_SPLIT, SHRINK_K, BLOCK_R
     )  # fmt: skip
-    if REDUCE:  # the last slice in sums all of them into slice SPLITS, which the main kernel then reads alone
-        tl.debug_barrier()
-        splits = tl.num_programs(0)
-        if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == splits - 1:
-            rm = tl.arange(0, 16)
-            rr = tl.arange(0, BLOCK_R)
-            total = sum_slices(part_ptr, splits, BLOCK_S, BLOCK_R)
-            tl.store(part_ptr + splits * (16 * BLOCK_R) + rm[:, None] * BLOCK_R + rr[None, :], total)
-            tl.atomic_xchg(cnt_ptr, 0)
 
 
 @triton.jit
@@ -191,8 +161,6 @@ def program_ticket(
 ):  # fmt: skip
     if PDL == 1:  # launched early after any kernel: its output (our input) is complete only after the wait
         gdc_wait()
-    if PDL and PDL_EARLY:
-        gdc_launch_dependents()
     # This program's place: below SPLITS (only in one launch, LORA == 2) it has computed a shrink slice;
     # from SPLITS up, ticket - SPLITS numbers the GEMV programs
     if LORA == 2:  # noqa: SIM108  (two statements read clearer in a kernel)
@@ -228,8 +196,6 @@ def gemv_program(GRID_N, rows, BLOCK_N: tl.constexpr, PDL: tl.constexpr, SPLITK:
     # the kernel's (1: unsplit, no integer division, some 25 instructions a program); 0 (unknown) divides
     if PDL == 1:  # launched early after any kernel: its output (our input) is complete only after the wait
         gdc_wait()
-    if PDL and PDL_EARLY:
-        gdc_launch_dependents()
     if SPLITK == 1:
         row_block = tl.program_id(0)
         split = 0
@@ -515,28 +481,22 @@ def launch(
         A = A.contiguous()
         B = B.contiguous()
         R = A.shape[0]
-        k_per_split = max(64, triton.next_power_of_2(triton.cdiv(KA, SHRINK_SPLITS)))
+        k_per_split = max(64, triton.next_power_of_2(triton.cdiv(KA, SHRINK_SPLITS[block_m])))
         splits = triton.cdiv(KA, k_per_split)
         block_r = max(16, triton.next_power_of_2(R))
         block_s = triton.next_power_of_2(splits)
+        part = torch.empty((splits, 16, block_r), device=x.device, dtype=torch.float32)
         shrink_k = min(k_per_split, 128)
-        # LORA=1 with SHRINK_REDUCE: the shrink's last slice sums all slices into one more (its arrivals counted
-        # in the layer's sync[3]); a layer first called under capture has no counters and reads every slice
-        reduce = mode == 1 and SHRINK_REDUCE and splits > 1 and (module in sync or not _capturing())
-        part = torch.empty((splits + reduce, 16, block_r), device=x.device, dtype=torch.float32)
-        if mode == 2 or reduce:
+        if mode == 2:
             sync_t = sync.get(module)
             if sync_t is None:
                 sync_t = sync[module] = torch.zeros(4, device=x.device, dtype=torch.int32)
-        if mode == 1:
-            shrink_kernel[(splits,)](
-                xa2, A, part, sync_t[3:] if reduce else part, M, KA, R, xa2.stride(0), A.stride(0),
-                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, BLOCK_S=block_s, REDUCE=reduce,
-                PDL=pdl, num_warps=4, **launch_pdl,
-            )  # fmt: skip
-            if reduce:
-                part, splits, block_s = part[splits:], 1, 1
+        else:
             sync_t = part
+            shrink_kernel[(splits,)](
+                xa2, A, part, M, KA, R, xa2.stride(0), A.stride(0),
+                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, PDL=pdl, num_warps=4, **launch_pdl,
+            )  # fmt: skip
     else:
         xa2, A, B, part, sync_t = x2, x2, x2, y, y
         KA = R = splits = 1
