@@ -15,7 +15,7 @@ does, and ``scripts/tune_fused.py`` times both). Everything else is here:
   launch lets the GEMV launch start at once (:func:`gdc_launch_dependents`
   after its own :func:`gdc_wait`); a kernel's ``PDL`` constexpr is 1 (wait
   for the previous kernel at the start: no shrink before it), 2 (wait only
-  before the adapter's expand, in :func:`lora_epilogue`) or 0 (off);
+  before the adapter's expand, in :func:`lora_shrunk`) or 0 (off);
 - a one-token GEMV program's place (:func:`gemv_program`) and its per-thread
   partial sums summed once and split-K'd (:func:`gemv_reduce`);
 - the adapter: the shrink ``xa @ A.T`` as its own short launch
@@ -24,7 +24,7 @@ does, and ``scripts/tune_fused.py`` times both). Everything else is here:
   launch (``LORA=2``, :func:`program_ticket`): the first ``SPLITS`` programs
   to start (a ticket from an atomic counter, so they are always running,
   never waiting) compute the slices, and the GEMV programs wait for their
-  counter in :func:`lora_epilogue` before the expand ``t @ B.T``; the last
+  counter in :func:`lora_shrunk` before the expand ``t @ B.T``; the last
   program out resets the counters (:func:`finish`). The counters belong to
   the layer (:data:`sync`, a small int32 tensor per layer, made on its first
   eager call; one layer never runs on two streams at once);
@@ -233,12 +233,12 @@ def gemv_reduce(
 
 
 @triton.jit
-def lora_epilogue(
-    base, rm, rn_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-    LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr,
-    USE_DOT: tl.constexpr, PDL: tl.constexpr,
+def lora_shrunk(
+    rm, part_ptr, sync_ptr, LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_R: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * t @ B[rows].T rounded as the reference
+    # the adapter's shrink ``xa @ A.T`` for the token rows ``rm``, float32 (BLOCK_M, BLOCK_R): its slices summed,
+    # once the shrink is done. A program that writes several row blocks (hqq's halves) calls it once.
     if PDL == 2:  # launched while the shrink ran: its slices are visible after the wait
         gdc_wait()
     if LORA == 2:  # wait for the shrink programs (they started first and never wait)
@@ -254,8 +254,16 @@ def lora_epilogue(
         other=0.0,
         cache_modifier=".cg",
     )
+    return tl.sum(parts, axis=0)
+
+
+@triton.jit
+def lora_expand(base, shrunk, rn_safe, b_ptr, R, scale, stride_bn, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr):
+    # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * shrunk @ B[rows].T rounded as the
+    # reference (``shrunk``: :func:`lora_shrunk`'s)
+    rr = tl.arange(0, BLOCK_R)
     bt = tl.load(b_ptr + rn_safe[:, None] * stride_bn + rr[None, :], mask=(rr < R)[None, :], other=0.0)
-    t = tl.sum(parts, axis=0).to(bt.dtype)  # the reference rounds x @ A.T to the adapter's dtype
+    t = shrunk.to(bt.dtype)  # the reference rounds x @ A.T to the adapter's dtype
     if USE_DOT:
         delta = tl.dot(t, tl.trans(bt))
     else:
@@ -315,17 +323,17 @@ def store_rows(
     out, y_ptr, rm, cols, cols_safe, m_mask, n_mask, stride_ym, bias_ptr,
     part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr, shrunk=None,
 ):  # fmt: skip
-    # the base product ``out`` (output dtype) plus bias, plus the adapter, stored to y[:, cols]
+    # the base product ``out`` (output dtype) plus bias, plus the adapter, stored to y[:, cols]; ``shrunk``: the
+    # program's lora_shrunk, when it has it already
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols_safe).to(tl.float32)
         out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
     if LORA > 0:
-        out = lora_epilogue(
-            out, rm, cols_safe, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-            LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
-        )  # fmt: skip
+        if shrunk is None:
+            shrunk = lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+        out = lora_expand(out, shrunk, cols_safe, b_ptr, R, scale, stride_bn, BLOCK_R, USE_DOT)
     tl.store(y_ptr + rm[:, None] * stride_ym + cols[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
 
 

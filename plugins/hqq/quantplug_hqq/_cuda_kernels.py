@@ -164,11 +164,13 @@ def _hqq4_lora_kernel(
                 acc_top = fl.splitk_sum(ws_ptr, rm, rn_safe, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
                 acc_bot = fl.splitk_sum(ws_ptr, rm, rn_safe + HALF_N, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
                 tl.atomic_xchg(cnt_ptr + row_block, 0)
-            for half in tl.static_range(2):
+            shrunk = fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL) if LORA else None
+            for half in tl.static_range(2):  # both halves' expands from one read of the shrink
                 fl.store_rows(
                     (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty), y_ptr, rm,
                     rn + half * HALF_N, rn_safe + half * HALF_N, m_mask, n_mask, stride_ym, bias_ptr,
                     part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
+                    shrunk,
                 )  # fmt: skip
     fl.finish(sync_ptr, LORA)
 
@@ -207,8 +209,12 @@ def _gemv_store(
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # a one-token program's per-thread sums of both halves' rows, summed, split-K, then the epilogue
+    # a one-token program's per-thread sums of both halves' rows, summed, split-K, then the epilogue. Unsplit,
+    # the program finishes both halves and reads the shrink once for both
     HALF_N = N // 2
+    shrunk = None
+    if LORA and SPLITK == 1:
+        shrunk = fl.lora_shrunk(tl.arange(0, 1), part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
     for half in tl.static_range(2):
         out, rm, last = fl.gemv_reduce(
             acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
@@ -218,7 +224,7 @@ def _gemv_store(
             fl.store_rows(
                 out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
                 n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL, shrunk,
             )  # fmt: skip
 
 
