@@ -258,7 +258,9 @@ def lora_shrunk(
 
 
 @triton.jit
-def lora_expand(base, shrunk, rn_safe, b_ptr, R, scale, stride_bn, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr):
+def lora_expand(
+    base, shrunk, rn_safe, b_ptr, R, scale, stride_bn, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr
+):
     # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * shrunk @ B[rows].T rounded as the
     # reference (``shrunk``: :func:`lora_shrunk`'s)
     rr = tl.arange(0, BLOCK_R)

@@ -164,7 +164,9 @@ def _hqq4_lora_kernel(
                 acc_top = fl.splitk_sum(ws_ptr, rm, rn_safe, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
                 acc_bot = fl.splitk_sum(ws_ptr, rm, rn_safe + HALF_N, n_mask, N, BLOCK_M, BLOCK_N, SPLITK)
                 tl.atomic_xchg(cnt_ptr + row_block, 0)
-            shrunk = fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL) if LORA else None
+            shrunk = (
+                fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL) if LORA else None
+            )
             for half in tl.static_range(2):  # both halves' expands from one read of the shrink
                 fl.store_rows(
                     (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty), y_ptr, rm,
