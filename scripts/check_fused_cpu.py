@@ -56,6 +56,28 @@ def check(backend, variant, fused, N, K, M, R, dtype, bias=True, KA=None, kernel
     return ok
 
 
+def check_hqq_word_fallback():
+    """hqq's default one-token kernel (the word GEMV) on a W_q it cannot read as words (not 4-byte aligned):
+    asked for by name it declines; by default the float32 GEMV serves, bit for bit as when asked for."""
+    from quantplug_hqq._cuda_kernels import fused_lora_linear as fused
+
+    linear = torch.nn.Linear(256, 48, bias=True, dtype=torch.float16)
+    base = qp.quantize(linear, "hqq", "4bit-g64")
+    shifted = torch.empty(base.W_q.numel() + 1, dtype=torch.uint8)[1:].view(base.W_q.shape)
+    shifted.copy_(base.W_q)
+    base.W_q = torch.nn.Parameter(shifted, requires_grad=False)
+    x = torch.randn(1, 256, dtype=torch.float16)
+    A, B = torch.randn(4, 256, dtype=torch.float16) / 16, torch.randn(48, 4, dtype=torch.float16) / 2
+    declined = fused(base, x, x, A, B, 2.0, force=True, kernel="word") is None
+    default = fused(base, x, x, A, B, 2.0, force=True)
+    gemv = fused(base, x, x, A, B, 2.0, force=True, kernel="gemv")
+    ok = declined and default is not None and torch.equal(default, gemv)
+    print(
+        f"hqq word GEMV on a misaligned W_q: declined {declined}, default is the float32 GEMV {'ok' if ok else 'FAIL'}"
+    )
+    return ok
+
+
 def main(backends):
     ok = True
     for backend in backends:
@@ -77,6 +99,7 @@ def main(backends):
                 ok &= check(backend, "4bit-g64", fused, N, K, M, R, torch.float16)
             for N, K in [(48, 256), (38, 192)]:  # one token: the float32 GEMV (the word GEMV serves above)
                 ok &= check(backend, "4bit-g64", fused, N, K, 1, 4, torch.float16, kernel="gemv")
+            ok &= check_hqq_word_fallback()
         elif backend == "torchao":
             from quantplug_torchao._cuda_kernels import fused_lora_linear as fused
 
