@@ -13,6 +13,10 @@ trials), for:
 - ``fused_base``: the plugin's fused kernel without an adapter (``A=None``);
 - ``fused_lora`` / ``fused_lora_nopdl``: with the adapter (the shrink as
   its own launch), with and without programmatic dependent launch;
+- ``fused_expand_only``: with the adapter but the shrink launch left out
+  (the kernel's epilogue reads whatever its scratch holds): ``fused_lora``
+  less this is the shrink's cost, this less ``fused_base`` the expand
+  epilogue's (at one token it is most of the adapter's cost: performance.md);
 - ``wrapped``: quantplug's adapter layer as users call it (fast kernels);
 - ``wrapped_ref``: the same layer with ``QUANTPLUG_KERNELS=reference``
   (the library's forward plus the plain adapter).
@@ -209,6 +213,25 @@ def graph_time(calls, trials=7, per_graph=None):
     return statistics.median(times)
 
 
+class _NoLaunch:
+    """Stands in for the core's shrink kernel: ``kernel[grid](...)`` launches nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def expand_only(t, fn):
+    """``t(fn)`` with the core's shrink launch left out (the adapter's epilogue alone)."""
+    from quantplug.plugin import fused_lora as fl
+
+    shrink = fl.shrink_kernel
+    fl.shrink_kernel = _NoLaunch()
+    try:
+        return t(fn)
+    finally:
+        fl.shrink_kernel = shrink
+
+
 def compile_worker(jobs):
     """Run each (fmt, shape, tokens, CONFIGS key, config, mode) once so Triton's cache holds its binary."""
     torch.cuda.set_device(0)
@@ -354,6 +377,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     )
     row["fused_lora"] = t(lambda lay, x: lora(lay, x, True))
     row["fused_lora_nopdl"] = t(lambda lay, x: lora(lay, x, False))
+    row["fused_expand_only"] = expand_only(t, lambda lay, x: lora(lay, x, True))
     saved_configs, saved_one_token = dict(ck.CONFIGS), getattr(ck, "ONE_TOKEN", None)
     ck.CONFIGS[key] = config
     if saved_one_token is not None and tokens == 1:
@@ -372,6 +396,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         "fused_base",
         "fused_lora",
         "fused_lora_nopdl",
+        "fused_expand_only",
         "wrapped",
         "wrapped_ref",
     ):
@@ -382,7 +407,8 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
     print(
         f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {row['library']:7.2f}  "
         f"fbase {row['fused_base']:6.2f}  "
-        f"lora {row['fused_lora']:6.2f} (no pdl {row['fused_lora_nopdl']:6.2f})  "
+        f"lora {row['fused_lora']:6.2f} (no pdl {row['fused_lora_nopdl']:6.2f}, "
+        f"expand only {row['fused_expand_only']:6.2f})  "
         f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {row['wrapped_ref']:7.2f}  "
         f"err {row['rel_err_vs_reference']:.1e}  "
         f"cfg {config}",
