@@ -20,10 +20,11 @@ does, and ``scripts/tune_fused.py`` times both). Everything else is here:
   partial sums summed once and split-K'd (:func:`gemv_reduce`);
 - the adapter: the shrink ``xa @ A.T`` as its own short launch
   (:func:`shrink_kernel`, :data:`SHRINK_SPLITS` programs: 32 for one
-  token, 2 for more, one slice of the input each, into a float32 scratch) before the GEMV (``LORA=1``), or inside the GEMV
-  launch (``LORA=2``, :func:`program_ticket`): the first ``SPLITS`` programs
-  to start (a ticket from an atomic counter, so they are always running,
-  never waiting) compute the slices, and the GEMV programs wait for their
+  token, 2 for more; one slice of the input each, into a float32 scratch)
+  before the GEMV (``LORA=1``), or inside the GEMV launch (``LORA=2``,
+  :func:`program_ticket`): the first ``SPLITS`` programs to start (a ticket
+  from an atomic counter, so they are always running, never waiting)
+  compute the slices, and the GEMV programs wait for their
   counter in :func:`lora_shrunk` before the expand ``t @ B.T``; the last
   program out resets the counters (:func:`finish`). The counters belong to
   the layer (:data:`sync`, a small int32 tensor per layer, made on its first
@@ -68,8 +69,9 @@ MAX_RANK = 64
 
 # TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The shrink's input slices (at most), per token block (BLOCK_M): each slice is one shrink program, and every
-# main-kernel program sums the slices' float32 partial products (16 rows of R each) in its epilogue. One
+# The shrink's input slices (at most), per BLOCK_M (1: a GEMV kernel, 16: a main kernel): each slice is one
+# shrink program, and every main-kernel program sums the slices' float32 partial products (16 rows of R each) in
+# its epilogue. One
 # token: many short slices, so that the shrink is done before the short GEMV's epilogue. 2-16 tokens: the
 # main kernel runs long enough to hide two long slices, and reading 32 slices cost each program 32 KB (H100,
 # 2026-12-06, r=16, with PDL: 32 -> 2 slices took the wrapped layer 8-18% faster at 16 tokens; at one token 8
