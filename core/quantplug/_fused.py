@@ -20,12 +20,14 @@ does, and ``scripts/tune_fused.py`` times both). Everything else is here:
   partial sums summed once and split-K'd (:func:`gemv_reduce`);
 - the adapter: the shrink ``xa @ A.T`` as its own short launch
   (:func:`shrink_kernel`, :data:`SHRINK_SPLITS` programs: 32 for one
-  token, 2 for more; one slice of the input each, into a float32 scratch)
+  token unless the plugin asks for fewer, 2 for more; one slice of the
+  input each, into a float32 scratch)
   before the GEMV (``LORA=1``), or inside the GEMV launch (``LORA=2``,
   :func:`program_ticket`): the first ``SPLITS`` programs to start (a ticket
   from an atomic counter, so they are always running, never waiting)
   compute the slices, and the GEMV programs wait for their
-  counter in :func:`lora_shrunk` before the expand ``t @ B.T``; the last
+  counter in :func:`lora_shrunk` before the expand ``t @ B.T`` (whose
+  ``B`` rows they load before their loop, :func:`lora_rows`); the last
   program out resets the counters (:func:`finish`). The counters belong to
   the layer (:data:`sync`, a small int32 tensor per layer, made on its first
   eager call; one layer never runs on two streams at once);
@@ -48,9 +50,10 @@ SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_S, BLOCK_R, BLOCK_M, BLOCK_N, BLOCK_K,
 USE_DOT, EVEN_K, SPLITK, PDL`` plus its own, as :func:`launch` passes them
 (a GEMV kernel has the same signature with ``BLOCK_M = 1``). A main
 kernel's body: :func:`program_ticket`; for a ticket from ``SPLITS`` up
-:func:`program_tile`, the format's loop over K, split-K and
-:func:`store_rows`; :func:`finish` last. A GEMV kernel's:
-:func:`gemv_program`, the loop, :func:`gemv_reduce`, :func:`store_rows`.
+:func:`program_tile`, :func:`lora_rows`, the format's loop over K,
+split-K and :func:`store_rows`; :func:`finish` last. A GEMV kernel's:
+:func:`gemv_program`, :func:`lora_rows`, the loop, :func:`lora_shrunk`
+(unsplit), :func:`gemv_reduce`, :func:`store_rows`.
 """
 
 from __future__ import annotations
@@ -71,12 +74,15 @@ MAX_RANK = 64
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The shrink's input slices (at most), per BLOCK_M (1: a GEMV kernel, 16: a main kernel): each slice is one
 # shrink program, and every main-kernel program sums the slices' float32 partial products (16 rows of R each) in
-# its epilogue. One
-# token: many short slices, so that the shrink is done before the short GEMV's epilogue. 2-16 tokens: the
-# main kernel runs long enough to hide two long slices, and reading 32 slices cost each program 32 KB (H100,
-# 2026-12-06, r=16, with PDL: 32 -> 2 slices took the wrapped layer 8-18% faster at 16 tokens; at one token 8
-# slices were within -4..+9% of 32 and 2 slices 4-37% slower, a side-by-side probe).
+# its epilogue. One token: many short slices, so that the shrink is done before the short GEMV's epilogue; a
+# plugin whose GEMV programs run longer may ask for fewer (``launch(..., shrink_slices=)``: each program then sums
+# fewer). 2-16 tokens: the main kernel runs long enough to hide two long slices, and reading 32 slices cost each
+# program 32 KB (H100, 2026-12-06, r=16, with PDL: 32 -> 2 slices took the wrapped layer 8-18% faster at 16
+# tokens; at one token 8 slices were within -4..+9% of 32 and 2 slices 4-37% slower, a side-by-side probe).
 SHRINK_SPLITS = {1: 32, 16: 2}
+# The inputs a shrink program multiplies per step of its slice, per BLOCK_M (powers of two, at least 64). One
+# token: the whole slice in one step (its loads all in flight at once), up to 1024 inputs; 2-16 tokens: 128
+SHRINK_STEP = {1: 1024, 16: 128}
 # The adapter's shrink inside the GEMV launch (LORA=2) rather than as its own launch before it (LORA=1):
 # each plugin's ONE_LAUNCH, off in all three. On an H200 the ticket and counter atomics cost more than the
 # extra launch (docs/performance.md).
@@ -260,18 +266,23 @@ def lora_shrunk(
 
 
 @triton.jit
-def lora_expand(
-    base, shrunk, rn_safe, b_ptr, R, scale, stride_bn, BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr
-):
-    # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * shrunk @ B[rows].T rounded as the
-    # reference (``shrunk``: :func:`lora_shrunk`'s)
+def lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R: tl.constexpr):
+    # the adapter's B rows for the output rows ``rn_safe`` (BLOCK_N, BLOCK_R). A kernel loads them before its loop
+    # over K and passes them to store_rows, so that their memory latency hides under the weights' loads instead
+    # of adding to the epilogue's at every program's end
     rr = tl.arange(0, BLOCK_R)
-    bt = tl.load(b_ptr + rn_safe[:, None] * stride_bn + rr[None, :], mask=(rr < R)[None, :], other=0.0)
-    t = shrunk.to(bt.dtype)  # the reference rounds x @ A.T to the adapter's dtype
+    return tl.load(b_ptr + rn_safe[:, None] * stride_bn + rr[None, :], mask=(rr < R)[None, :], other=0.0)
+
+
+@triton.jit
+def lora_expand(base, shrunk, b_rows, scale, USE_DOT: tl.constexpr):
+    # base (BLOCK_M, BLOCK_N) in the output dtype; returns base + scale * shrunk @ b_rows.T rounded as the
+    # reference (``shrunk``: :func:`lora_shrunk`'s, ``b_rows``: :func:`lora_rows`')
+    t = shrunk.to(b_rows.dtype)  # the reference rounds x @ A.T to the adapter's dtype
     if USE_DOT:
-        delta = tl.dot(t, tl.trans(bt))
+        delta = tl.dot(t, tl.trans(b_rows))
     else:
-        delta = tl.sum(t.to(tl.float32)[:, None, :] * bt.to(tl.float32)[None, :, :], axis=2)
+        delta = tl.sum(t.to(tl.float32)[:, None, :] * b_rows.to(tl.float32)[None, :, :], axis=2)
     return (base.to(tl.float32) + (delta * scale).to(base.dtype).to(tl.float32)).to(base.dtype)
 
 
@@ -327,17 +338,19 @@ def store_rows(
     out, y_ptr, rm, cols, cols_safe, m_mask, n_mask, stride_ym, bias_ptr,
     part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr, shrunk=None,
+    BLOCK_R: tl.constexpr, USE_DOT: tl.constexpr, PDL: tl.constexpr, shrunk=None, b_rows=None,
 ):  # fmt: skip
-    # the base product ``out`` (output dtype) plus bias, plus the adapter, stored to y[:, cols]; ``shrunk``: the
-    # program's lora_shrunk, when it has it already
+    # the base product ``out`` (output dtype) plus bias, plus the adapter, stored to y[:, cols]; ``shrunk`` (the
+    # program's lora_shrunk) and ``b_rows`` (lora_rows for ``cols_safe``): when the program has them already
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols_safe).to(tl.float32)
         out = (out.to(tl.float32) + bias[None, :]).to(y_ptr.dtype.element_ty)
     if LORA > 0:
         if shrunk is None:
             shrunk = lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
-        out = lora_expand(out, shrunk, cols_safe, b_ptr, R, scale, stride_bn, BLOCK_R, USE_DOT)
+        if b_rows is None:
+            b_rows = lora_rows(cols_safe, b_ptr, R, stride_bn, BLOCK_R)
+        out = lora_expand(out, shrunk, b_rows, scale, USE_DOT)
     tl.store(y_ptr + rm[:, None] * stride_ym + cols[None, :], out, mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -455,7 +468,7 @@ def dense_lora_linear(x, weight, bias, xa, A, B, scale):
 
 def launch(
     kernel, module, x, xa, A, B, scale, weights, bias, *, N, rows, block_m, block_k, config,
-    one_launch=False, lora_mode=None, pdl=None, x_align=1, **constexprs,
+    one_launch=False, lora_mode=None, pdl=None, x_align=1, shrink_slices=None, **constexprs,
 ):  # fmt: skip
     """Run ``kernel`` on ``x`` (after :func:`admit`) and return ``y`` shaped like ``x`` with ``N`` outputs.
 
@@ -468,7 +481,8 @@ def launch(
     ``pdl`` overrides :data:`PDL`
     (tuning); ``x_align`` the bytes ``x``'s start must be aligned to for
     the kernel's vector loads of it (a view at another offset is copied);
-    ``constexprs`` the kernel's own. Returns None when the bias
+    ``shrink_slices`` the adapter's shrink slices (at most; default
+    :data:`SHRINK_SPLITS`); ``constexprs`` the kernel's own. Returns None when the bias
     cannot be read.
     """
     if not _bias_readable(bias, x, N):
@@ -493,12 +507,14 @@ def launch(
         A = A.contiguous()
         B = B.contiguous()
         R = A.shape[0]
-        k_per_split = max(64, triton.next_power_of_2(triton.cdiv(KA, SHRINK_SPLITS[block_m])))
+        k_per_split = max(
+            64, triton.next_power_of_2(triton.cdiv(KA, shrink_slices or SHRINK_SPLITS[block_m]))
+        )
         splits = triton.cdiv(KA, k_per_split)
         block_r = max(16, triton.next_power_of_2(R))
         block_s = triton.next_power_of_2(splits)
         part = torch.empty((splits, 16, block_r), device=x.device, dtype=torch.float32)
-        shrink_k = min(k_per_split, 128)
+        shrink_k = min(k_per_split, SHRINK_STEP[block_m])
         if mode == 2:
             sync_t = sync.get(module)
             if sync_t is None:

@@ -177,6 +177,7 @@ def _nf4_lora_kernel(
         row_groups = rn_safe.to(tl.int64) * (K // BS)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         planes = _table_planes(code_ptr, x_ptr.dtype.element_ty)
+        b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
         for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             g = row_groups[:, None] + (k0 // BS + rg)[None, :]
             if EVEN_K:
@@ -215,6 +216,7 @@ def _nf4_lora_kernel(
             fl.store_rows(
                 acc.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, m_mask, n_mask, stride_ym, bias_ptr,
                 part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
+                None, b_rows,
             )  # fmt: skip
     fl.finish(sync_ptr, LORA)
 
@@ -246,6 +248,7 @@ def _nf4_gemv_kernel(
     acc = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     DT: tl.constexpr = x_ptr.dtype.element_ty
     planes = _table_planes(code_ptr, DT)
+    b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         g = k0 // BS + rg
         word = (tl.multiple_of(k0 // 8, HW) + rg * HW)[:, None] + rw[None, :]  # k0: a multiple of BLOCK_K
@@ -278,6 +281,14 @@ def _nf4_gemv_kernel(
             sums = tl.sum(_dot_words(words, x_at[None, :, :], planes, code_ptr, DT), axis=2)
             sums = tl.where(g_mask[None, :], sums, 0.0)
         acc += sums * absmax
+    # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
+    # leaves it to the row block's last program)
+    rm = tl.arange(0, 1)
+    shrunk = (
+        fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+        if LORA and SPLITK == 1
+        else None
+    )
     out, rm, last = fl.gemv_reduce(
         acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
     )
@@ -285,6 +296,7 @@ def _nf4_gemv_kernel(
         fl.store_rows(
             out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, rm < 1, n_mask, stride_ym, bias_ptr,
             part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            shrunk, b_rows,
         )  # fmt: skip
 
 

@@ -68,6 +68,11 @@ CONFIGS = {
 # float32 products, 8.2 instructions per element: 9.18 us) or "mma" (the 2-16 token kernel, the token padded to
 # 16 rows of the MMA: 23.7 us). scripts/tune_fused.py --formats hqq --tokens 1 --sweep times all three.
 ONE_TOKEN = "word"
+# The adapter's shrink slices at one token (the core's default is 32): a word GEMV program (eight rows) runs long
+# enough to hide 16 longer slices, and sums half as many. On an H100 (2026-12-06, fourth session, wrapped layer,
+# side by side) 16 slices took 7.22 / 16.51 / 15.01 us at 4096x4096 / 4096x14336 / 11008x4096, 32 took 7.95 /
+# 17.26 / 15.20.
+ONE_TOKEN_SHRINK_SLICES = 16
 # Whether the layer's forward uses this kernel (on an H200 it is 4-14x faster than hqq's PyTorch
 # backend, which dequantizes the whole weight on every call: docs/performance.md).
 SERVE = True
@@ -138,6 +143,9 @@ def _hqq4_lora_kernel(
         groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
         acc_top = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         acc_bot = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # both halves' adapter B rows, loaded before the loop (lora_rows)
+        b_top = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
+        b_bot = fl.lora_rows(rn_safe + HALF_N, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
         # one group a step, whose loads Triton pipelines over num_stages (BLOCK_K only sets the split-K
         # granularity); its weights two per instruction, rounded as hqq rounds them. Wider steps decoded group
         # by group with no loads in flight, and loading a step's scales the step before measured slower (62 and
@@ -172,7 +180,7 @@ def _hqq4_lora_kernel(
                     (acc_top if half == 0 else acc_bot).to(y_ptr.dtype.element_ty), y_ptr, rm,
                     rn + half * HALF_N, rn_safe + half * HALF_N, m_mask, n_mask, stride_ym, bias_ptr,
                     part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
-                    shrunk,
+                    shrunk, b_top if half == 0 else b_bot,
                 )  # fmt: skip
     fl.finish(sync_ptr, LORA)
 
@@ -206,17 +214,23 @@ def _gemv_scales(scale_ptr, zero_ptr, groups_top, groups_bot, g, g_mask):
 
 @triton.jit
 def _gemv_store(
-    acc_top, acc_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
-    part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr,
+    acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr,
+    stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr,
     SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    # a one-token program's per-thread sums of both halves' rows, summed, split-K, then the epilogue. Unsplit,
-    # the program finishes both halves and reads the shrink once for both
+    # a one-token program's per-thread sums of both halves' rows, summed, split-K, then the epilogue (``b_top``,
+    # ``b_bot``: both halves' lora_rows, loaded before the loop, or None). Unsplit, the program finishes both halves and reads the
+    # shrink once for both
     HALF_N = N // 2
-    shrunk = None
-    if LORA and SPLITK == 1:
-        shrunk = fl.lora_shrunk(tl.arange(0, 1), part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+    # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
+    # leaves it to the row block's last program)
+    rm = tl.arange(0, 1)
+    shrunk = (
+        fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+        if LORA and SPLITK == 1
+        else None
+    )
     for half in tl.static_range(2):
         out, rm, last = fl.gemv_reduce(
             acc_top if half == 0 else acc_bot, ws_ptr, cnt_ptr, rn_safe + half * HALF_N, n_mask,
@@ -226,7 +240,7 @@ def _gemv_store(
             fl.store_rows(
                 out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn + half * HALF_N, rn_safe + half * HALF_N, rm < 1,
                 n_mask, stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL, shrunk,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL, shrunk, b_top if half == 0 else b_bot,
             )  # fmt: skip
 
 
@@ -251,6 +265,9 @@ def _hqq4_gemv_kernel(
     groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
     acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    # both halves' adapter B rows, loaded before the loop (lora_rows)
+    b_top = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
+    b_bot = fl.lora_rows(rn_safe + HALF_N, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
     k_start = split * KS
     k_end = tl.minimum(K, split * KS + KS)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -271,7 +288,7 @@ def _hqq4_gemv_kernel(
         acc_top += s_top * (dot_top - z_top * x_sum)
         acc_bot += s_bot * (dot_bot - z_bot * x_sum)
     _gemv_store(
-        acc_top, acc_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
+        acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
         part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL,
     )  # fmt: skip
 
@@ -332,6 +349,9 @@ def _hqq4_word_gemv_kernel(
     groups_bot = (rn_safe + HALF_N).to(tl.int64) * (K // GS)
     acc_top = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
     acc_bot = tl.zeros((BLOCK_N, GB), dtype=tl.float32)
+    # both halves' adapter B rows, loaded before the loop (lora_rows)
+    b_top = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
+    b_bot = fl.lora_rows(rn_safe + HALF_N, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
     k_start = split * KS
     k_end = tl.minimum(K, split * KS + KS)
     for k0 in range(k_start, k_end, BLOCK_K):
@@ -361,7 +381,7 @@ def _hqq4_word_gemv_kernel(
         acc_top += s_top * (dot_top - (z_top - 8.0) * x_sum)
         acc_bot += s_bot * (dot_bot - (z_bot - 8.0) * x_sum)
     _gemv_store(
-        acc_top, acc_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
+        acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
         part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL,
     )  # fmt: skip
 
@@ -453,7 +473,7 @@ def fused_lora_linear(
         fn, module, x, xa, A, B, scale, (W_q, w_scale, w_zero),
         bias, N=N, rows=N // 2, block_m=1 if gemv else 16, block_k=block_k, config=config,
         one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl, x_align=8 if choice == "word" else 1,
-        GS=group,
+        shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None, GS=group,
     )  # fmt: skip
 
 

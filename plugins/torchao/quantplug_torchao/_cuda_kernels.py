@@ -37,6 +37,10 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
 # the one-token one timed with the adapter).
 CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 4)}
+# The adapter's shrink slices at one token (the core's default is 32). On an H100 (2026-12-06, fourth session,
+# wrapped layer, side by side) 16 slices took 9.33 / 24.09 / 19.78 us at 4096x4096 / 4096x14336 / 11008x4096, 32
+# took 9.15 / 27.25 / 20.24: at 14336 inputs 32 slices' shrink ran past the GEMV programs' loops.
+ONE_TOKEN_SHRINK_SLICES = 16
 # Whether the layer's forward uses this kernel (on an H200 it is 4-8x faster than torchao's
 # weight-only int8 linear at 1-16 tokens: docs/performance.md).
 SERVE = True
@@ -64,6 +68,7 @@ def _int8_lora_kernel(
         rk = tl.arange(0, BLOCK_K)
         rows = rn_safe.to(tl.int64) * K
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
         for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
             kk = k0 + rk
             if EVEN_K:
@@ -87,7 +92,7 @@ def _int8_lora_kernel(
             fl.store_rows(
                 (acc.to(dtype).to(tl.float32) * wscale[None, :]).to(dtype), y_ptr, rm, rn, rn_safe, m_mask, n_mask,
                 stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
+                HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL, None, b_rows,
             )  # fmt: skip
     fl.finish(sync_ptr, LORA)
 
@@ -109,6 +114,7 @@ def _int8_gemv_kernel(
     # wide steps (few of them) are summed across the row as they come; narrow ones per input, at the end
     STEP_SUM: tl.constexpr = BLOCK_K >= 1024
     acc = tl.zeros((BLOCK_N, 1 if STEP_SUM else BLOCK_K), dtype=tl.float32)
+    b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         kk = k0 + rk
         if EVEN_K:
@@ -123,6 +129,14 @@ def _int8_gemv_kernel(
             acc += tl.sum(product, axis=1, keep_dims=True)
         else:
             acc += product
+    # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
+    # leaves it to the row block's last program)
+    rm = tl.arange(0, 1)
+    shrunk = (
+        fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+        if LORA and SPLITK == 1
+        else None
+    )
     out, rm, last = fl.gemv_reduce(
         acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
     )
@@ -132,7 +146,7 @@ def _int8_gemv_kernel(
         fl.store_rows(
             (out.to(dtype).to(tl.float32) * wscale[None, :]).to(dtype), y_ptr, rm, rn, rn_safe, rm < 1, n_mask,
             stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr,
-            HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL, shrunk, b_rows,
         )  # fmt: skip
 
 
@@ -186,7 +200,7 @@ def fused_lora_linear(
     return fl.launch(
         _int8_gemv_kernel if gemv else _int8_lora_kernel, module, x, xa, A, B, scale, (qdata, wscale),
         module.bias, N=N, rows=N, block_m=block_m, block_k=block_k, config=config,
-        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
+        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl, shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None,
     )  # fmt: skip
 
 
