@@ -71,3 +71,14 @@ def test_render_keeps_hand_written_text_and_states_every_target(tmp_path):
     assert "Whole-model decode: not measured" in text
     assert "QLoRA training vs PEFT: not measured" in text
     assert "Multi-adapter batch: not measured" in text
+
+
+def test_bench_model_no_train_writes_only_decode_rows(tmp_path):
+    # the whole-model decode rows alone (a device run short of time for the training trials)
+    pytest.importorskip("transformers")
+    out = tmp_path / "bench.json"
+    argv = ["bench", "--quick", "--device", "cpu", "--backends", "hqq", "--model", "--no-layers", "--no-train"]
+    assert main([*argv, "--no-peft", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert rows and {r["tokens"] for r in rows} == {"decode"}
+    assert all(r["tokens_per_s"] > 0 for r in rows)

@@ -44,6 +44,9 @@ def add_arguments(bench: argparse.ArgumentParser) -> None:
         "--no-decode", action="store_true", help="with --model: only the training rows, no decode rows"
     )
     bench.add_argument(
+        "--no-train", action="store_true", help="with --model: only the decode rows, no training rows"
+    )
+    bench.add_argument(
         "--trials", type=int, default=5,
         help="with --model: timed training trials per library, alternating (default 5; each is 3 warm-up and "
         "20 timed steps)",
@@ -115,8 +118,10 @@ def run_bench(args: argparse.Namespace) -> int:
             if not args.no_decode:
                 torch.manual_seed(0)
                 rows += model_rows(args, device, dtype, env, log)
-            torch.manual_seed(0)
-            rows += training_rows(args, device, dtype, env, log)
+                save()  # the decode rows outlive a training run cut short
+            if not getattr(args, "no_train", False):
+                torch.manual_seed(0)
+                rows += training_rows(args, device, dtype, env, log)
     save()
     png = chart(rows, out.with_suffix(".png"))
     print(table(rows))
