@@ -77,7 +77,17 @@ def test_bench_model_no_train_writes_only_decode_rows(tmp_path):
     # the whole-model decode rows alone (a device run short of time for the training trials)
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    argv = ["bench", "--quick", "--device", "cpu", "--backends", "hqq", "--model", "--no-layers", "--no-train"]
+    argv = [
+        "bench",
+        "--quick",
+        "--device",
+        "cpu",
+        "--backends",
+        "hqq",
+        "--model",
+        "--no-layers",
+        "--no-train",
+    ]
     assert main([*argv, "--no-peft", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert rows and {r["tokens"] for r in rows} == {"decode"}
