@@ -92,3 +92,45 @@ def test_bench_model_no_train_writes_only_decode_rows(tmp_path):
     rows = json.loads(out.read_text())
     assert rows and {r["tokens"] for r in rows} == {"decode"}
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_without_linears_leaves_a_step_that_runs_no_linear_kernel():
+    # the whole-model ceiling's step: every LLaMA linear gives way to a zero output of its width
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from quantplug.apps.bench.model import LINEARS, QUICK_LLAMA, without_linears
+    from quantplug.testing import tiny_llama
+
+    model = tiny_llama(0, **QUICK_LLAMA).eval()
+    ids = torch.tensor([[3]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    assert without_linears(model, QUICK_LLAMA) == len(LINEARS) * QUICK_LLAMA["num_hidden_layers"]
+    assert not any(
+        isinstance(m, torch.nn.Linear) for n, m in model.named_modules() if n.split(".")[-1] in LINEARS
+    )
+    with torch.no_grad():
+        after = model(input_ids=ids).logits
+    assert after.shape == before.shape and torch.isfinite(after).all()
+    assert not torch.allclose(after, before)  # the linears' outputs are gone: the logits change
+    assert without_linears(model, QUICK_LLAMA) == 0  # nothing left to replace
+
+
+def test_render_states_the_whole_model_ceiling(tmp_path):
+    env = {
+        "date": "2026-12-06 00:00 UTC",
+        "gpu": "Test GPU",
+        "versions": {},
+        "command": "quantplug bench --model",
+    }
+    decode = {"backend": "bnb", "shape": "llama-1.1b", "tokens": "decode", "library": "quantplug", "env": env,
+              "tokens_per_s": 20.0, "disabled_tokens_per_s": 40.0, "unmerged_over_disabled": 0.5,
+              "graph_tokens_per_s": 350.0, "graph_disabled_tokens_per_s": 360.0,
+              "graph_unmerged_over_disabled": 350 / 360, "graph_no_linears_tokens_per_s": 576.0,
+              "graph_ceiling_over_library_disabled": 1.6}  # fmt: skip
+    src = tmp_path / "performance.json"
+    src.write_text(json.dumps([decode]))
+    assert main(["bench", "--render", str(src)]) == 0
+    text = src.with_suffix(".md").read_text()
+    assert "| 576.0 | 1.60x |" in text  # the table's row for the step with no linear kernel
+    assert "at most 1.60 with linear kernels that took no time" in text  # and the target's line

@@ -148,6 +148,58 @@ def _graph_decode_pair(model, disable, vocab: int, position: int, log) -> dict:
     }
 
 
+def _linear_outputs(config: dict) -> dict[str, int]:
+    """Each of :data:`LINEARS`' output features in a LLaMA of ``config``."""
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * (hidden // heads)
+    ffn = config["intermediate_size"]
+    return dict(
+        q_proj=hidden, k_proj=kv, v_proj=kv, o_proj=hidden, gate_proj=ffn, up_proj=ffn, down_proj=hidden
+    )
+
+
+def without_linears(model, config: dict) -> int:
+    """Replace every :data:`LINEARS` module of ``model`` with one that runs no kernel (it returns a zero
+    output of the right width, a view of one buffer): what is left of a one-token decode step is what
+    no linear kernel can speed up. Returns how many it replaced. The model is spoilt for anything else."""
+    import torch
+
+    class NoKernel(torch.nn.Module):
+        runs_no_kernel = True
+
+        def __init__(self, width: int, like: torch.Tensor):
+            super().__init__()
+            self.register_buffer("out", torch.zeros(1, 1, width, device=like.device, dtype=like.dtype))
+
+        def forward(self, x):
+            return self.out.expand(*x.shape[:-1], self.out.shape[-1])
+
+    widths = _linear_outputs(config)
+    like = next(model.parameters())
+    found = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if name in widths and not getattr(child, "runs_no_kernel", False)
+    ]
+    for parent, name in found:
+        setattr(parent, name, NoKernel(widths[name], like))
+    return len(found)
+
+
+def _graph_floor(model, config: dict, disabled: float, vocab: int, position: int, log) -> dict:
+    """The graph-replayed decode step with no linear kernel (:func:`without_linears`), against the library's
+    step with the adapters disabled: the most any linear kernel could give (``disabled``: its tokens/s)."""
+    without_linears(model, config)
+    try:
+        floor = _graph_decode_tps(model, vocab, position)
+    except Exception as exc:
+        log(f"graph-captured decode without linears failed: {type(exc).__name__}: {str(exc)[:300]}")
+        return {}
+    log(f"graph-replayed decode without linear kernels: {floor:.1f} tok/s ({floor / disabled:.2f}x disabled)")
+    return {"graph_no_linears_tokens_per_s": floor, "graph_ceiling_over_library_disabled": floor / disabled}
+
+
 def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     import torch
 
@@ -185,6 +237,10 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     except Exception as exc:
         log(f"quantplug merge failed: {exc}")
         merged = None
+    if graphed.get("graph_disabled_tokens_per_s"):  # last: it takes the model's linears out
+        graphed |= _graph_floor(
+            model, config, graphed["graph_disabled_tokens_per_s"], vocab, prompt.shape[1], log
+        )
     # decode rows: times are microseconds per generated token; bare = adapter disabled
     add("decode", "quantplug", "unmerged", 1e6 / disabled, 1e6 / unmerged, tokens_per_s=unmerged,
         disabled_tokens_per_s=disabled, merged_tokens_per_s=merged,

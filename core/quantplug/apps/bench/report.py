@@ -138,6 +138,12 @@ def _render_body(rows: list[dict], json_path) -> str:
                         f"| {r['backend']} {r['shape']} | {r['library']} | decode step in a CUDA graph | "
                         f"capture failed: {r['graph_error'][:120]} | - | - | - |"
                     )
+                if r.get("graph_no_linears_tokens_per_s"):
+                    out.append(
+                        f"| {r['backend']} {r['shape']} | {r['library']} | the same step with no linear kernel at "
+                        f"all (the most any linear kernel could give) | {r['graph_no_linears_tokens_per_s']:.1f} | "
+                        f"{r['graph_ceiling_over_library_disabled']:.2f}x | - | - |"
+                    )
             else:
                 speed = r.get("speedup_over_peft")
                 spread = (
@@ -253,6 +259,9 @@ def _targets(rows) -> list[str]:
             if graph
             else ""
         )
+        ceiling = model.get("graph_ceiling_over_library_disabled")
+        if ceiling:  # what the step would gain with no linear kernel at all
+            graph_verdict += f"; at most {ceiling:.2f} with linear kernels that took no time"
         out.append(
             f"  - {model['backend']} {model.get('variant') or ''}: eager `generate` {model['unmerged_over_disabled']:.2f}: "
             f"{_verdict(model['unmerged_over_disabled'], TARGETS['model_ratio'], lower_is_better=False)} "
