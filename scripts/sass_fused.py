@@ -63,8 +63,9 @@ class _Launch:
         return lambda *args, **kwargs: self.calls.append((self.fn, args, kwargs))
 
 
-def capture(fmt, tokens, dtype, config, arch, kernel=None):
-    """The main kernel's launch ``(fn, args, kwargs)`` for ``tokens`` rows of a 1024 x 2048 layer with an r=16 adapter."""
+def capture(fmt, tokens, dtype, config, arch, kernel=None, adapter=True):
+    """The main kernel's launch ``(fn, args, kwargs)`` for ``tokens`` rows of a 1024 x 2048 layer with an r=16
+    adapter (``adapter=False``: the base alone, ``LORA=0``)."""
     import quantplug as qp
     from quantplug.plugin import fused_lora as fl
 
@@ -84,8 +85,9 @@ def capture(fmt, tokens, dtype, config, arch, kernel=None):
         fl.shrink_kernel = _Launch(shrink, [])
         fl.INTERPRET = True  # admit CPU tensors; the kernels keep the constexprs they were imported with
         fl.capability = lambda device: divmod(arch, 10)  # the launch's choices (PDL) for the target GPU
+        lora = (x, A, B, 2.0) if adapter else (None, None, None, 0.0)
         ck.fused_lora_linear(
-            base, x, x, A, B, 2.0, config=config, force=True, **({"kernel": kernel} if kernel else {})
+            base, x, *lora, config=config, force=True, **({"kernel": kernel} if kernel else {})
         )
     finally:
         fl.shrink_kernel, fl.INTERPRET, fl.capability = shrink, interpret, capability
