@@ -220,8 +220,8 @@ def _gemv_store(
     SPLITK: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     # a one-token program's per-thread sums of both halves' rows, summed, split-K, then the epilogue (``b_top``,
-    # ``b_bot``: both halves' lora_rows, loaded before the loop, or None). Unsplit, the program finishes both halves and reads the
-    # shrink once for both
+    # ``b_bot``: both halves' lora_rows, loaded before the loop, or None). Unsplit, the program finishes both
+    # halves and reads the shrink once for both
     HALF_N = N // 2
     # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
     # leaves it to the row block's last program)
@@ -288,8 +288,9 @@ def _hqq4_gemv_kernel(
         acc_top += s_top * (dot_top - z_top * x_sum)
         acc_bot += s_bot * (dot_bot - z_bot * x_sum)
     _gemv_store(
-        acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
-        part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL,
+        acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr,
+        stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S,
+        BLOCK_R, BLOCK_N, SPLITK, PDL,
     )  # fmt: skip
 
 
@@ -381,8 +382,9 @@ def _hqq4_word_gemv_kernel(
         acc_top += s_top * (dot_top - (z_top - 8.0) * x_sum)
         acc_bot += s_bot * (dot_bot - (z_bot - 8.0) * x_sum)
     _gemv_store(
-        acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr, stride_ym, bias_ptr,
-        part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL,
+        acc_top, acc_bot, b_top, b_bot, ws_ptr, cnt_ptr, rn, rn_safe, n_mask, row_block, split, N, y_ptr,
+        stride_ym, bias_ptr, part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S,
+        BLOCK_R, BLOCK_N, SPLITK, PDL,
     )  # fmt: skip
 
 

@@ -200,7 +200,8 @@ def fused_lora_linear(
     return fl.launch(
         _int8_gemv_kernel if gemv else _int8_lora_kernel, module, x, xa, A, B, scale, (qdata, wscale),
         module.bias, N=N, rows=N, block_m=block_m, block_k=block_k, config=config,
-        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl, shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None,
+        one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
+        shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None,
     )  # fmt: skip
 
 
