@@ -2,7 +2,7 @@
 """Sweep and time the plugins' fused quantized-GEMV + LoRA kernels on one GPU, in one call.
 
     python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao] [--shapes 4096x4096,4096x14336,11008x4096]
-        [--tokens 1,16] [--sweep] [--workers 12]
+        [--tokens 1,16] [--sweep] [--workers 12] [--shrink-slices 16,32,64]
 
 For each format, shape (out x in) and token count, r=16, bf16, it reports
 GPU time from CUDA-graph replay (a graph of calls cycling over enough
@@ -27,7 +27,10 @@ bytes over graph time, and ``% copy`` compares with the measured
 device-to-device copy rate (read + write). ``--sweep`` first times the
 one-token kernel with the adapter over a grid of block sizes per token block (compiling the grid in
 parallel worker processes first, so the GPU times only run after) and
-uses the fastest for the rest.
+uses the fastest for the rest. ``--shrink-slices`` times the wrapped layer
+at one token under each count of the adapter's shrink slices (the plugin's
+``ONE_TOKEN_SHRINK_SLICES``; docs/performance.md says why it differs by
+format).
 """
 
 import argparse
@@ -232,6 +235,21 @@ def expand_only(t, fn):
         fl.shrink_kernel = shrink
 
 
+def shrink_slices_times(ck, counts, time_wrapped, rounds=3):
+    """``{count: median us}``: ``time_wrapped()`` with each count as the plugin's ``ONE_TOKEN_SHRINK_SLICES``,
+    the counts interleaved over ``rounds`` rounds (the plugin's own value restored after)."""
+    saved = ck.ONE_TOKEN_SHRINK_SLICES
+    times = {count: [] for count in counts}
+    try:
+        for _ in range(rounds):
+            for count in counts:
+                ck.ONE_TOKEN_SHRINK_SLICES = count
+                times[count].append(time_wrapped())
+    finally:
+        ck.ONE_TOKEN_SHRINK_SLICES = saved
+    return {count: statistics.median(us) for count, us in times.items()}
+
+
 def compile_worker(jobs):
     """Run each (fmt, shape, tokens, CONFIGS key, config, mode) once so Triton's cache holds its binary."""
     torch.cuda.set_device(0)
@@ -391,6 +409,15 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         row["wrapped_ref"] = t(lambda lay, x: lay(x))
     finally:
         qp.use_reference_kernels(False)
+    if args.shrink_slices and tokens == 1:
+        row["wrapped_by_shrink_slices"] = shrink_slices_times(
+            ck, [int(v) for v in args.shrink_slices.split(",")], lambda: t(lambda lay, x: lay(x))
+        )
+        print(
+            f"{fmt:8s} {n}x{k} t= 1 wrapped by shrink slices: "
+            + "  ".join(f"{v}: {us:.2f}" for v, us in row["wrapped_by_shrink_slices"].items()),
+            flush=True,
+        )
     for name in (
         "library",
         "fused_base",
@@ -426,6 +453,12 @@ def main():
     parser.add_argument("--workers", type=int, default=12)
     parser.add_argument("--configs", default="", help="JSON list of configs to time for the base kernel")
     parser.add_argument("--budget", type=float, default=420.0, help="seconds; stop sweeping after this")
+    parser.add_argument(
+        "--shrink-slices",
+        default="",
+        help="comma-separated counts: at one token, also time the wrapped layer with each as the plugin's "
+        "ONE_TOKEN_SHRINK_SLICES (interleaved, three rounds)",
+    )
     args = parser.parse_args()
     t0 = time.perf_counter()
     import quantplug as qp

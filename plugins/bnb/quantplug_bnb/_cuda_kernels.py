@@ -48,6 +48,11 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H100 (2026-12-06, with
 # the adapter: the one-token one after the word GEMV, the 16-token one after the register lookup).
 CONFIGS = {"gemv": (2, 2048, 2, 1, 1), 16: (32, 128, 4, 4, 2)}
+# The adapter's shrink slices at one token. A GEMV program here (two rows, two warps) is short: the shrink must be
+# done early, so many short slices. On an H100 (2026-12-06, fourth session, wrapped layer, side by side) 32 slices
+# took 9.30 / 23.89 / 18.90 us at 4096x4096 / 4096x14336 / 11008x4096; 16 took 9.70 / 25.16 / 19.70, 64 took
+# 9.57 / 24.47 / 19.25 (scripts/tune_fused.py --shrink-slices times them).
+ONE_TOKEN_SHRINK_SLICES = 32
 # Whether the layer's forward uses this kernel. On an H100 (bitsandbytes 0.50.2, Triton 3.6, 2026-12-06) the
 # kernel with the r=16 adapter takes 0.81-0.88x what bitsandbytes' own bare GEMV takes at one token (4096x4096:
 # 9.52 against 10.85 us), and at 16 tokens half of what its dequantize and matmul take (21.2 against 38.4 us):
@@ -375,7 +380,8 @@ def fused_lora_linear(
         _nf4_gemv_kernel if gemv else _nf4_lora_kernel, module, x, xa, A, B, scale,
         (packed, absmax, state.code, abs2, code2, offset), getattr(module, "bias", None), N=N, rows=N,
         block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH,
-        lora_mode=lora_mode, pdl=pdl, x_align=16 if gemv else 1, BS=blocksize, BS2=bs2, NESTED=nested,
+        lora_mode=lora_mode, pdl=pdl, x_align=16 if gemv else 1,
+        shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None, BS=blocksize, BS2=bs2, NESTED=nested,
     )  # fmt: skip
 
 
