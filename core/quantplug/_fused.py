@@ -72,20 +72,16 @@ MAX_RANK = 64
 
 # TRITON_INTERPRET=1 runs these kernels on the CPU (scripts/check_fused_cpu.py)
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# The shrink's input slices (at most), per BLOCK_M (1: a GEMV kernel, 16: a main kernel): each slice is one
-# shrink program, and every main-kernel program sums the slices' float32 partial products (16 rows of R each) in
-# its epilogue. One token: many short slices, so that the shrink is done before the short GEMV's epilogue; a
-# plugin whose GEMV programs run longer may ask for fewer (``launch(..., shrink_slices=)``: each program then sums
-# fewer). 2-16 tokens: the main kernel runs long enough to hide two long slices, and reading 32 slices cost each
-# program 32 KB (H100, 2026-12-06, r=16, with PDL: 32 -> 2 slices took the wrapped layer 8-18% faster at 16
-# tokens; at one token 8 slices were within -4..+9% of 32 and 2 slices 4-37% slower, a side-by-side probe).
+# The shrink's input slices (at most) per BLOCK_M (1: a GEMV, 16: a main kernel): one shrink program each, all
+# summed (float32, 16 rows of R) in every program's epilogue. One token: many short slices, done before the short
+# GEMV's epilogue (a plugin with longer GEMV programs passes fewer: ``launch(..., shrink_slices=)``). 2-16 tokens:
+# two long slices hide under the main kernel, and 32 cost each program 32 KB of reads (H100, 2026-12-06, r=16:
+# 32 -> 2 took the layer 8-18% faster at 16 tokens; at one token 2 slices were 4-37% slower).
 SHRINK_SPLITS = {1: 32, 16: 2}
-# The inputs a shrink program multiplies per step of its slice, per BLOCK_M (powers of two, at least 64). One
-# token: the whole slice in one step (its loads all in flight at once), up to 1024 inputs; 2-16 tokens: 128
+# Inputs a shrink program multiplies per step, per BLOCK_M: one token, a whole slice (up to 1024) in one step
 SHRINK_STEP = {1: 1024, 16: 128}
-# The adapter's shrink inside the GEMV launch (LORA=2) rather than as its own launch before it (LORA=1):
-# each plugin's ONE_LAUNCH, off in all three. On an H200 the ticket and counter atomics cost more than the
-# extra launch (docs/performance.md).
+# The shrink inside the GEMV launch (LORA=2) rather than its own launch before it (LORA=1): each plugin's
+# ONE_LAUNCH, off in all three (on an H200 the ticket and counter atomics cost more than the extra launch).
 sync: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> its int32 counters (LORA=2)
 counters: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> split-K arrivals per row block
 # Programmatic dependent launch (Hopper and later, Triton's ``launch_pdl``): the shrink launch lets the GEMV
@@ -267,9 +263,8 @@ def lora_shrunk(
 
 @triton.jit
 def lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R: tl.constexpr):
-    # the adapter's B rows for the output rows ``rn_safe`` (BLOCK_N, BLOCK_R). A kernel loads them before its loop
-    # over K and passes them to store_rows, so that their memory latency hides under the weights' loads instead
-    # of adding to the epilogue's at every program's end
+    # the adapter's B rows for the output rows ``rn_safe`` (BLOCK_N, BLOCK_R), loaded before the loop over K (for
+    # store_rows) so that their latency hides under the weights' instead of adding to every program's epilogue
     rr = tl.arange(0, BLOCK_R)
     return tl.load(b_ptr + rn_safe[:, None] * stride_bn + rr[None, :], mask=(rr < R)[None, :], other=0.0)
 
@@ -411,11 +406,10 @@ def admit(module, x, xa, A, B, storage, *, serve: bool, max_tokens: int | None =
     ``serve``: the plugin's SERVE, or ``force``; ``storage``: the plugin's
     check of the layer (its packed tensors, or None). None under
     ``torch.compile``, off CUDA (unless interpreted), on a GPU older than
-    :data:`MIN_CAPABILITY`, outside
-    :data:`DTYPES`, with mismatched adapter dtypes, a rank above
-    :data:`MAX_RANK`, autograd, or more than ``max_tokens`` rows (``None``:
-    any number, for a plugin that serves larger calls with
-    :func:`dense_lora_linear`).
+    :data:`MIN_CAPABILITY`, outside :data:`DTYPES`, with mismatched adapter
+    dtypes, a rank above :data:`MAX_RANK`, autograd, or more than
+    ``max_tokens`` rows (``None``: any number, for a plugin that serves
+    larger calls with :func:`dense_lora_linear`).
     """
     if not serve or _compiling() or not (x.is_cuda or INTERPRET) or x.dtype not in DTYPES:
         return None
@@ -478,12 +472,11 @@ def launch(
     a program writes several rows per row); ``config`` ``(BLOCK_N, BLOCK_K,
     num_warps, num_stages[, SPLITK])``; ``lora_mode`` forces 0/1/2 (tuning);
     ``one_launch`` picks ``LORA=2`` over 1 (2-16 token main kernels only);
-    ``pdl`` overrides :data:`PDL`
-    (tuning); ``x_align`` the bytes ``x``'s start must be aligned to for
-    the kernel's vector loads of it (a view at another offset is copied);
-    ``shrink_slices`` the adapter's shrink slices (at most; default
-    :data:`SHRINK_SPLITS`); ``constexprs`` the kernel's own. Returns None when the bias
-    cannot be read.
+    ``pdl`` overrides :data:`PDL` (tuning); ``x_align`` the bytes ``x``'s
+    start must be aligned to for the kernel's vector loads of it (a view at
+    another offset is copied); ``shrink_slices`` the adapter's shrink slices
+    (at most; default :data:`SHRINK_SPLITS`); ``constexprs`` the kernel's
+    own. Returns None when the bias cannot be read.
     """
     if not _bias_readable(bias, x, N):
         return None
