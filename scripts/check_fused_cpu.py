@@ -105,8 +105,18 @@ def main(backends):
 
             for N, K, M, R in [(48, 256, 1, 4), (33, 96, 1, 2), (64, 512, 5, 16), (33, 96, 2, 2)]:
                 ok &= check(backend, "int8wo", fused, N, K, M, R, torch.float16)
+        elif backend == "gptq":
+            from quantplug_gptqmodel.gptq._cuda_kernels import fused_lora_linear as fused
+
+            for variant, (N, K, M, R) in [
+                ("int4-g128-sym", (48, 512, 1, 4)),
+                ("int4-g32-asym", (40, 256, 1, 4)),  # several groups a step; out not a multiple of 8
+                ("int4-g128-asym", (64, 384, 5, 16)),  # the last step runs past the row
+                ("int4-g32-sym", (33, 256, 2, 2)),
+            ]:
+                ok &= check(backend, variant, fused, N, K, M, R, torch.float16)
     return ok
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(sys.argv[1:] or ["bnb", "hqq", "torchao"]) else 1)
+    sys.exit(0 if main(sys.argv[1:] or ["bnb", "hqq", "torchao", "gptq"]) else 1)

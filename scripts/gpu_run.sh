@@ -23,7 +23,7 @@ MODEL_ARGS=${MODEL_ARGS:-}
 
 if [ -d .gpu/site ]; then export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"; fi
 $PY -m pip install -q --no-index --no-deps --no-build-isolation -e . \
-    $(for p in bnb hqq torchao; do [ -f plugins/$p/pyproject.toml ] && echo -e plugins/$p; done) \
+    $(for p in bnb hqq torchao gptqmodel; do [ -f plugins/$p/pyproject.toml ] && echo -e plugins/$p; done) \
     >"$OUT/install.log" 2>&1 || { echo "install failed:"; tail -20 "$OUT/install.log"; }
 
 qp() { $PY -c 'import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))' "$@"; }

@@ -50,7 +50,11 @@ PLUGINS = {
     "bnb": ("quantplug_bnb", "nf4"),
     "hqq": ("quantplug_hqq", "4bit-g64"),
     "torchao": ("quantplug_torchao", "int8wo"),
+    "gptq": ("quantplug_gptqmodel.gptq", "int4-g128-sym"),
 }
+# formats whose layer copies are deep copies of the first: quantizing is slow there (gptqmodel packs on the CPU,
+# 7 s a 4096x4096 layer)
+COPY_BASE = {"gptq"}
 
 
 def kernels(fmt):
@@ -70,7 +74,14 @@ def sweep_grid(fmt, key):
     which Triton pipelines (cp.async) over ``num_stages``; wider steps decode group by group with no loads
     in flight (2026-12-05, H100: 2x slower).
     """
-    if key in ("gemv", "word"):
+    if fmt == "gptq":
+        # the words run down the inputs: a program takes columns (four a thread, one GEMV) and steps down rows;
+        # split-K gives the GPU its programs
+        if key == "gemv":
+            ns, ks, warps, stages, splits = (128, 256, 512), (128, 256, 512), (1, 2, 4), (1,), (2, 4, 8, 16)
+        else:
+            ns, ks, warps, stages, splits = (32, 64, 128), (128, 256), (4,), (2, 3, 4), (1, 2, 4)
+    elif key in ("gemv", "word"):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     elif fmt == "hqq":
         # one group a step (BLOCK_K 64), so that Triton pipelines its loads (cp.async) over stages. On the H100
@@ -84,7 +95,10 @@ def sweep_grid(fmt, key):
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
-        if key in ("gemv", "word"):  # weight elements a step decodes (hqq: BLOCK_N rows of each half)
+        if fmt == "gptq":
+            if (key == "gemv" and (n < 128 * w or n * k > 32768 * w)) or (key != "gemv" and n * k > 16384):
+                continue  # a GEMV thread: four columns at least, 256 codes at most; a tile: registers
+        elif key in ("gemv", "word"):  # weight elements a step decodes (hqq: BLOCK_N rows of each half)
             elements = n * k * (2 if fmt == "hqq" else 1)
             # the word GEMVs (bnb's, hqq's "word": products summed in the asm, 2026-12-06) have registers for 128
             # a thread
@@ -138,15 +152,21 @@ def copy_rate():
     return rate
 
 
-def build(fmt, out_features, in_features, seed):
+def build(fmt, out_features, in_features, seed, like=None):
+    """The wrapped layer (r=16, random adapter); ``like``: a layer whose base to copy (formats in COPY_BASE)."""
+    import copy
+
     import quantplug as qp
     from quantplug.testing import Holder
 
     torch.manual_seed(seed)
-    linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=DTYPE)
-    with torch.no_grad():
-        linear.weight.normal_(0, 0.02)
-    base = qp.quantize(linear, fmt, PLUGINS[fmt][1])
+    if like is not None and fmt in COPY_BASE:
+        base = copy.deepcopy(like.base)
+    else:
+        linear = torch.nn.Linear(in_features, out_features, bias=False, device="cuda", dtype=DTYPE)
+        with torch.no_grad():
+            linear.weight.normal_(0, 0.02)
+        base = qp.quantize(linear, fmt, PLUGINS[fmt][1])
     model = qp.attach(Holder(base), qp.LoraConfig(r=R, alpha=2 * R, target_modules=["proj"], init="random"))
     model.eval()
     return model.proj
@@ -446,7 +466,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--formats", default="bnb,hqq,torchao")
+    parser.add_argument("--formats", default="bnb,hqq,torchao,gptq")
     parser.add_argument("--shapes", default="4096x4096,4096x14336,11008x4096")
     parser.add_argument("--tokens", default="1,16")
     parser.add_argument("--sweep", action="store_true")
@@ -492,7 +512,7 @@ def main():
         probe = build(fmt, n, k, 0)
         size = nbytes(probe)
         copies = max(2, math.ceil(2.5 * L2_BYTES / size))
-        layers = [probe] + [build(fmt, n, k, i) for i in range(1, copies)]
+        layers = [probe] + [build(fmt, n, k, i, like=probe) for i in range(1, copies)]
         for tokens in tokens_list:
             try:
                 _row(

@@ -1,7 +1,8 @@
 """The plugins' fused quantized-GEMV + LoRA kernels (op ``fused_lora_linear``) against the reference path.
 
-bnb NF4/FP4 (nested and plain absmax), hqq 4-bit g64 and torchao int8
-weight-only, each built by its own library on the GPU. For every layer:
+bnb NF4/FP4 (nested and plain absmax), hqq 4-bit g64, torchao int8
+weight-only and gptqmodel's packed GPTQ 4-bit (g128 symmetric, g32
+asymmetric), each built by its own library. For every layer:
 fresh random inputs, bf16 and fp16, ranks 1-64, tokens 1-64 (above 16 the
 kernel declines and the library's forward serves, or, where the plugin
 says ``DENSE``, its dequantization kernel and cuBLAS: checked too), outputs
@@ -28,6 +29,8 @@ FORMATS = [
     ("bnb", "nf4-plain", "quantplug_bnb"),
     ("hqq", "4bit-g64", "quantplug_hqq"),
     ("torchao", "int8wo", "quantplug_torchao"),
+    ("gptq", "int4-g128-sym", "quantplug_gptqmodel.gptq"),
+    ("gptq", "int4-g32-asym", "quantplug_gptqmodel.gptq"),
 ]
 SHAPES = [(1024, 2048), (1000, 1536)]  # (out, in); the second: out not a multiple of any block
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -375,7 +378,12 @@ def test_doctor_names_the_kernel_each_layer_uses(capsys):
     ``library`` (the library's forward with the adapter kernel beside it)."""
     from quantplug.apps.cli import main
 
-    names = {"bnb": "triton-nf4-lora", "hqq": "triton-hqq4-lora", "torchao": "triton-int8-lora"}
+    names = {
+        "bnb": "triton-nf4-lora",
+        "hqq": "triton-hqq4-lora",
+        "torchao": "triton-int8-lora",
+        "gptq": "triton-gptq4-lora",
+    }
     rows = {row.name: row for row in qp.backends()}
     assert main(["doctor"]) == 0
     lines = capsys.readouterr().out.splitlines()

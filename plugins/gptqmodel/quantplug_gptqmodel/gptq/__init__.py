@@ -9,6 +9,7 @@ MRO, so detection never imports gptqmodel either.
 from __future__ import annotations
 
 from quantplug import BackendInfo, Requirement, hookimpl
+from quantplug.plugin import register_fused_lora
 
 from quantplug_gptqmodel._classes import GPTQMODEL_RANGE
 
@@ -73,8 +74,12 @@ def quantplug_compute_dtype(module):
 
 @hookimpl
 def quantplug_wrap_layer(module):
+    from quantplug_gptqmodel.gptq import _layers
     from quantplug_gptqmodel.gptq.lora import GptqLoraLayer
 
+    _layers.group_size(
+        module
+    )  # the group order checked now: the fused kernel may first meet it under capture
     return GptqLoraLayer(module, NAME)
 
 
@@ -111,3 +116,12 @@ def quantplug_quantize(linear, variant):
     from quantplug_gptqmodel.gptq import _layers
 
     return _layers.quantize(linear, variant)
+
+
+@hookimpl
+def quantplug_register_kernels(register):
+    # fused 4-bit GEMV + LoRA for 1-16 tokens on CUDA, reading the packed layers' own storage
+    # (quantplug_gptqmodel/gptq/_cuda_kernels.py); nothing registered without Triton and a CUDA device
+    register_fused_lora(
+        register, "quantplug_gptqmodel.gptq._cuda_kernels", name="triton-gptq4-lora", backend=NAME
+    )

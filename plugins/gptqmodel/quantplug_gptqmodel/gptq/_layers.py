@@ -26,6 +26,7 @@ How gptqmodel 7.6.0 stores a GPTQ layer (CPU, measured):
 
 from __future__ import annotations
 
+import weakref
 from types import SimpleNamespace
 
 import torch
@@ -328,15 +329,36 @@ def _build_like(module: nn.Module, scales, zeros, on_grid, g_idx, scale_dtype) -
 def group_size(module: nn.Module) -> int | None:
     """The layer's input group, where groups are runs of consecutive columns (no act-order permutation)."""
     group = shared.whole_groups(module, layout(module))
-    if group is None:
-        return None
+    if group is None or not groups_in_order(module, group):
+        return None  # act-order: a group's columns are scattered
+    return group
+
+
+# layer -> ((g_idx's address, version, group size), whether g_idx[k] == k // group size)
+_IN_ORDER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def groups_in_order(module: nn.Module, group: int) -> bool:
+    """Whether input ``k`` is in group ``k // group`` (``g_idx``, if any, is not an act-order permutation).
+
+    Checked once per ``g_idx`` (its address and version) and remembered: the
+    check reads the device, so under CUDA-graph capture a layer not checked
+    before is taken as not in order. The wrap hook checks every layer it wraps.
+    """
     in_features = int(module.in_features)
     g_idx = getattr(module, "g_idx", None)
-    if isinstance(g_idx, torch.Tensor) and g_idx.numel() == in_features:
-        contiguous = torch.arange(in_features, device=g_idx.device) // group
-        if not torch.equal(g_idx.long(), contiguous):
-            return None  # act-order: a group's columns are scattered
-    return group
+    if not isinstance(g_idx, torch.Tensor) or g_idx.numel() != in_features:
+        return True  # no g_idx: the library's own order
+    # (inference-mode tensors keep no version: their address stands alone)
+    key = (g_idx.data_ptr(), 0 if g_idx.is_inference() else g_idx._version, group)
+    known = _IN_ORDER.get(module)
+    if known is not None and known[0] == key:
+        return known[1]
+    if g_idx.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    in_order = torch.equal(g_idx.long(), torch.arange(in_features, device=g_idx.device) // group)
+    _IN_ORDER[module] = (key, in_order)
+    return in_order
 
 
 def unpack_codes(module: nn.Module) -> torch.Tensor:

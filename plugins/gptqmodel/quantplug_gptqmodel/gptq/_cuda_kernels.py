@@ -1,0 +1,292 @@
+"""Fused 4-bit GEMV + LoRA for gptqmodel's packed GPTQ layers on CUDA (Triton), for 1-16 tokens.
+
+Registered for the op ``fused_lora_linear`` (backend ``gptq``, device
+``cuda``, bf16/fp16) by this plugin's ``quantplug_register_kernels`` when
+Triton and a CUDA device are there; nothing here is imported otherwise.
+
+What it reads: gptqmodel's own storage, untouched (no repack), as its
+packed torch and Triton layers keep it (``TorchLinear``, ``TritonV2Linear``:
+``PackableQuantLinear`` with ``REQUIRES_FORMAT_V2``): ``qweight``
+``(in / 8, out)`` int32, input ``8 w + j`` of output ``n`` in bits ``4 j``
+to ``4 j + 3`` of word ``(w, n)``; ``qzeros`` ``(groups, out / 8)`` int32,
+the zero point of ``(g, n)`` in bits ``4 (n % 8)`` of word ``(g, n / 8)``
+(the true zero: format v2); ``scales`` ``(groups, out)``; the bias. The
+weight is ``scales[g] * (code - zero[g])`` with ``g = k / group_size``
+(gptqmodel's ``dequantize_weight``).
+
+Because the words run down the input dimension, a program takes a block
+of output columns and steps down the rows of words, each read whole by
+its threads (coalesced along the outputs). One token (the GEMV): each code
+goes into the mantissa of 1.0 (``1 + q / 16``, a shift and an and-or), so
+a group's sum is ``scale * (16 sum((1 + q/16) x) - (16 + zero) sum(x))``
+with no float subtract per weight; per-thread float32 sums are reduced
+once at the end. 2-16 tokens: each of a word's eight codes makes one
+``(rows of words, columns)`` tile of weights (code times scale less zero
+times scale, in float32, rounded to the compute dtype), multiplied on
+tensor cores with the inputs ``8 w + j``: the product's order over the
+inputs does not matter, so nothing is interleaved.
+
+The adapter, split-K, the epilogue and the launcher are the core's
+(``quantplug.plugin.fused_lora``); this module holds the format.
+
+It serves a call only when it can reproduce the layer's forward: a packed
+4-bit layer (32-bit words, not planar) whose groups follow the input order
+(``g_idx[k] == k // group_size``: no act-order permutation; checked once per
+``g_idx`` by ``_layers.groups_in_order``, first when the layer is wrapped),
+no gptqmodel adapter or online Hadamard rotation, CUDA tensors in bf16/fp16,
+no autograd, at most :data:`MAX_TOKENS` rows and rank at most
+:data:`MAX_RANK`; otherwise it returns ``None`` and the core takes the
+library's own forward plus ``lora_linear``. Under ``torch.compile`` it also
+returns ``None``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from quantplug.plugin import fused_lora as fl
+
+from quantplug_gptqmodel._classes import mro_names
+from quantplug_gptqmodel.gptq import _layers
+
+DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False
+# (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_gptq4_gemv_kernel), 16 for 2-16
+# tokens (_gptq4_lora_kernel, on tensor cores; its BLOCK_K is at least 128: eight dots of BLOCK_K / 8 inputs).
+CONFIGS = {"gemv": (64, 256, 2, 1, 4), 16: (64, 128, 4, 3, 2)}
+# The adapter's shrink slices at one token (the core's default).
+ONE_TOKEN_SHRINK_SLICES = 32
+# Whether the layer's forward uses this kernel: gptqmodel's packed layers dequantize the whole weight on every
+# call (TorchLinear) or in a launch of their own before the matmul (TritonV2Linear).
+SERVE = True
+# Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
+DENSE = False
+
+
+_PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
+# a code into bits 19-22 of 1.0: one shift (by $2) and one and-or (lop3, its two constants in registers)
+_MANTISSA = "{ .reg .b32 t, m, o; mov.b32 m, 0x780000; mov.b32 o, 0x3F800000; SHIFT.b32 t, $1, $2; lop3.b32 $0, t, m, o, 0xEA; }"
+_SHL_ASM = tl.constexpr(_MANTISSA.replace("SHIFT", "shl"))
+_SHR_ASM = tl.constexpr(_MANTISSA.replace("SHIFT", "shr"))
+
+
+@triton.jit
+def _mantissa(words, j: tl.constexpr):
+    # code j of each word (bits 4j to 4j+3) as the float32 1 + q / 16: the code into bits 19-22 of 1.0
+    left: tl.constexpr = 4 * j <= 19
+    amount: tl.constexpr = 19 - 4 * j if left else 4 * j - 19
+    if _PTX:
+        return tl.inline_asm_elementwise(
+            _SHL_ASM if left else _SHR_ASM, "=r,r,r", [words, tl.full(words.shape, amount, tl.int32)],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        shifted = words << amount if left else words >> amount
+        return ((shifted & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _group_params(s_ptr, qz_ptr, g, cols, N, mask):
+    # the scale and zero point (float32) of groups ``g`` for output columns ``cols`` (contiguous, so that the
+    # loads are vectors; masked past N), broadcast together
+    s = tl.load(s_ptr + g * N + cols, mask=mask, other=0.0).to(tl.float32)
+    zw = tl.load(qz_ptr + g * ((N + 7) // 8) + cols // 8, mask=mask, other=0)
+    return s, ((zw >> ((cols % 8) * 4)) & 15).to(tl.float32)
+
+
+@triton.jit
+def _gptq4_lora_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr,
+    GS: tl.constexpr, GB: tl.constexpr, WG: tl.constexpr,
+):  # fmt: skip
+    ticket = fl.program_ticket(
+        xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
+        PDL,
+    )  # fmt: skip
+    if ticket >= SPLITS:  # a GEMV program (below SPLITS: a shrink slice, done in program_ticket)
+        row_block, split, rn, n_mask, rn_safe, rm, m_mask = fl.program_tile(
+            ticket, SPLITS, GRID_N, N, M, BLOCK_M, BLOCK_N
+        )
+        WR: tl.constexpr = BLOCK_K // 8  # rows of words a step
+        rw = tl.arange(0, WR)
+        dtype = x_ptr.dtype.element_ty
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
+        for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+            w_row = k0 // 8 + rw
+            row_ok = w_row < K // 8
+            tile_ok = row_ok[:, None] & n_mask[None, :]
+            words = tl.load(qw_ptr + w_row.to(tl.int64)[:, None] * N + rn[None, :], mask=tile_ok, other=0)
+            s, z = _group_params(s_ptr, qz_ptr, ((w_row * 8) // GS)[:, None], rn[None, :], N, tile_ok)
+            # (q - z) s = 16 s (1 + q/16) - (16 + z) s: one fma on the code in the mantissa of 1.0
+            s16 = 16.0 * s
+            offset = -(16.0 + z) * s
+            for j in tl.static_range(8):
+                w = (_mantissa(words, j) * s16 + offset).to(dtype)
+                xj = tl.load(
+                    x_ptr + rm[:, None] * stride_xm + (w_row * 8 + j)[None, :],
+                    mask=m_mask[:, None] & row_ok[None, :],
+                    other=0.0,
+                )
+                acc = tl.dot(xj, w, acc)
+        acc, last = fl.splitk_reduce(
+            acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
+        )  # fmt: skip
+        if last:  # the whole sum (this program's, or split-K's last to arrive)
+            fl.store_rows(
+                acc.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, m_mask, n_mask, stride_ym, bias_ptr,
+                part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, USE_DOT, PDL,
+                None, b_rows,
+            )  # fmt: skip
+    fl.finish(sync_ptr, LORA)
+
+
+@triton.jit
+def _gptq4_gemv_kernel(
+    x_ptr, qw_ptr, qz_ptr, s_ptr, bias_ptr, xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr, ws_ptr, cnt_ptr,
+    M, N, K, KA, R, scale, GRID_N, KS, stride_xm, stride_xam, stride_ar, stride_bn, stride_ym,
+    HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
+    SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr, GB: tl.constexpr, WG: tl.constexpr,
+):  # fmt: skip
+    # One token. A step reads a (GB groups, WG rows of words, BLOCK_N columns) tile of qweight: GB whole groups,
+    # or part of one (GB = 1, WG * 8 < GS). Per group and column: scale * (16 D - (16 + zero) X), D the sum of
+    # (1 + q/16) x over the group's words, X the sum of its inputs; each thread keeps float32 sums per (group
+    # slot, column), summed across threads once at the end.
+    row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL, SPLITK)
+    rb = tl.arange(0, GB)
+    rw = tl.arange(0, WG)
+    cols = rn[None, None, :]  # contiguous (the loads are vectors), masked past N
+    col_ok = n_mask[None, None, :]
+    DT: tl.constexpr = x_ptr.dtype.element_ty
+    x_pairs = x_ptr.to(tl.pointer_type(tl.int32))  # the launcher makes x 4-byte aligned
+    # every tile is 3-D, (group slot, row of words, column), with 1 for the rows where a value is per group: the
+    # sums over a group's rows then stay in each thread (its threads run along the columns)
+    acc = tl.zeros((GB, 1, BLOCK_N), dtype=tl.float32)
+    b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
+    for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
+        slot_ok = k0 // GS + rb < K // GS  # the last step may run past the row (whole groups: K % GS == 0)
+        g = (k0 // GS + rb)[:, None, None]
+        g_ok = slot_ok[:, None, None]
+        w_row = (k0 // 8 + rb * WG)[:, None, None] + rw[None, :, None]
+        words = tl.load(
+            qw_ptr + w_row.to(tl.int64) * N + cols, mask=g_ok & col_ok, other=0, eviction_policy="evict_first"
+        )
+        s, z = _group_params(s_ptr, qz_ptr, g, cols, N, g_ok & col_ok)
+        # the inputs two at a time (one 32-bit load per pair, as float32 by a shift or two), and their sum per
+        # group slot from one load of them all (spread over the threads, then summed across them)
+        d = tl.zeros((GB, WG, BLOCK_N), dtype=tl.float32)
+        for i in tl.static_range(4):
+            pair = tl.load(x_pairs + w_row * 4 + i, mask=g_ok, other=0)
+            first, second = fl.pair_floats(pair, DT)
+            d += _mantissa(words, 2 * i) * first
+            d += _mantissa(words, 2 * i + 1) * second
+        rx = tl.arange(0, WG * 8)
+        xg = tl.load(x_ptr + (k0 + rb * (WG * 8))[:, None] + rx[None, :], mask=slot_ok[:, None], other=0.0)
+        xs = tl.sum(xg.to(tl.float32), axis=1)[:, None, None]
+        acc += s * (16.0 * tl.sum(d, axis=1, keep_dims=True) - (16.0 + z) * xs)
+    # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
+    # leaves it to the row block's last program)
+    rm = tl.arange(0, 1)
+    shrunk = (
+        fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+        if LORA and SPLITK == 1
+        else None
+    )
+    per_slot = tl.trans(tl.reshape(acc, (GB, BLOCK_N)))  # (columns, group slots) for the core's reduction
+    out, rm, last = fl.gemv_reduce(
+        per_slot, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
+    )
+    if last:
+        fl.store_rows(
+            out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, rm < 1, n_mask, stride_ym, bias_ptr,
+            part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            shrunk, b_rows,
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------
+# The op
+# --------------------------------------------------------------------------
+
+
+def _storage(module, x):
+    """``(qweight, qzeros, scales, N, K, group)`` when this kernel can reproduce the layer's forward, else None."""
+    if "PackableQuantLinear" not in mro_names(module) or _layers.layout(module) != _layers.PACKED:
+        return None
+    if getattr(module, "bits", None) != 4 or getattr(module, "pack_dtype_bits", 32) != 32:
+        return None
+    if getattr(module, "planar", False) or getattr(module, "adapter", None) is not None:
+        return None
+    if getattr(module, "online_full_had", False) or getattr(module, "online_partial_had", False):
+        return None
+    qweight, qzeros, scales = module.qweight, getattr(module, "qzeros", None), getattr(module, "scales", None)
+    K, N = int(module.in_features), int(module.out_features)
+    if not (torch.is_tensor(qzeros) and torch.is_tensor(scales)) or x.shape[-1] != K or K % 8:
+        return None
+    groups = scales.shape[0] if scales.dim() == 2 else 0
+    if not groups or K % groups or (K // groups) % 8:
+        return None
+    group = K // groups
+    if (
+        tuple(qweight.shape) != (K // 8, N)
+        or tuple(qzeros.shape) != (groups, (N + 7) // 8)
+        or tuple(scales.shape) != (groups, N)
+        or qweight.dtype != torch.int32
+        or qzeros.dtype != torch.int32
+        or scales.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+    ):
+        return None
+    if any(t.device != x.device or not t.is_contiguous() for t in (qweight, qzeros, scales)):
+        return None
+    if not _layers.groups_in_order(module, group):
+        return None
+    return qweight, qzeros, scales, N, K, group
+
+
+def fused_lora_linear(
+    module, x, xa, A, B, scale, *, config=None, lora_mode=None, force=False, pdl=None
+):  # fmt: skip
+    """``layer(x) + scale * (xa @ A.T) @ B.T`` on a packed GPTQ layer, or ``None`` when not served here.
+
+    ``A is None``: the base alone. ``config`` (a :data:`CONFIGS` entry),
+    ``lora_mode`` (0: base only, 1: shrink launched first, 2: one launch),
+    and ``pdl`` are the tuning script's; ``force`` runs it where
+    :data:`SERVE` is off.
+    """
+    found = fl.admit(module, x, xa, A, B, _storage, serve=SERVE or force)
+    if found is None:
+        return None
+    M, qweight, qzeros, scales, N, K, group = found
+    block_m = fl.token_block(M)
+    gemv = block_m == 1
+    config = config or CONFIGS["gemv" if gemv else block_m]
+    if gemv:  # whole groups a step, or a power-of-two part of one
+        block_k = min(config[1], triton.next_power_of_2(K))
+        if block_k >= group:
+            block_k -= block_k % group
+            groups_per_step, rows_per_group = block_k // group, group // 8
+        elif group % block_k == 0:
+            groups_per_step, rows_per_group = 1, block_k // 8
+        else:
+            return None
+        if groups_per_step & (groups_per_step - 1) or rows_per_group & (rows_per_group - 1):
+            return None  # tile sides are powers of two
+    else:
+        block_k = max(128, min(config[1], triton.next_power_of_2(K)))
+        groups_per_step, rows_per_group = 1, 1
+    return fl.launch(
+        _gptq4_gemv_kernel if gemv else _gptq4_lora_kernel, module, x, xa, A, B, scale,
+        (qweight, qzeros, scales), getattr(module, "bias", None), N=N, rows=N, block_m=block_m, block_k=block_k,
+        config=config, one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
+        x_align=4 if gemv else 1, shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None, GS=group, GB=groups_per_step, WG=rows_per_group,
+    )  # fmt: skip
+
+
+usable = fl.usable
