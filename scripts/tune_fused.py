@@ -213,8 +213,8 @@ def graph_time(calls, trials=7, per_graph=None):
     per_graph = per_graph or len(calls)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in calls[: min(3, len(calls))]:
+    with torch.cuda.stream(stream):  # every call once eagerly: a layer first called under capture gets no
+        for fn in calls:  # split-K counters (fused_lora.launch) and would run unsplit in the graph
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()

@@ -157,8 +157,9 @@ def _gptq4_gemv_kernel(
 ):  # fmt: skip
     # One token. A step reads a (GB groups, WG rows of words, BLOCK_N columns) tile of qweight: GB whole groups,
     # or part of one (GB = 1, WG * 8 < GS). Per group and column: scale * (16 D - (16 + zero) X), D the sum of
-    # (1 + q/16) x over the group's words, X the sum of its inputs; each thread keeps float32 sums per (group
-    # slot, column), summed across threads once at the end.
+    # (1 + q/16) x over the group's words, X the sum of its inputs, taken per row of words: each thread keeps
+    # float32 sums per (group slot, row, column), summed across rows and threads once at the end. Threads run
+    # along the columns (four each); warps beyond the columns' split the rows.
     row_block, split, rn, n_mask, rn_safe = fl.gemv_program(GRID_N, N, BLOCK_N, PDL, SPLITK)
     rb = tl.arange(0, GB)
     rw = tl.arange(0, WG)
@@ -166,9 +167,8 @@ def _gptq4_gemv_kernel(
     col_ok = n_mask[None, None, :]
     DT: tl.constexpr = x_ptr.dtype.element_ty
     x_pairs = x_ptr.to(tl.pointer_type(tl.int32))  # the launcher makes x 4-byte aligned
-    # every tile is 3-D, (group slot, row of words, column), with 1 for the rows where a value is per group: the
-    # sums over a group's rows then stay in each thread (its threads run along the columns)
-    acc = tl.zeros((GB, 1, BLOCK_N), dtype=tl.float32)
+    # every tile is 3-D, (group slot, row of words, column), with 1 for the rows where a value is per group
+    acc = tl.zeros((GB, WG, BLOCK_N), dtype=tl.float32)
     b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
     for k0 in range(split * KS, tl.minimum(K, split * KS + KS), BLOCK_K):
         slot_ok = k0 // GS + rb < K // GS  # the last step may run past the row (whole groups: K % GS == 0)
@@ -179,18 +179,17 @@ def _gptq4_gemv_kernel(
             qw_ptr + w_row.to(tl.int64) * N + cols, mask=g_ok & col_ok, other=0, eviction_policy="evict_first"
         )
         s, z = _group_params(s_ptr, qz_ptr, g, cols, N, g_ok & col_ok)
-        # the inputs two at a time (one 32-bit load per pair, as float32 by a shift or two), and their sum per
-        # group slot from one load of them all (spread over the threads, then summed across them)
+        # the inputs two at a time (one 32-bit load per pair, as float32 by a shift or two); per row of words
+        # the sum of its eight products and of its eight inputs
         d = tl.zeros((GB, WG, BLOCK_N), dtype=tl.float32)
+        xs = tl.zeros((GB, WG, 1), dtype=tl.float32)
         for i in tl.static_range(4):
             pair = tl.load(x_pairs + w_row * 4 + i, mask=g_ok, other=0)
             first, second = fl.pair_floats(pair, DT)
             d += _mantissa(words, 2 * i) * first
             d += _mantissa(words, 2 * i + 1) * second
-        rx = tl.arange(0, WG * 8)
-        xg = tl.load(x_ptr + (k0 + rb * (WG * 8))[:, None] + rx[None, :], mask=slot_ok[:, None], other=0.0)
-        xs = tl.sum(xg.to(tl.float32), axis=1)[:, None, None]
-        acc += s * (16.0 * tl.sum(d, axis=1, keep_dims=True) - (16.0 + z) * xs)
+            xs += first + second
+        acc += s * (16.0 * d - (16.0 + z) * xs)
     # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
     # leaves it to the row block's last program)
     rm = tl.arange(0, 1)
@@ -199,7 +198,7 @@ def _gptq4_gemv_kernel(
         if LORA and SPLITK == 1
         else None
     )
-    per_slot = tl.trans(tl.reshape(acc, (GB, BLOCK_N)))  # (columns, group slots) for the core's reduction
+    per_slot = tl.trans(tl.sum(acc, axis=1))  # (columns, group slots) for the core's reduction
     out, rm, last = fl.gemv_reduce(
         per_slot, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
     )
