@@ -78,7 +78,7 @@ def sweep_grid(fmt, key):
         # the words run down the inputs: a program takes columns (four a thread, one GEMV) and steps down rows;
         # split-K gives the GPU its programs
         if key == "gemv":
-            ns, ks, warps, stages, splits = (128, 256, 512), (128, 256, 512), (1, 2, 4), (1,), (2, 4, 8, 16)
+            ns, ks, warps, stages, splits = (32, 64, 128, 256), (128, 256, 512), (1, 2, 4), (1,), (2, 4, 8, 16)
         else:
             ns, ks, warps, stages, splits = (32, 64, 128), (128, 256), (4,), (2, 3, 4), (1, 2, 4)
     elif key in ("gemv", "word"):
@@ -96,8 +96,8 @@ def sweep_grid(fmt, key):
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
         if fmt == "gptq":
-            if (key == "gemv" and (n < 128 * w or n * k > 32768 * w)) or (key != "gemv" and n * k > 16384):
-                continue  # a GEMV thread: four columns at least, 256 codes at most; a tile: registers
+            if (key == "gemv" and not 4096 * w <= n * k <= 32768 * w) or (key != "gemv" and n * k > 16384):
+                continue  # a GEMV thread: 128 to 1024 codes a step; a tile: registers
         elif key in ("gemv", "word"):  # weight elements a step decodes (hqq: BLOCK_N rows of each half)
             elements = n * k * (2 if fmt == "hqq" else 1)
             # the word GEMVs (bnb's, hqq's "word": products summed in the asm, 2026-12-06) have registers for 128

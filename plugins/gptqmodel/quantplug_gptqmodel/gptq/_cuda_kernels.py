@@ -114,6 +114,8 @@ def _gptq4_lora_kernel(
         )
         WR: tl.constexpr = BLOCK_K // 8  # rows of words a step
         rw = tl.arange(0, WR)
+        rk = tl.arange(0, BLOCK_K)
+        shifts = (4 * tl.arange(0, 8))[None, :, None]  # code j of a word: bits 4j to 4j+3
         dtype = x_ptr.dtype.element_ty
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         b_rows = fl.lora_rows(rn_safe, b_ptr, R, stride_bn, BLOCK_R) if LORA else None
@@ -123,17 +125,17 @@ def _gptq4_lora_kernel(
             tile_ok = row_ok[:, None] & n_mask[None, :]
             words = tl.load(qw_ptr + w_row.to(tl.int64)[:, None] * N + rn[None, :], mask=tile_ok, other=0)
             s, z = _group_params(s_ptr, qz_ptr, ((w_row * 8) // GS)[:, None], rn[None, :], N, tile_ok)
-            # (q - z) s = 16 s (1 + q/16) - (16 + z) s: one fma on the code in the mantissa of 1.0
-            s16 = 16.0 * s
-            offset = -(16.0 + z) * s
-            for j in tl.static_range(8):
-                w = (_mantissa(words, j) * s16 + offset).to(dtype)
-                xj = tl.load(
-                    x_ptr + rm[:, None] * stride_xm + (w_row * 8 + j)[None, :],
-                    mask=m_mask[:, None] & row_ok[None, :],
-                    other=0.0,
-                )
-                acc = tl.dot(xj, w, acc)
+            # (q - z) s, the step's eight codes a word spread to (rows, 8, columns) and then taken as
+            # (inputs, columns) in their own order: one dot a step
+            codes = (words[:, None, :] >> shifts) & 15  # as float32 below by 2^23 + q less 2^23: no conversion
+            q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            w = (q * s[:, None, :] - (z * s)[:, None, :]).to(dtype)
+            xt = tl.load(
+                x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
+                mask=m_mask[:, None] & (k0 + rk < K)[None, :],
+                other=0.0,
+            )
+            acc = tl.dot(xt, tl.reshape(w, (BLOCK_K, BLOCK_N)), acc)
         acc, last = fl.splitk_reduce(
             acc, ws_ptr, cnt_ptr, rm, rn_safe, n_mask, row_block, split, N, BLOCK_M, BLOCK_N, SPLITK
         )  # fmt: skip
