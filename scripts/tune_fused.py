@@ -78,7 +78,13 @@ def sweep_grid(fmt, key):
         # the words run down the inputs: a program takes columns (four a thread, one GEMV) and steps down rows;
         # split-K gives the GPU its programs
         if key == "gemv":
-            ns, ks, warps, stages, splits = (32, 64, 128, 256), (128, 256, 512), (1, 2, 4), (1,), (2, 4, 8, 16)
+            ns, ks, warps, stages, splits = (
+                (32, 64, 128, 256),
+                (128, 256, 512),
+                (1, 2, 4),
+                (1,),
+                (2, 4, 8, 16),
+            )
         else:
             ns, ks, warps, stages, splits = (32, 64, 128), (128, 256), (4,), (2, 3, 4), (1, 2, 4)
     elif key in ("gemv", "word"):

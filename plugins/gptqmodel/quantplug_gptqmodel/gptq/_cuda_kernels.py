@@ -127,7 +127,9 @@ def _gptq4_lora_kernel(
             s, z = _group_params(s_ptr, qz_ptr, ((w_row * 8) // GS)[:, None], rn[None, :], N, tile_ok)
             # (q - z) s, the step's eight codes a word spread to (rows, 8, columns) and then taken as
             # (inputs, columns) in their own order: one dot a step
-            codes = (words[:, None, :] >> shifts) & 15  # as float32 below by 2^23 + q less 2^23: no conversion
+            codes = (
+                words[:, None, :] >> shifts
+            ) & 15  # as float32 below by 2^23 + q less 2^23: no conversion
             q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
             w = (q * s[:, None, :] - (z * s)[:, None, :]).to(dtype)
             xt = tl.load(
