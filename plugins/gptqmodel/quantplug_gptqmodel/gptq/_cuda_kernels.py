@@ -52,8 +52,12 @@ from quantplug_gptqmodel.gptq import _layers
 
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_gptq4_gemv_kernel), 16 for 2-16
-# tokens (_gptq4_lora_kernel, on tensor cores; its BLOCK_K is at least 128: eight dots of BLOCK_K / 8 inputs).
-CONFIGS = {"gemv": (64, 256, 2, 1, 4), 16: (64, 128, 4, 3, 2)}
+# tokens (_gptq4_lora_kernel, on tensor cores; its BLOCK_K is at least 128: eight codes a word, 16 rows of words a
+# dot). From scripts/tune_fused.py --sweep on an H100 (2026-12-06, fifth session, with the adapter, 4096x4096):
+# one token 10.40 us, the next (256, 256, 4, 1, 16) and (64, 256, 2, 1, 8) 10.83 and 11.05; 16 tokens 26.85 us,
+# the next (64, 128, 4, 4, 4) and (64, 256, 4, 3, 2) 28.27 and 28.38. The GEMV's programs are short (split-K 16):
+# its words run down the inputs, so a program takes columns, and only split-K gives the GPU enough programs.
+CONFIGS = {"gemv": (64, 128, 1, 1, 16), 16: (64, 128, 4, 3, 4)}
 # The adapter's shrink slices at one token (the core's default).
 ONE_TOKEN_SHRINK_SLICES = 32
 # Whether the layer's forward uses this kernel: gptqmodel's packed layers dequantize the whole weight on every
