@@ -1,4 +1,5 @@
-"""The plugins' inline PTX (bnb's NF4/FP4 register lookup, hqq's two-weights-per-instruction decode) run on the CPU.
+"""The plugins' inline PTX (bnb's NF4/FP4 register lookup, hqq's two-weights-per-instruction decode, gptq's
+code-into-mantissa decode) run on the CPU.
 
 Triton's interpreter cannot run inline assembly, so the fused kernels take
 another path there; these tests run the asm itself through
@@ -243,3 +244,28 @@ def test_hqq_dot_word_sums_centred_codes_times_inputs(dtype):
 def to_bits(value, dtype):
     """An exact float64 value rounded once to dtype, as 16 bits (IEEE's zero sign kept)."""
     return ptx.round_half(Fraction(value), dtype, math.copysign(1.0, value) < 0)
+
+
+# -- gptq ------------------------------------------------------------------------------------------------------
+
+
+def test_gptq_mantissa_puts_each_code_into_one_plus_a_sixteenth():
+    """Each of a packed word's eight codes (bits 4j to 4j+3) comes out as the float32 1 + q / 16, exactly."""
+    from quantplug_gptqmodel.gptq import _ptx as gptq_ptx
+
+    rng = random.Random(7)
+    words = [rng.getrandbits(32) for _ in range(64)] + [0, 0xFFFFFFFF, 0x76543210, 0x89ABCDEF]
+    for j in range(8):
+        direction, amount = ("shl", 19 - 4 * j) if 4 * j <= 19 else ("shr", 4 * j - 19)
+        asm = gptq_ptx.mantissa(direction)
+        for word in words:
+            got = ptx.run(asm, {1: word, 2: amount})[0]
+            want = 1 + ((word >> (4 * j)) & 15) / 16
+            assert torch.tensor([got], dtype=torch.int64).to(torch.int32).view(torch.float32).item() == want
+
+
+def test_gptq_mantissa_names_its_shift():
+    from quantplug_gptqmodel.gptq import _ptx as gptq_ptx
+
+    with pytest.raises(ValueError, match="'shl' or 'shr'"):
+        gptq_ptx.mantissa("rotate")

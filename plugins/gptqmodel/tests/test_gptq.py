@@ -21,7 +21,7 @@ from gptqmodel.nn_modules.qlinear.torch_fused import TorchFusedLinear
 from gptqmodel.nn_modules.qlinear.torch_int8 import TorchInt8Linear
 from gptqmodel_helpers import IN, OUT, dense, inputs, reference, same_state, state, wrapped
 from quantplug._registry import hook, load_plugins
-from quantplug.testing import BackendConformance, relative_error
+from quantplug.testing import BackendConformance, Holder, relative_error
 from quantplug_gptqmodel.gptq import _layers
 from torch import nn
 
@@ -300,3 +300,67 @@ class TestGptqConformance(BackendConformance):
     backend = "gptq"
     variants = ("int4-g32-asym",)
     forward_tol = 1e-2
+
+
+# -- the fused CUDA kernel's admission, on CPU (tests/gpu runs the kernel; scripts/check_fused_cpu.py interprets it)
+
+
+def _fused_storage(layer, x=None):
+    pytest.importorskip("triton", reason="the fused kernel is a Triton kernel")
+    from quantplug_gptqmodel.gptq import _cuda_kernels
+
+    return _cuda_kernels._storage(layer, inputs() if x is None else x)
+
+
+@pytest.mark.parametrize("variant", ["int4-g32-asym", "int4-g128-sym", "int4-gall-sym"])
+def test_fused_kernel_reads_packed_4bit_layers(variant):
+    layer = rtn(variant)
+    found = _fused_storage(layer)
+    assert found is not None, variant
+    qweight, qzeros, scales, N, K, group = found
+    assert (
+        (N, K) == (OUT, IN) and qweight is layer.qweight and qzeros is layer.qzeros and scales is layer.scales
+    )
+    assert group == (IN if variant.endswith("gall-sym") else int(variant.split("-g")[1].split("-")[0]))
+
+
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("int4-g64-asym-actorder", "act-order g_idx"),
+        ("int8-g32-sym", "8 bits"),
+        ("int3-g32-asym", "3 bits"),
+    ],
+)
+def test_fused_kernel_declines_what_it_cannot_reproduce(variant, why):
+    assert _fused_storage(rtn(variant)) is None, why
+
+
+def test_fused_kernel_declines_other_layouts_and_inputs():
+    layer = rtn("int4-g32-asym")
+    assert _fused_storage(layer, inputs()[:, : IN // 2]) is None  # the input's width is not the layer's
+    assert _fused_storage(calibrated()) is None  # gptqmodel's GPTQ with act order
+    int8 = as_kernel(layer, TorchInt8Linear)  # re-quantized per channel: no packed 4-bit buffers left
+    assert _fused_storage(int8) is None
+    layer.adapter = object()  # gptqmodel's own (EoRA) adapter: its forward adds it, the kernel would not
+    assert _fused_storage(layer) is None
+
+
+def test_group_order_is_checked_once_and_again_after_a_change():
+    """``groups_in_order`` remembers its answer per g_idx and version: a g_idx permuted in place is seen."""
+    layer = rtn("int4-g32-asym")
+    assert _layers.groups_in_order(layer, 32)
+    assert _layers._IN_ORDER[layer][1] is True
+    with torch.no_grad():
+        layer.g_idx.copy_(layer.g_idx.flip(0))  # in place: same address, new version
+    assert not _layers.groups_in_order(layer, 32)
+    assert _fused_storage(layer) is None
+
+
+def test_wrapping_checks_the_group_order():
+    """The wrap hook checks the order, so that a fused kernel first called under CUDA-graph capture (where the
+    check cannot read the device) finds it known."""
+    layer = rtn("int4-g32-asym")
+    assert layer not in _layers._IN_ORDER
+    qp.attach(Holder(layer), qp.LoraConfig(r=4, target_modules=["proj"]))
+    assert _layers._IN_ORDER[layer][1] is True

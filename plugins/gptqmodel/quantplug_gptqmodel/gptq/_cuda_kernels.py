@@ -48,7 +48,7 @@ import triton.language as tl
 from quantplug.plugin import fused_lora as fl
 
 from quantplug_gptqmodel._classes import mro_names
-from quantplug_gptqmodel.gptq import _layers
+from quantplug_gptqmodel.gptq import _layers, _ptx
 
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_gptq4_gemv_kernel), 16 for 2-16
@@ -67,11 +67,10 @@ SERVE = True
 DENSE = False
 
 
+# inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the same decode in Triton there)
 _PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
-# a code into bits 19-22 of 1.0: one shift (by $2) and one and-or (lop3, its two constants in registers)
-_MANTISSA = "{ .reg .b32 t, m, o; mov.b32 m, 0x780000; mov.b32 o, 0x3F800000; SHIFT.b32 t, $1, $2; lop3.b32 $0, t, m, o, 0xEA; }"
-_SHL_ASM = tl.constexpr(_MANTISSA.replace("SHIFT", "shl"))
-_SHR_ASM = tl.constexpr(_MANTISSA.replace("SHIFT", "shr"))
+_SHL_ASM = tl.constexpr(_ptx.mantissa("shl"))
+_SHR_ASM = tl.constexpr(_ptx.mantissa("shr"))
 
 
 @triton.jit
