@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (each lambda is timed before the loop moves on)
 """Sweep and time the plugins' fused quantized-GEMV + LoRA kernels on one GPU, in one call.
 
-    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao] [--shapes 4096x4096,4096x14336,11008x4096]
+    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao,gptq] [--shapes 4096x4096,4096x14336,11008x4096]
         [--tokens 1,16] [--sweep] [--workers 12] [--shrink-slices 16,32,64]
 
 For each format, shape (out x in) and token count, r=16, bf16, it reports
@@ -75,8 +75,8 @@ def sweep_grid(fmt, key):
     in flight (2026-12-05, H100: 2x slower).
     """
     if fmt == "gptq":
-        # the words run down the inputs: a program takes columns (four a thread, one GEMV) and steps down rows;
-        # split-K gives the GPU its programs
+        # the words run down the inputs: a program takes a block of columns and steps down the rows, and split-K
+        # gives the GPU its programs (H100, 2026-12-06: 64 columns of one warp, split 16, was fastest)
         if key == "gemv":
             ns, ks, warps, stages, splits = (
                 (32, 64, 128, 256),

@@ -20,11 +20,11 @@ its threads (coalesced along the outputs). One token (the GEMV): each code
 goes into the mantissa of 1.0 (``1 + q / 16``, a shift and an and-or), so
 a group's sum is ``scale * (16 sum((1 + q/16) x) - (16 + zero) sum(x))``
 with no float subtract per weight; per-thread float32 sums are reduced
-once at the end. 2-16 tokens: each of a word's eight codes makes one
-``(rows of words, columns)`` tile of weights (code times scale less zero
-times scale, in float32, rounded to the compute dtype), multiplied on
-tensor cores with the inputs ``8 w + j``: the product's order over the
-inputs does not matter, so nothing is interleaved.
+once at the end; the GPU gets its programs from split-K. 2-16 tokens: a
+step's words are spread to ``(rows of words, 8 codes, columns)``,
+dequantized in registers (``(code - zero) * scale`` in float32, rounded to
+the compute dtype), taken as one ``(inputs, columns)`` operand in the
+inputs' own order and multiplied on tensor cores: one dot a step.
 
 The adapter, split-K, the epilogue and the launcher are the core's
 (``quantplug.plugin.fused_lora``); this module holds the format.
@@ -130,10 +130,8 @@ def _gptq4_lora_kernel(
             s, z = _group_params(s_ptr, qz_ptr, ((w_row * 8) // GS)[:, None], rn[None, :], N, tile_ok)
             # (q - z) s, the step's eight codes a word spread to (rows, 8, columns) and then taken as
             # (inputs, columns) in their own order: one dot a step
-            codes = (
-                words[:, None, :] >> shifts
-            ) & 15  # as float32 below by 2^23 + q less 2^23: no conversion
-            q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+            codes = (words[:, None, :] >> shifts) & 15
+            q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + q less 2^23: no cvt
             w = (q * s[:, None, :] - (z * s)[:, None, :]).to(dtype)
             xt = tl.load(
                 x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
