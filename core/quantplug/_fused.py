@@ -39,8 +39,11 @@ does, and ``scripts/tune_fused.py`` times both). Everything else is here:
   :func:`splitk_reduce`) and runs the epilogue (:func:`store_rows`: bias,
   adapter, store). A layer first called under CUDA-graph capture has no
   counters yet and runs unsplit;
-- the launcher: :func:`admit` (the checks every kernel makes on the call),
-  :func:`launch` (buffers, the shrink launch, split-K, the main launch).
+- the launcher, in ``quantplug._fused_launch`` and re-exported here:
+  :func:`admit` (the checks every kernel makes on the call), :func:`launch`
+  (buffers, the shrink launch, split-K, the main launch). It reads this
+  module's names at call time, so a tool that patches ``shrink_kernel``,
+  ``INTERPRET`` or ``capability`` here changes what it launches.
 
 A main kernel's signature: the plugin's own pointers (``x_ptr`` first,
 ``bias_ptr`` last), then ``xa_ptr, a_ptr, b_ptr, part_ptr, sync_ptr, y_ptr,
@@ -52,8 +55,10 @@ USE_DOT, EVEN_K, SPLITK, PDL`` plus its own, as :func:`launch` passes them
 kernel's body: :func:`program_ticket`; for a ticket from ``SPLITS`` up
 :func:`program_tile`, :func:`lora_rows`, the format's loop over K,
 split-K and :func:`store_rows`; :func:`finish` last. A GEMV kernel's:
-:func:`gemv_program`, :func:`lora_rows`, the loop, :func:`lora_shrunk`
-(unsplit), :func:`gemv_reduce`, :func:`store_rows`.
+:func:`gemv_program`, :func:`lora_rows`, the loop, then :func:`gemv_store`
+(:func:`lora_shrunk` unsplit, :func:`gemv_reduce`, :func:`store_rows`), or
+those three itself when its epilogue differs (a scale per row, two row
+blocks).
 """
 
 from __future__ import annotations
@@ -237,6 +242,31 @@ def gemv_reduce(
 
 
 @triton.jit
+def gemv_store(
+    acc, y_ptr, rn, rn_safe, n_mask, row_block, split, N, ws_ptr, cnt_ptr, stride_ym, bias_ptr, part_ptr, b_ptr,
+    R, scale, stride_bn, sync_ptr, HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, SPLITK: tl.constexpr, PDL: tl.constexpr,
+    b_rows=None,
+):  # fmt: skip
+    # a one-token GEMV's epilogue: its per-thread sums ``acc`` (BLOCK_N, any) summed and split-K'd
+    # (gemv_reduce), then bias, adapter and store (store_rows); unsplit, the shrink's sum is read first, so that
+    # its loads overlap the cross-thread sums (split-K leaves it to the row block's last program)
+    rm = tl.arange(0, 1)
+    shrunk = (
+        lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
+        if LORA and SPLITK == 1
+        else None
+    )
+    out, rm, last = gemv_reduce(acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK)
+    if last:
+        store_rows(
+            out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, rm < 1, n_mask, stride_ym, bias_ptr,
+            part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
+            shrunk, b_rows,
+        )  # fmt: skip
+
+
+@triton.jit
 def lora_shrunk(
     rm, part_ptr, sync_ptr, LORA: tl.constexpr, SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_R: tl.constexpr, PDL: tl.constexpr,
@@ -360,20 +390,8 @@ def finish(sync_ptr, LORA: tl.constexpr):
 
 
 # --------------------------------------------------------------------------
-# The launcher
+# The device, and the launcher (quantplug._fused_launch)
 # --------------------------------------------------------------------------
-
-
-def token_block(m: int) -> int:
-    """``BLOCK_M`` for ``m`` tokens: 1 (the plugin's one-token GEMV kernel) for one token, else 16
-    (its main kernel, on tensor cores)."""
-    return 1 if m == 1 else 16
-
-
-def group_block_k(K: int, group: int, want: int) -> int | None:
-    """``BLOCK_K`` near ``want`` holding whole quantization groups of ``group`` inputs, or None."""
-    bk = min(want, triton.next_power_of_2(K))
-    return bk if bk >= group and bk % group == 0 else None
 
 
 @functools.cache
@@ -390,160 +408,13 @@ def capability(device: torch.device) -> tuple[int, int]:
 # (sm_80); programmatic dependent launch needs Hopper (sm_90): ptxas rejects griddepcontrol below it.
 MIN_CAPABILITY, PDL_CAPABILITY = (8, 0), (9, 0)
 
-
-def _compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and compiler.is_compiling())
-
-
-def _capturing() -> bool:
-    return not INTERPRET and torch.cuda.is_current_stream_capturing()
-
-
-def admit(module, x, xa, A, B, storage, *, serve: bool, max_tokens: int | None = MAX_TOKENS) -> tuple | None:
-    """``(tokens, *storage(module, x))`` when a fused kernel may serve this call, else None.
-
-    ``serve``: the plugin's SERVE, or ``force``; ``storage``: the plugin's
-    check of the layer (its packed tensors, or None). None under
-    ``torch.compile``, off CUDA (unless interpreted), on a GPU older than
-    :data:`MIN_CAPABILITY`, outside :data:`DTYPES`, with mismatched adapter
-    dtypes, a rank above :data:`MAX_RANK`, autograd, or more than
-    ``max_tokens`` rows (``None``: any number, for a plugin that serves
-    larger calls with :func:`dense_lora_linear`).
-    """
-    if not serve or _compiling() or not (x.is_cuda or INTERPRET) or x.dtype not in DTYPES:
-        return None
-    if x.is_cuda and capability(x.device) < MIN_CAPABILITY:
-        return None
-    lora = A is not None
-    tensors = (x, xa, A, B) if lora else (x,)
-    if lora and (
-        xa.dtype != x.dtype
-        or A.dtype not in (x.dtype, torch.float32)
-        or B.dtype != A.dtype
-        or A.shape[0] > MAX_RANK
-    ):
-        return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return None
-    K = x.shape[-1]
-    M = x.numel() // K if K else 0
-    found = storage(module, x) if M > 0 and (max_tokens is None or max_tokens >= M) else None
-    return None if found is None else (M, *found)
-
-
-def _bias_readable(bias, x, N) -> bool:
-    """Whether a kernel can add the layer's ``bias``: none, or a tensor of ``N`` values on ``x``'s device."""
-    return bias is None or (torch.is_tensor(bias) and bias.device == x.device and bias.numel() == N)
-
-
-def dense_lora_linear(x, weight, bias, xa, A, B, scale):
-    """``x @ weight.T + bias + scale * (xa @ A.T) @ B.T`` in two cuBLAS calls and the small shrink.
-
-    Above the GEMV range (more than :data:`MAX_TOKENS` rows) a plugin with a
-    fast dequantization kernel serves its layer with it and this: one matmul
-    with the bias as its input, then the expand added into that output in
-    place (``addmm_``, the scale as alpha). ``A is None``: the base alone.
-    None when the bias cannot be read (as :func:`launch`).
-    """
-    K, N = x.shape[-1], weight.shape[0]
-    if not _bias_readable(bias, x, N):
-        return None
-    x2 = x.reshape(-1, K)
-    y = torch.addmm(bias.to(x.dtype), x2, weight.T) if bias is not None else x2 @ weight.T
-    if A is not None:
-        shrink = xa.reshape(-1, xa.shape[-1]).to(A.dtype) @ A.T
-        if A.dtype == y.dtype:
-            y.addmm_(shrink, B.T, alpha=scale)
-        else:  # float32 adapters: the update in their dtype, rounded once, as the reference
-            y += (shrink @ B.T * scale).to(y.dtype)
-    return y.view(*x.shape[:-1], N)
-
-
-def launch(
-    kernel, module, x, xa, A, B, scale, weights, bias, *, N, rows, block_m, block_k, config,
-    one_launch=False, lora_mode=None, pdl=None, x_align=1, shrink_slices=None, **constexprs,
-):  # fmt: skip
-    """Run ``kernel`` on ``x`` (after :func:`admit`) and return ``y`` shaped like ``x`` with ``N`` outputs.
-
-    ``weights``: the kernel's own pointer arguments after ``x``; ``bias``
-    the layer's (or None: then served only when it matches); ``rows`` the
-    output rows that ``BLOCK_N`` (``config[0]``) tiles (``N``, or fewer when
-    a program writes several rows per row); ``config`` ``(BLOCK_N, BLOCK_K,
-    num_warps, num_stages[, SPLITK])``; ``lora_mode`` forces 0/1/2 (tuning);
-    ``one_launch`` picks ``LORA=2`` over 1 (2-16 token main kernels only);
-    ``pdl`` overrides :data:`PDL` (tuning); ``x_align`` the bytes ``x``'s
-    start must be aligned to for the kernel's vector loads of it (a view at
-    another offset is copied); ``shrink_slices`` the adapter's shrink slices
-    (at most; default :data:`SHRINK_SPLITS`); ``constexprs`` the kernel's
-    own. Returns None when the bias cannot be read.
-    """
-    if not _bias_readable(bias, x, N):
-        return None
-    block_n, _, warps, stages, splitk = (*config, 1)[:5]
-    K = x.shape[-1]
-    M = x.numel() // K
-    x2 = x.reshape(M, K).contiguous()
-    if x2.data_ptr() % x_align:
-        x2 = x2.clone()  # a fresh allocation: aligned
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-    lora = A is not None
-    mode = (2 if one_launch and (module in sync or not _capturing()) else 1) if lora else 0
-    mode = lora_mode if lora_mode is not None and lora else mode
-    mode = min(mode, 1) if block_m == 1 else mode  # a one-token GEMV kernel has no in-launch shrink (LORA=2)
-    pdl = (PDL if pdl is None else (pdl and HAS_PDL)) and capability(x.device) >= PDL_CAPABILITY
-    launch_pdl = {"launch_pdl": True} if pdl else {}
-    grid_n = triton.cdiv(rows, block_n)
-    if lora:
-        KA = xa.shape[-1]
-        xa2 = xa.reshape(M, KA).contiguous()
-        A = A.contiguous()
-        B = B.contiguous()
-        R = A.shape[0]
-        k_per_split = max(
-            64, triton.next_power_of_2(triton.cdiv(KA, shrink_slices or SHRINK_SPLITS[block_m]))
-        )
-        splits = triton.cdiv(KA, k_per_split)
-        block_r = max(16, triton.next_power_of_2(R))
-        block_s = triton.next_power_of_2(splits)
-        part = torch.empty((splits, 16, block_r), device=x.device, dtype=torch.float32)
-        shrink_k = min(k_per_split, SHRINK_STEP[block_m])
-        if mode == 2:
-            sync_t = sync.get(module)
-            if sync_t is None:
-                sync_t = sync[module] = torch.zeros(4, device=x.device, dtype=torch.int32)
-        else:
-            sync_t = part
-            shrink_kernel[(splits,)](
-                xa2, A, part, M, KA, R, xa2.stride(0), A.stride(0),
-                K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k, BLOCK_R=block_r, PDL=pdl, num_warps=4, **launch_pdl,
-            )  # fmt: skip
-    else:
-        xa2, A, B, part, sync_t = x2, x2, x2, y, y
-        KA = R = splits = 1
-        k_per_split = shrink_k = block_r = block_s = 16
-    k_blocks = triton.cdiv(K, block_k)
-    cnt = counters.get(module)
-    if splitk > 1 and cnt is None and not _capturing():
-        cnt = counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
-    splitk = min(splitk, k_blocks) if cnt is not None else 1  # first call under capture: no counters
-    k_split = triton.cdiv(k_blocks, splitk) * block_k
-    splitk = triton.cdiv(K, k_split)
-    ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
-    kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
-        x2, *weights, bias if bias is not None else y,
-        xa2, A, B, part, sync_t, y, ws, cnt if splitk > 1 else y,
-        M, N, K, KA, R, float(scale) if lora else 0.0, grid_n, k_split,
-        x2.stride(0), xa2.stride(0), A.stride(0), B.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None,
-        LORA=mode, SPLITS=splits if mode else 0, K_PER_SPLIT=k_per_split, SHRINK_K=shrink_k,
-        BLOCK_S=block_s, BLOCK_R=block_r,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, USE_DOT=block_m >= 16, EVEN_K=K % block_k == 0, SPLITK=splitk,
-        PDL=(2 if mode == 1 else 1) if pdl else 0, num_warps=warps, num_stages=stages, **launch_pdl, **constexprs,
-    )  # fmt: skip
-    return y.view(*x.shape[:-1], N)
-
-
-def usable() -> bool:
-    """Whether the fused kernels can serve here: a CUDA device (Triton imported, or this module would not be)."""
-    return torch.cuda.is_available()
+# the host side, re-exported so that plugins keep one name for the shared part (``fused_lora.launch``); last, since
+# it reads this module's names at call time
+from quantplug._fused_launch import (  # noqa: E402, F401
+    admit,
+    dense_lora_linear,
+    group_block_k,
+    launch,
+    token_block,
+    usable,
+)

@@ -286,23 +286,10 @@ def _nf4_gemv_kernel(
             sums = tl.sum(_dot_words(words, x_at[None, :, :], planes, code_ptr, DT), axis=2)
             sums = tl.where(g_mask[None, :], sums, 0.0)
         acc += sums * absmax
-    # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
-    # leaves it to the row block's last program)
-    rm = tl.arange(0, 1)
-    shrunk = (
-        fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
-        if LORA and SPLITK == 1
-        else None
-    )
-    out, rm, last = fl.gemv_reduce(
-        acc, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
-    )
-    if last:
-        fl.store_rows(
-            out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, rm < 1, n_mask, stride_ym, bias_ptr,
-            part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
-            shrunk, b_rows,
-        )  # fmt: skip
+    fl.gemv_store(
+        acc, y_ptr, rn, rn_safe, n_mask, row_block, split, N, ws_ptr, cnt_ptr, stride_ym, bias_ptr, part_ptr, b_ptr,
+        R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL, b_rows,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------

@@ -195,24 +195,11 @@ def _gptq4_gemv_kernel(
             d += _mantissa(words, 2 * i + 1) * second
             xs += first + second
         acc += s * (16.0 * d - (16.0 + z) * xs)
-    # the shrink's sum read before the cross-thread sums, whose latency its loads then overlap (unsplit: split-K
-    # leaves it to the row block's last program)
-    rm = tl.arange(0, 1)
-    shrunk = (
-        fl.lora_shrunk(rm, part_ptr, sync_ptr, LORA, SPLITS, BLOCK_S, BLOCK_R, PDL)
-        if LORA and SPLITK == 1
-        else None
-    )
-    per_slot = tl.trans(tl.sum(acc, axis=1))  # (columns, group slots) for the core's reduction
-    out, rm, last = fl.gemv_reduce(
-        per_slot, ws_ptr, cnt_ptr, rn_safe, n_mask, row_block, split, N, BLOCK_N, SPLITK
-    )
-    if last:
-        fl.store_rows(
-            out.to(y_ptr.dtype.element_ty), y_ptr, rm, rn, rn_safe, rm < 1, n_mask, stride_ym, bias_ptr,
-            part_ptr, b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, False, PDL,
-            shrunk, b_rows,
-        )  # fmt: skip
+    per_slot = tl.trans(tl.sum(acc, axis=1))  # (columns, group slots) for the core's epilogue
+    fl.gemv_store(
+        per_slot, y_ptr, rn, rn_safe, n_mask, row_block, split, N, ws_ptr, cnt_ptr, stride_ym, bias_ptr, part_ptr,
+        b_ptr, R, scale, stride_bn, sync_ptr, HAS_BIAS, LORA, SPLITS, BLOCK_S, BLOCK_R, BLOCK_N, SPLITK, PDL, b_rows,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------
