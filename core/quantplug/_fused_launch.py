@@ -131,9 +131,8 @@ def launch(
     mode = (2 if one_launch and (module in shared.sync or not _capturing()) else 1) if lora else 0
     mode = lora_mode if lora_mode is not None and lora else mode
     mode = min(mode, 1) if block_m == 1 else mode  # a one-token GEMV kernel has no in-launch shrink (LORA=2)
-    pdl = (shared.PDL if pdl is None else (pdl and shared.HAS_PDL)) and shared.capability(
-        x.device
-    ) >= shared.PDL_CAPABILITY
+    pdl = shared.PDL if pdl is None else (pdl and shared.HAS_PDL)
+    pdl = pdl and shared.capability(x.device) >= shared.PDL_CAPABILITY
     launch_pdl = {"launch_pdl": True} if pdl else {}
     grid_n = triton.cdiv(rows, block_n)
     if lora:

@@ -81,9 +81,8 @@ def quantplug_wrap_layer(module):
     from quantplug_gptqmodel.gptq import _layers
     from quantplug_gptqmodel.gptq.lora import GptqLoraLayer
 
-    _layers.group_size(
-        module
-    )  # the group order checked now: the fused kernel may first meet it under capture
+    # the group order checked now, eagerly: the fused kernel may first meet the layer under CUDA-graph capture
+    _layers.group_size(module)
     return GptqLoraLayer(module, NAME)
 
 

@@ -104,8 +104,7 @@ def _gptq4_lora_kernel(
     HAS_BIAS: tl.constexpr, LORA: tl.constexpr, SPLITS: tl.constexpr, K_PER_SPLIT: tl.constexpr,
     SHRINK_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr, SPLITK: tl.constexpr,
-    PDL: tl.constexpr,
-    GS: tl.constexpr, GB: tl.constexpr, WG: tl.constexpr,
+    PDL: tl.constexpr, GS: tl.constexpr,
 ):  # fmt: skip
     ticket = fl.program_ticket(
         xa_ptr, a_ptr, part_ptr, sync_ptr, M, KA, R, stride_xam, stride_ar, LORA, SPLITS, K_PER_SPLIT, SHRINK_K, BLOCK_R,
@@ -269,14 +268,14 @@ def fused_lora_linear(
             return None
         if groups_per_step & (groups_per_step - 1) or rows_per_group & (rows_per_group - 1):
             return None  # tile sides are powers of two
+        kernel, own = _gptq4_gemv_kernel, {"GB": groups_per_step, "WG": rows_per_group}
     else:
         block_k = max(128, min(config[1], triton.next_power_of_2(K)))
-        groups_per_step, rows_per_group = 1, 1
+        kernel, own = _gptq4_lora_kernel, {}
     return fl.launch(
-        _gptq4_gemv_kernel if gemv else _gptq4_lora_kernel, module, x, xa, A, B, scale,
-        (qweight, qzeros, scales), getattr(module, "bias", None), N=N, rows=N, block_m=block_m, block_k=block_k,
-        config=config, one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
-        x_align=4 if gemv else 1, shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None, GS=group, GB=groups_per_step, WG=rows_per_group,
+        kernel, module, x, xa, A, B, scale, (qweight, qzeros, scales), getattr(module, "bias", None), N=N, rows=N,
+        block_m=block_m, block_k=block_k, config=config, one_launch=ONE_LAUNCH, lora_mode=lora_mode, pdl=pdl,
+        x_align=4 if gemv else 1, shrink_slices=ONE_TOKEN_SHRINK_SLICES if gemv else None, GS=group, **own,
     )  # fmt: skip
 
 
