@@ -1,6 +1,6 @@
 """Run the plugins' fused quantized-GEMV + LoRA Triton kernels on the CPU through Triton's interpreter.
 
-    TRITON_INTERPRET=1 PYTHONPATH=<a Triton install> python scripts/check_fused_cpu.py [bnb hqq torchao]
+    TRITON_INTERPRET=1 PYTHONPATH=<a Triton install> python scripts/check_fused_cpu.py [bnb hqq torchao gptq awq]
 
 A correctness check that needs no GPU (slow: a few small shapes): each
 kernel against the layer's dense weight from the plugin's own
@@ -115,8 +115,19 @@ def main(backends):
                 ("int4-g32-sym", (33, 256, 2, 2)),
             ]:
                 ok &= check(backend, variant, fused, N, K, M, R, torch.float16)
+        elif backend == "awq":
+            from quantplug_gptqmodel.awq._cuda_kernels import fused_lora_linear as fused
+
+            for variant, (N, K, M, R) in [
+                ("int4-g128-asym", (48, 512, 1, 4)),
+                ("int4-g32-asym", (40, 256, 1, 4)),  # several groups a step
+                ("int4-g128-sym", (56, 384, 1, 2)),  # the last step runs past the row
+                ("int4-g64-asym", (64, 384, 5, 16)),
+                ("int4-gall-asym", (32, 256, 2, 2)),  # one group: the whole row
+            ]:
+                ok &= check(backend, variant, fused, N, K, M, R, torch.float16)
     return ok
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main(sys.argv[1:] or ["bnb", "hqq", "torchao", "gptq"]) else 1)
+    sys.exit(0 if main(sys.argv[1:] or ["bnb", "hqq", "torchao", "gptq", "awq"]) else 1)

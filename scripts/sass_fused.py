@@ -37,6 +37,7 @@ PLUGINS = {
     "hqq": ("quantplug_hqq", "4bit-g64"),
     "torchao": ("quantplug_torchao", "int8wo"),
     "gptq": ("quantplug_gptqmodel.gptq", "int4-g128-sym"),
+    "awq": ("quantplug_gptqmodel.awq", "int4-g128-asym"),
 }
 # weight elements one loop iteration decodes, from the launch's constexprs
 ELEMENTS = {
@@ -49,6 +50,8 @@ ELEMENTS = {
     "_int8_lora_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
     "_gptq4_gemv_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
     "_gptq4_lora_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
+    "_awq4_gemv_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
+    "_awq4_lora_kernel": lambda c: c["BLOCK_N"] * c["BLOCK_K"],
 }
 TRITON_TYPES = {
     torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.uint8: "u8", torch.int8: "i8",

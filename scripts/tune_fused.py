@@ -51,10 +51,11 @@ PLUGINS = {
     "hqq": ("quantplug_hqq", "4bit-g64"),
     "torchao": ("quantplug_torchao", "int8wo"),
     "gptq": ("quantplug_gptqmodel.gptq", "int4-g128-sym"),
+    "awq": ("quantplug_gptqmodel.awq", "int4-g128-asym"),
 }
 # formats whose layer copies are deep copies of the first: quantizing is slow there (gptqmodel packs on the CPU,
 # 7 s a 4096x4096 layer)
-COPY_BASE = {"gptq"}
+COPY_BASE = {"gptq", "awq"}
 
 
 def kernels(fmt):

@@ -22,7 +22,7 @@ torch = pytest.importorskip("torch")
 
 CASES = [
     (fmt, tokens, adapter, kernel)
-    for fmt in ("bnb", "hqq", "torchao", "gptq")
+    for fmt in ("bnb", "hqq", "torchao", "gptq", "awq")
     for tokens in (1, 16)
     for adapter in (True, False)
     for kernel in ((None, "gemv") if fmt == "hqq" and tokens == 1 else (None,))

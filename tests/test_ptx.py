@@ -251,7 +251,7 @@ def to_bits(value, dtype):
 
 def test_gptq_mantissa_puts_each_code_into_one_plus_a_sixteenth():
     """Each of a packed word's eight codes (bits 4j to 4j+3) comes out as the float32 1 + q / 16, exactly."""
-    from quantplug_gptqmodel.gptq import _ptx as gptq_ptx
+    from quantplug_gptqmodel import _ptx as gptq_ptx
 
     rng = random.Random(7)
     words = [rng.getrandbits(32) for _ in range(64)] + [0, 0xFFFFFFFF, 0x76543210, 0x89ABCDEF]
@@ -265,7 +265,7 @@ def test_gptq_mantissa_puts_each_code_into_one_plus_a_sixteenth():
 
 
 def test_gptq_mantissa_names_its_shift():
-    from quantplug_gptqmodel.gptq import _ptx as gptq_ptx
+    from quantplug_gptqmodel import _ptx as gptq_ptx
 
     with pytest.raises(ValueError, match="'shl' or 'shr'"):
         gptq_ptx.mantissa("rotate")

@@ -1,8 +1,9 @@
 """The plugins' fused quantized-GEMV + LoRA kernels (op ``fused_lora_linear``) against the reference path.
 
 bnb NF4/FP4 (nested and plain absmax), hqq 4-bit g64, torchao int8
-weight-only and gptqmodel's packed GPTQ 4-bit (g128 symmetric, g32
-asymmetric), each built by its own library. For every layer:
+weight-only, gptqmodel's packed GPTQ 4-bit (g128 symmetric, g32
+asymmetric) and its AWQ 4-bit GEMM layout (g128 and g32, asymmetric),
+each built by its own library. For every layer:
 fresh random inputs, bf16 and fp16, ranks 1-64, tokens 1-64 (above 16 the
 kernel declines and the library's forward serves, or, where the plugin
 says ``DENSE``, its dequantization kernel and cuBLAS: checked too), outputs
@@ -31,6 +32,8 @@ FORMATS = [
     ("torchao", "int8wo", "quantplug_torchao"),
     ("gptq", "int4-g128-sym", "quantplug_gptqmodel.gptq"),
     ("gptq", "int4-g32-asym", "quantplug_gptqmodel.gptq"),
+    ("awq", "int4-g128-asym", "quantplug_gptqmodel.awq"),
+    ("awq", "int4-g32-asym", "quantplug_gptqmodel.awq"),
 ]
 SHAPES = [(1024, 2048), (1000, 1536)]  # (out, in); the second: out not a multiple of any block
 TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
@@ -383,6 +386,7 @@ def test_doctor_names_the_kernel_each_layer_uses(capsys):
         "hqq": "triton-hqq4-lora",
         "torchao": "triton-int8-lora",
         "gptq": "triton-gptq4-lora",
+        "awq": "triton-awq4-lora",
     }
     rows = {row.name: row for row in qp.backends()}
     assert main(["doctor"]) == 0

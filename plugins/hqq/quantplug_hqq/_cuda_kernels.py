@@ -54,13 +54,14 @@ DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.M
 # the split-K granularity: it steps one group at a time); BLOCK_N counts rows of one half (a program writes
 # twice as many). From scripts/tune_fused.py's sweeps on an H100 (2026-12-05, with the adapter): the GEMV's
 # with the mantissa decode (the four fastest within 3%), the tensor-core kernel's with the packed decode
-# (splits 2, 4 and 8 within 4%).
+# (splits 2, 4 and 8 within 4%; re-swept with every copy warmed, 2026-12-06 sixth session, H100: split 4 14.59 us
+# at 4096x4096 and 16 tokens, split 2 16.89).
 # "word": _hqq4_word_gemv_kernel's, from the H100 sweep of 2026-12-06 (third session): (4, 2048, 4 warps) 8.18 us
 # at 4096x4096 with the adapter, the next five within 6%.
 CONFIGS = {
     "gemv": (2, 2048, 4, 1, 1),
     "word": (4, 2048, 4, 1, 1),
-    16: (32, 64, 4, 4, 2),
+    16: (32, 64, 4, 4, 4),
     1: (32, 64, 4, 4, 2),
 }
 # Which kernel serves one token: "word" (_hqq4_word_gemv_kernel: products in the compute dtype, 4.1-4.5

@@ -35,8 +35,9 @@ from quantplug.plugin import fused_lora as fl
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH, _sync = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False, fl.sync
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_int8_gemv_kernel), 16 for 2-16
 # tokens (the main kernel, on tensor cores); from scripts/tune_fused.py's sweeps on an H200 (2026-12-04,
-# the one-token one timed with the adapter).
-CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 4)}
+# the one-token one timed with the adapter; the 16-token one re-swept on an H100, 2026-12-06 sixth session: split 2
+# and 4 within 0.2% at 4096x4096).
+CONFIGS = {"gemv": (8, 2048, 8, 1, 1), 16: (32, 128, 4, 3, 2)}
 # The adapter's shrink slices at one token (the core's default is 32). On an H100 (2026-12-06, fourth session,
 # wrapped layer, side by side) 16 slices took 9.33 / 24.09 / 19.78 us at 4096x4096 / 4096x14336 / 11008x4096, 32
 # took 9.15 / 27.25 / 20.24: at 14336 inputs 32 slices' shrink ran past the GEMV programs' loops.

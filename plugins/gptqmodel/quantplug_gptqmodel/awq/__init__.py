@@ -9,6 +9,7 @@ MRO, so detection imports nothing.
 from __future__ import annotations
 
 from quantplug import BackendInfo, Requirement, hookimpl
+from quantplug.plugin import register_fused_lora
 
 from quantplug_gptqmodel._classes import GPTQMODEL_RANGE
 
@@ -46,7 +47,11 @@ def quantplug_backend_info():
                 "partial: bits other than 4 need a gptqmodel whose AwqTorchLinear packs them (SUPPORTS_BITS: "
                 "2-8 from 7.6 on, 4 only before); on an older one qp.quantize raises for them"
             ),
-            "cuda": "CUDA kernels are read through their own forward on an identity matrix; tested on CPU only",
+            "cuda": (
+                "4-bit GEMM-layout layers (AwqTorchLinear, WQLinear_GEMM) at 1-16 tokens run this plugin's fused "
+                "Triton kernel (first GPU run 2026-12-06: 35 GPU tests passed before the call's limit, the rest not "
+                "yet run); other CUDA kernels are read through their own forward on an identity matrix"
+            ),
             "zeros": (
                 "partial: sym=False layers in the GEMM layout only; the zero points are integers, so each group "
                 "keeps the multiple of its scale nearest to the adapter's update. sym=True layers have no zero "
@@ -114,3 +119,12 @@ def quantplug_quantize(linear, variant):
     from quantplug_gptqmodel.awq import _layers
 
     return _layers.quantize(linear, variant)
+
+
+@hookimpl
+def quantplug_register_kernels(register):
+    # fused 4-bit GEMV + LoRA for 1-16 tokens on CUDA, reading the GEMM layout's own storage
+    # (quantplug_gptqmodel/awq/_cuda_kernels.py); nothing registered without Triton and a CUDA device
+    register_fused_lora(
+        register, "quantplug_gptqmodel.awq._cuda_kernels", name="triton-awq4-lora", backend=NAME
+    )

@@ -48,7 +48,8 @@ import triton.language as tl
 from quantplug.plugin import fused_lora as fl
 
 from quantplug_gptqmodel._classes import mro_names
-from quantplug_gptqmodel.gptq import _layers, _ptx
+from quantplug_gptqmodel._int4 import code_values, mantissa
+from quantplug_gptqmodel.gptq import _layers
 
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False
 # (BLOCK_N, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_gptq4_gemv_kernel), 16 for 2-16
@@ -65,27 +66,6 @@ ONE_TOKEN_SHRINK_SLICES = 32
 SERVE = True
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
-
-
-# inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the same decode in Triton there)
-_PTX = tl.constexpr(not fl.INTERPRET and torch.version.hip is None)
-_SHL_ASM = tl.constexpr(_ptx.mantissa("shl"))
-_SHR_ASM = tl.constexpr(_ptx.mantissa("shr"))
-
-
-@triton.jit
-def _mantissa(words, j: tl.constexpr):
-    # code j of each word (bits 4j to 4j+3) as the float32 1 + q / 16: the code into bits 19-22 of 1.0
-    left: tl.constexpr = 4 * j <= 19
-    amount: tl.constexpr = 19 - 4 * j if left else 4 * j - 19
-    if _PTX:
-        return tl.inline_asm_elementwise(
-            _SHL_ASM if left else _SHR_ASM, "=r,r,r", [words, tl.full(words.shape, amount, tl.int32)],
-            dtype=tl.float32, is_pure=True, pack=1,
-        )  # fmt: skip
-    else:
-        shifted = words << amount if left else words >> amount
-        return ((shifted & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -130,8 +110,7 @@ def _gptq4_lora_kernel(
             # (q - z) s, the step's eight codes a word spread to (rows, 8, columns) and then taken as
             # (inputs, columns) in their own order: one dot a step
             codes = (words[:, None, :] >> shifts) & 15
-            q = (codes | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0  # 2^23 + q less 2^23: no cvt
-            w = (q * s[:, None, :] - (z * s)[:, None, :]).to(dtype)
+            w = (code_values(codes) * s[:, None, :] - (z * s)[:, None, :]).to(dtype)
             xt = tl.load(
                 x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :],
                 mask=m_mask[:, None] & (k0 + rk < K)[None, :],
@@ -190,8 +169,8 @@ def _gptq4_gemv_kernel(
         for i in tl.static_range(4):
             pair = tl.load(x_pairs + w_row * 4 + i, mask=g_ok, other=0)
             first, second = fl.pair_floats(pair, DT)
-            d += _mantissa(words, 2 * i) * first
-            d += _mantissa(words, 2 * i + 1) * second
+            d += mantissa(words, 2 * i) * first
+            d += mantissa(words, 2 * i + 1) * second
             xs += first + second
         acc += s * (16.0 * d - (16.0 + z) * xs)
     per_slot = tl.trans(tl.sum(acc, axis=1))  # (columns, group slots) for the core's epilogue

@@ -1,4 +1,4 @@
-"""The inline PTX of the gptq fused kernels (``_cuda_kernels``), as text: importable without Triton.
+"""The inline PTX of the gptq and awq fused kernels (``_int4.py``), as text: importable without Triton.
 
 ``quantplug.testing.ptx`` runs it on the CPU (``tests/test_ptx.py``), since
 Triton's interpreter cannot.
@@ -8,8 +8,8 @@ Triton's interpreter cannot.
 def mantissa(direction: str) -> str:
     """One 4-bit code of a packed word as the float32 ``1 + q / 16``: the code moved into bits 19-22 of 1.0.
 
-    For the one-token GEMV and the 2-16 token kernel, as
-    ``tl.inline_asm_elementwise`` with ``pack=1``. Operands: ``$0`` the
+    For the one-token GEMVs, as ``tl.inline_asm_elementwise`` with
+    ``pack=1``. Operands: ``$0`` the
     float32 result; ``$1`` the word; ``$2`` the shift that brings code ``j``
     (bits ``4j`` to ``4j + 3``) to bit 19: left by ``19 - 4j`` for ``j`` up
     to 4 (``direction`` ``"shl"``), else right by ``4j - 19`` (``"shr"``).
