@@ -8,8 +8,8 @@ What it reads: the layer's own storage, untouched (no repack), as
 gptqmodel's ``AwqTorchLinear`` and AutoAWQ's ``WQLinear_GEMM`` keep it (the
 GEMM layout, ``_layers.GEMM``): ``qweight`` ``(in, out / 8)`` int32, the
 words along the outputs, code ``j`` of word ``(k, w)`` (bits ``4j`` to
-``4j + 3``) the weight of input ``k`` for output ``8 w + ORDER[j]`` (AWQ's
-lane order ``0 2 4 6 1 3 5 7``); ``qzeros`` ``(groups, out / 8)`` int32 in
+``4j + 3``) the weight of input ``k`` for output ``8 w + 2 (j % 4) + j // 4``
+(AWQ's lane order ``0 2 4 6 1 3 5 7``); ``qzeros`` ``(groups, out / 8)`` int32 in
 the same order; ``scales`` ``(groups, out)``; the bias. The weight is
 ``(code - zero) * scale`` (gptqmodel's ``dequantize_gemm``).
 
@@ -48,8 +48,6 @@ from quantplug_gptqmodel._int4 import code_values, mantissa
 from quantplug_gptqmodel.awq import _layers
 
 DTYPES, MAX_TOKENS, MAX_RANK, ONE_LAUNCH = fl.DTYPES, fl.MAX_TOKENS, fl.MAX_RANK, False
-# AWQ's lane order: code j of a word is output column 8 w + ORDER[j]
-ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 # (BLOCK_N columns, BLOCK_K, num_warps, num_stages, SPLITK): "gemv" for one token (_awq4_gemv_kernel), 16 for 2-16
 # tokens (_awq4_lora_kernel, on tensor cores). BLOCK_N is in output columns, eight per word. One token, H100
 # (2026-12-06, sixth session, 4096x4096 with the adapter, graph): (128, 128, 1 warp, split 16) 10.63 us; 256 and
@@ -68,7 +66,7 @@ def _lane_sum(words, xk, xs, zw, s_row, cols8, w_ok, j: tl.constexpr):
     # code j of each word over the step's inputs (one group, or part of one), per word: scale * (16 D - (16 +
     # zero) X), D the sum of (1 + q/16) x over the step's inputs, X the sum of its inputs
     d = tl.sum(mantissa(words, j) * xk[:, None], axis=0)
-    column: tl.constexpr = 2 * (j % 4) + j // 4  # ORDER[j]
+    column: tl.constexpr = 2 * (j % 4) + j // 4  # AWQ's lane order 0 2 4 6 1 3 5 7
     s = tl.load(s_row + cols8 + column, mask=w_ok, other=0.0).to(tl.float32)
     z = ((zw >> (4 * j)) & 15).to(tl.float32)
     return s * (16.0 * d - (16.0 + z) * xs)
