@@ -88,6 +88,14 @@ def sweep_grid(fmt, key):
             )
         else:
             ns, ks, warps, stages, splits = (32, 64, 128), (128, 256), (4,), (2, 3, 4), (1, 2, 4)
+    elif fmt == "awq":
+        # the words run along the outputs (eight columns each): BLOCK_N in columns, a multiple of 8; a step is one
+        # group or part of one (BLOCK_K divides the group). One token, H100 (2026-12-06): 128 columns of one warp
+        # at BLOCK_K 128, split 16 was fastest
+        if key == "gemv":
+            ns, ks, warps, stages, splits = (64, 128, 256), (64, 128), (1, 2), (1,), (8, 16, 32)
+        else:
+            ns, ks, warps, stages, splits = (32, 64, 128), (64, 128), (4,), (2, 3, 4), (1, 2, 4, 8)
     elif key in ("gemv", "word"):
         ns, ks, warps, stages, splits = (1, 2, 4, 8, 16), (512, 1024, 2048, 4096), (2, 4, 8), (1,), (1, 2)
     elif fmt == "hqq":
@@ -102,7 +110,10 @@ def sweep_grid(fmt, key):
     else:
         ns, ks, warps, stages, splits = (16, 32), (128, 256), (4,), (1, 3), (1, 2, 4, 8)
     for n, k, w, st, sk in itertools.product(ns, ks, warps, stages, splits):
-        if fmt == "gptq":
+        if fmt == "awq":
+            if key != "gemv" and n * k > 16384:
+                continue  # a tile: registers
+        elif fmt == "gptq":
             if (key == "gemv" and not 4096 * w <= n * k <= 32768 * w) or (key != "gemv" and n * k > 16384):
                 continue  # a GEMV thread: 128 to 1024 codes a step; a tile: registers
         elif key in ("gemv", "word"):  # weight elements a step decodes (hqq: BLOCK_N rows of each half)
@@ -241,6 +252,20 @@ def graph_time(calls, trials=7, per_graph=None):
         times.append(start.elapsed_time(end) * 1e3 / per_graph)
     del graph
     return statistics.median(times)
+
+
+def optional_time(row, name, t, fn):
+    """``t(fn)``, or ``None`` where the calls cannot be captured in a CUDA graph (``row["<name>_error"]`` says why)."""
+    try:
+        return t(fn)
+    except Exception as exc:
+        torch.cuda.synchronize()
+        row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
+
+def _us(value):
+    return "      -" if value is None else f"{value:7.2f}"
 
 
 class _NoLaunch:
@@ -414,7 +439,9 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         finally:
             qp.use_reference_kernels(False)
         row["rel_err_vs_reference"] = ((got - want).norm() / want.norm()).item()
-    row["library"] = t(lambda lay, x: lay.base(x))
+    # the library's own layer (and the reference path, which calls it) may not be capturable in a graph (AWQ's
+    # AwqTorchLinear copies from the host in its forward): those rows are then None and the row says why
+    row["library"] = optional_time(row, "library", t, lambda lay, x: lay.base(x))
     row["fused_base"] = t(
         lambda lay, x: ck.fused_lora_linear(
             lay.base, x, None, None, None, 0.0, config=config, force=True, **kernel_args(fmt, key)
@@ -433,7 +460,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         ck.ONE_TOKEN = saved_one_token
     qp.use_reference_kernels(True)
     try:
-        row["wrapped_ref"] = t(lambda lay, x: lay(x))
+        row["wrapped_ref"] = optional_time(row, "wrapped_ref", t, lambda lay, x: lay(x))
     finally:
         qp.use_reference_kernels(False)
     if args.shrink_slices and tokens == 1:
@@ -454,16 +481,16 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
         "wrapped",
         "wrapped_ref",
     ):
-        if name in row:
+        if row.get(name):
             row[f"{name}_gbs"] = size / row[name] / 1e3
             row[f"{name}_pct_copy"] = 100 * size / row[name] / 1e3 / rate
     results["rows"].append(row)
     print(
-        f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {row['library']:7.2f}  "
+        f"{fmt:8s} {n}x{k} t={tokens:2d} {size / 1e6:6.2f} MB  lib {_us(row['library'])}  "
         f"fbase {row['fused_base']:6.2f}  "
         f"lora {row['fused_lora']:6.2f} (no pdl {row['fused_lora_nopdl']:6.2f}, "
         f"expand only {row['fused_expand_only']:6.2f})  "
-        f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {row['wrapped_ref']:7.2f}  "
+        f"wrapped {row['wrapped']:6.2f} ({row['wrapped_pct_copy']:.0f}% copy)  ref {_us(row['wrapped_ref'])}  "
         f"err {row['rel_err_vs_reference']:.1e}  "
         f"cfg {config}",
         flush=True,

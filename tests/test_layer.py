@@ -251,3 +251,62 @@ def test_a_lora_linear_kernel_gets_the_base_call_and_the_first_adapter():
         assert relative_error(got, x @ weight.T + layer.base.bias) < 1e-5
     finally:
         qp.unregister(name)
+
+
+def test_a_fused_kernel_serves_the_base_alone_where_no_adapter_runs():
+    """Disabled adapters, ``adapter_names=`` batches and DoRA ask the fused kernel for the base alone
+    (``A=None``); a kernel that declines (returns None) leaves the call to the base's own forward."""
+    calls = []
+    declining = {"on": False}
+
+    @qp.hookimpl
+    def quantplug_register_kernels(register):
+        def fused(module, x, xa, A, B, scale):
+            calls.append("base" if A is None else "adapter")
+            if declining["on"]:
+                return None
+            y = torch.nn.functional.linear(x, module.weight, module.bias)
+            return y if A is None else y + (xa @ A.T) @ B.T * scale
+
+        register.kernel("fused_lora_linear", fused, name="spy-fused", backend="linear", priority=50)
+
+    import types
+
+    plugin = types.ModuleType("fused_kernel_plugin")
+    plugin.quantplug_register_kernels = quantplug_register_kernels
+    name = qp.register(plugin, name="spy-fused-kernels")
+    try:
+        model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))
+        qp.attach(model, qp.LoraConfig(r=2, target_modules=["q_proj"], init="random"), "second")
+        qp.set_adapter(model, "default")
+        layer = model.q_proj
+        x = torch.randn(3, 32)
+        base = layer.base(x)
+        with torch.no_grad():
+            assert relative_error(layer(x), base + x @ layer.delta_weight("default").T) < 1e-5
+            assert calls == ["adapter"]
+            calls.clear()
+            with qp.disable_adapters(model):
+                assert relative_error(layer(x), base) < 1e-6
+            assert calls == ["base"]
+            calls.clear()
+            mixed = layer(x, adapter_names=["second", "__base__", "default"])
+            assert calls == ["base"]
+            second, default = layer.delta_weight("second"), layer.delta_weight("default")
+            want = torch.stack([base[0] + x[0] @ second.T, base[1], base[2] + x[2] @ default.T])
+            assert relative_error(mixed, want) < 1e-5
+            calls.clear()
+            declining["on"] = True
+            with qp.disable_adapters(model):
+                assert torch.equal(layer(x), base)  # the base's own forward, bit for bit
+            assert calls == ["base"]
+            calls.clear()
+            qp.use_reference_kernels(True)
+            try:
+                with qp.disable_adapters(model):
+                    layer(x)
+            finally:
+                qp.use_reference_kernels(False)
+            assert calls == [], "forced references: no plugin kernel runs"
+    finally:
+        qp.unregister(name)

@@ -24,7 +24,8 @@ not require grad):
     ``module(x)`` plus one adapter, as ``lora_linear``, but given the base
     *module* itself, so a backend's kernel can read its packed storage
     (codes, scales, zeros) and compute the quantized product and the adapter
-    in one launch. A kernel returns ``None`` for any call it does not serve
+    in one launch; with ``xa``, ``A`` and ``B`` all ``None``, the base alone
+    (``LoraLayer.base_call``). A kernel returns ``None`` for any call it does not serve
     (shape, token count, dtype, autograd, layout); the layer then uses
     ``lora_linear``. The layer calls it only when a kernel other than the
     reference serves it, and never after a dense merge; the kernel stands in

@@ -360,25 +360,44 @@ class LoraLayer(nn.Module):
         """Call the quantized base; subclasses pick another kernel here (for training, say)."""
         return self.base(x)
 
-    def _call_base(self, x: torch.Tensor) -> torch.Tensor:
+    def base_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The base's output as this layer computes it, without any adapter.
+
+        A plugin's ``fused_lora_linear`` kernel with no adapter where one
+        serves the call (disabled adapters, ``adapter_names=`` batches and
+        DoRA's base then run as fast as the adapter's own path), else
+        :meth:`base_forward`; after a dense merge, the dense layer.
+        """
         if self._dense_merged:
             # a dense merge left a plain nn.Linear in the compute dtype; the model's activations
             # may be in another (fp32 around a bf16-compute bnb layer), as the quantized base accepted
             weight = self.base.weight
             return self.base(x.to(weight.dtype)).to(x.dtype)
+        fused = self._fused_kernel(x)
+        if fused is not None:
+            y = fused.fn(self.base, x, None, None, None, 0.0)
+            if y is not None:  # None: not this call's shape; the base's own forward serves it
+                return y
         return self.base_forward(x)
+
+    def _fused_kernel(self, x: torch.Tensor):
+        """The plugin's ``fused_lora_linear`` kernel for ``x``, or ``None`` where only the reference serves."""
+        if self._dense_merged:
+            return None
+        fused = self.kernels.find("fused_lora_linear", self.backend, x.device.type, x.dtype)
+        return fused if fused is not None and fused.priority > 0 else None
 
     def forward(self, x: torch.Tensor, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         if adapter_names is None:
             adapter_names = routed_rows(self)
         if self.disabled or adapter_names is not None:
-            y = self._call_base(x)
+            y = self.base_call(x)
             return y if self.disabled else self._mixed_forward(y, x, adapter_names)
         kernels = self.kernels
         y = None
         for name in self._compute:
             if name in self.lora_magnitude:
-                y = self._call_base(x) if y is None else y
+                y = self.base_call(x) if y is None else y
                 y = y + self._dora_delta(y, x, name)
                 continue
             args = (
@@ -395,7 +414,7 @@ class LoraLayer(nn.Module):
                     y = self.base_with_adapter(x, *args)
                 continue
             y = kernels.resolve("lora_add", self.backend, x.device.type, x.dtype).fn(y, *args)
-        return self._call_base(x) if y is None else y
+        return self.base_call(x) if y is None else y
 
     def base_with_adapter(
         self, x: torch.Tensor, xa: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
@@ -407,17 +426,16 @@ class LoraLayer(nn.Module):
         then ``lora_add``. The lean training node calls it for its forward too.
         """
         kernels = self.kernels
-        if not self._dense_merged:
-            fused = kernels.find("fused_lora_linear", self.backend, x.device.type, x.dtype)
-            if fused is not None and fused.priority > 0:
-                y = fused.fn(self.base, x, xa, A, B, scale)
-                if y is not None:  # None: not this call's shape; the next kernel serves it
-                    return y
+        fused = self._fused_kernel(x)
+        if fused is not None:
+            y = fused.fn(self.base, x, xa, A, B, scale)
+            if y is not None:  # None: not this call's shape; the next kernel serves it
+                return y
         linear = kernels.resolve("lora_linear", self.backend, x.device.type, x.dtype)
         if linear.priority > 0:
-            return linear.fn(self._call_base, x, xa, A, B, scale)
+            return linear.fn(self.base_call, x, xa, A, B, scale)
         return kernels.resolve("lora_add", self.backend, x.device.type, x.dtype).fn(
-            self._call_base(x), xa, A, B, scale
+            self.base_call(x), xa, A, B, scale
         )
 
     def _mixed_forward(self, y: torch.Tensor, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
@@ -478,7 +496,7 @@ class LoraLayer(nn.Module):
         dequantization on every call (which is what PEFT does).
         """
         A, B, scale = self.lora_A[name].float(), self.lora_B[name].float(), self.scaling[name]
-        projected = self._call_base(self.lora_A[name].to(dtype)).float()  # (r, out) = A Wᵀ + bias
+        projected = self.base_call(self.lora_A[name].to(dtype)).float()  # (r, out) = A Wᵀ + bias
         bias = self.bias
         if bias is not None:
             projected = projected - bias.float()

@@ -14,6 +14,7 @@ float64; the fast path must be as close to it as the reference path is.
 """
 
 import importlib
+import re
 
 import pytest
 import quantplug as qp
@@ -293,6 +294,49 @@ def test_mixed_adapter_batch(backend, variant, plugin):
             if name != "__base__":
                 layer.set_adapter(name)
                 assert rel(layer(x[row : row + 1]), want) < TOL[dtype], name
+
+
+FUSED_KERNEL_NAME = re.compile(r"_(nf4|hqq4|int8|gptq4|awq4)_(gemv|lora)_kernel")
+
+
+def fused_kernels_launched(fn):
+    """The names of the fused Triton kernels ``fn()`` launches (from the CUDA profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return {e.name for e in prof.events() if FUSED_KERNEL_NAME.search(e.name)}
+
+
+@pytest.mark.parametrize(("backend", "variant", "plugin"), FORMATS, ids=[f"{b}-{v}" for b, v, _ in FORMATS])
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_disabled_and_mixed_batches_run_the_fused_base(backend, variant, plugin, tokens):
+    """With no adapter to add (disabled, ``adapter_names=`` batches) the layer's base is the fused kernel
+    with ``A=None``; under forced references it is the library's own forward."""
+    kernels_module(plugin)
+    dtype = torch.bfloat16
+    layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(4, 16))
+    x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
+    names = [("default", "r16", "__base__")[i % 3] for i in range(tokens)]
+    with torch.no_grad():
+        layer.disabled = True
+        try:
+            assert fused_kernels_launched(lambda: layer(x)), (
+                "the disabled layer's base is not the fused kernel"
+            )
+            poison(tokens * 1024, dtype)
+            assert rel(layer(x), truth(layer, x, [])) < TOL[dtype]
+            qp.use_reference_kernels(True)
+            try:
+                assert not fused_kernels_launched(lambda: layer(x)), "forced references still launch it"
+            finally:
+                qp.use_reference_kernels(False)
+        finally:
+            layer.disabled = False
+        assert fused_kernels_launched(lambda: layer(x, adapter_names=names))
+        got = layer(x, adapter_names=names)
+        for row, name in enumerate(names):
+            want = truth(layer, x[row : row + 1], [] if name == "__base__" else [name])
+            assert rel(got[row : row + 1], want) < TOL[dtype], (row, name)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

@@ -286,7 +286,7 @@ def _mixed_rows(timer, models, x, row, common, single, env) -> list[dict]:
         As = [layer.lora_A[n] for n in names]
         Bs = [layer.lora_B[n] for n in names]
         scales = [layer.scaling[n] for n in names]
-        return lambda: kernel.fn(layer.base_forward(x), x, As, Bs, scales, rows_index)
+        return lambda: kernel.fn(layer.base_call(x), x, As, Bs, scales, rows_index)
 
     out = []
     for kernels in ("fast", "reference"):

@@ -7,6 +7,7 @@ for quantplug and for PEFT on an identical model. Training rows: training.py.
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from quantplug.apps.bench.backends import importable, model_backend, peft_markers, variant_of
@@ -127,6 +128,20 @@ def _graph_decode_tps(model, vocab: int, position: int, replays: int = 50) -> fl
     return replays / (start.elapsed_time(end) / 1e3)
 
 
+@contextlib.contextmanager
+def _library_disabled(model):
+    """Adapters disabled and every layer on the library's own forward (a fused kernel would serve the base
+    of a disabled layer too): the baseline of the decode rows."""
+    import quantplug as qp
+
+    qp.use_reference_kernels(True)
+    try:
+        with qp.disable_adapters(model):
+            yield
+    finally:
+        qp.use_reference_kernels(False)
+
+
 def _graph_decode_pair(model, disable, vocab: int, position: int, log) -> dict:
     """Graph-replayed decode with the adapters on and under ``disable()``; empty where capture failed."""
     if next(model.parameters()).device.type != "cuda":
@@ -227,10 +242,10 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
     model = _llama(backend, variant, device, dtype, config)
     qp.attach(model, qp.LoraConfig(r=args.rank, alpha=2 * args.rank, target_modules=LINEARS, init="random"))
     unmerged = _decode_tps(model, prompt, new_tokens, device)
-    with qp.disable_adapters(model):
+    with _library_disabled(model):
         disabled = _decode_tps(model, prompt, new_tokens, device)
     log(f"quantplug decode: unmerged {unmerged:.1f} tok/s, disabled {disabled:.1f} tok/s")
-    graphed = _graph_decode_pair(model, lambda: qp.disable_adapters(model), vocab, prompt.shape[1], log)
+    graphed = _graph_decode_pair(model, lambda: _library_disabled(model), vocab, prompt.shape[1], log)
     try:
         qp.merge(model, mode="requantize")
         merged = _decode_tps(model, prompt, new_tokens, device)
