@@ -34,7 +34,7 @@ for stage in $STAGES; do
       timeout ${FUSED_TIMEOUT:-300} $PY scripts/tune_fused.py "$OUT/fused.json" ${FUSED_ARGS:-} 2>&1 | tee "$OUT/fused.log" | tail -30 ;;
     profile)  # Nsight Compute on one call of each fused kernel (PROFILE_ARGS="OUT IN [TOKENS]", default 4096 4096 1;
       # PROFILE_KERNELS: the kernel-name pattern, gemv_kernel for one token, lora_kernel for the tensor-core ones)
-      timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none -k regex:${PROFILE_KERNELS:-gemv_kernel} -c 3 --section SpeedOfLight \
+      timeout ${PROFILE_TIMEOUT:-120} ncu --clock-control none -k regex:${PROFILE_KERNELS:-gemv_kernel} -c ${PROFILE_COUNT:-5} --section SpeedOfLight \
         --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats \
         --section MemoryWorkloadAnalysis $PY scripts/profile_fused.py ${PROFILE_ARGS:-} \
         >"$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;

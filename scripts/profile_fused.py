@@ -1,6 +1,6 @@
 """One call of each fused kernel, for Nsight Compute (no timing here).
 
-    ncu --clock-control none -k regex:gemv_kernel -c 3 --section SpeedOfLight \\
+    ncu --clock-control none -k regex:gemv_kernel -c 5 --section SpeedOfLight \\
         --section WarpStateStats --section Occupancy python scripts/profile_fused.py [OUT IN [TOKENS]]
 
 The layer is OUT x IN (default 4096 x 4096), the input TOKENS rows (default 1: the one-token GEMV
@@ -19,7 +19,20 @@ from quantplug.testing import Holder
 OUT, IN = (int(d) for d in sys.argv[1:3]) if len(sys.argv) > 2 else (4096, 4096)
 TOKENS = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 
-for backend, variant in (("torchao", "int8wo"), ("hqq", "4bit-g64"), ("bnb", "nf4")):
+FORMATS = (
+    ("torchao", "int8wo", "quantplug_torchao"),
+    ("hqq", "4bit-g64", "quantplug_hqq"),
+    ("bnb", "nf4", "quantplug_bnb"),
+    ("gptq", "int4-g128-sym", "quantplug_gptqmodel.gptq"),
+    ("awq", "int4-g128-asym", "quantplug_gptqmodel.awq"),
+)
+
+USABLE = {row.name for row in qp.backends() if row.ok}
+
+for backend, variant, plugin in FORMATS:
+    if backend not in USABLE:
+        print(backend, "not usable here", flush=True)
+        continue
     torch.manual_seed(0)
     linear = torch.nn.Linear(IN, OUT, bias=False, device="cuda", dtype=torch.bfloat16)
     model = qp.attach(
@@ -27,7 +40,7 @@ for backend, variant in (("torchao", "int8wo"), ("hqq", "4bit-g64"), ("bnb", "nf
         qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random"),
     )
     layer = model.proj
-    kernels = importlib.import_module(f"quantplug_{backend}._cuda_kernels")
+    kernels = importlib.import_module(f"{plugin}._cuda_kernels")
     x = torch.randn(TOKENS, IN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         kernels.fused_lora_linear(layer.base, x, None, None, None, 0.0, force=True)

@@ -361,13 +361,8 @@ class LoraLayer(nn.Module):
         return self.base(x)
 
     def base_call(self, x: torch.Tensor) -> torch.Tensor:
-        """The base's output as this layer computes it, without any adapter.
-
-        A plugin's ``fused_lora_linear`` kernel with no adapter where one
-        serves the call (disabled adapters, ``adapter_names=`` batches and
-        DoRA's base then run as fast as the adapter's own path), else
-        :meth:`base_forward`; after a dense merge, the dense layer.
-        """
+        """The base's output without any adapter: a plugin's ``fused_lora_linear`` kernel with ``A=None``
+        where one serves the call, else :meth:`base_forward`; after a dense merge, the dense layer."""
         if self._dense_merged:
             # a dense merge left a plain nn.Linear in the compute dtype; the model's activations
             # may be in another (fp32 around a bf16-compute bnb layer), as the quantized base accepted
@@ -376,7 +371,7 @@ class LoraLayer(nn.Module):
         fused = self._fused_kernel(x)
         if fused is not None:
             y = fused.fn(self.base, x, None, None, None, 0.0)
-            if y is not None:  # None: not this call's shape; the base's own forward serves it
+            if y is not None:  # None: not this call's shape
                 return y
         return self.base_forward(x)
 
