@@ -74,7 +74,10 @@ PY
         2>&1 | tee "$OUT/gpu_tests.txt" | tail -25 ;;
     bench)
       timeout ${BENCH_TIMEOUT:-420} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --out "$OUT/bench.json" $BENCH_ARGS 2>&1 | tee "$OUT/bench.log" | tail -60 ;;
-    model)
-      timeout ${MODEL_TIMEOUT:-400} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --model --no-layers --out "$OUT/model.json" $MODEL_ARGS 2>&1 | tee "$OUT/model.log" | tail -30 ;;
+    model)  # MODEL_BACKENDS="bnb hqq": one run each (model-bnb.json, ...); MODEL_TIMEOUT is per run
+      for b in ${MODEL_BACKENDS:-_}; do
+        [ "$b" = _ ] && b=
+        timeout ${MODEL_TIMEOUT:-400} $PY -c "import sys; from quantplug.apps.cli import main; sys.exit(main(sys.argv[1:]))" bench --model --no-layers --out "$OUT/model${b:+-$b}.json" ${b:+--backends $b} $MODEL_ARGS 2>&1 | tee "$OUT/model${b:+-$b}.log" | tail -30
+      done ;;
   esac
 done
