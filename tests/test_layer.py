@@ -1,6 +1,8 @@
 """The adapter layer's math against plain PyTorch: scaling, several adapters, dtypes, autocast, compile."""
 
+import contextlib
 import math
+import types
 
 import pytest
 import quantplug as qp
@@ -222,23 +224,31 @@ def test_to_moves_the_bases_kept_for_unmerge():
     assert model.q_proj.base is original and original.weight.dtype == torch.float64
 
 
-def test_a_lora_linear_kernel_gets_the_base_call_and_the_first_adapter():
-    calls = []
+@contextlib.contextmanager
+def kernel_plugin(op, fn, **where):
+    """A plugin registering ``fn`` for ``op`` at priority 50, registered for the ``with`` block."""
 
     @qp.hookimpl
     def quantplug_register_kernels(register):
-        def overlap(base, x, xa, A, B, scale):
-            calls.append((A.shape[0], xa is x))
-            return base(x) + (xa @ A.T) @ B.T * scale
+        register.kernel(op, fn, name=f"spy-{op}", priority=50, **where)
 
-        register.kernel("lora_linear", overlap, name="spy-linear", priority=50)
-
-    import types
-
-    plugin = types.ModuleType("linear_kernel_plugin")
+    plugin = types.ModuleType(f"spy_{op}_plugin")
     plugin.quantplug_register_kernels = quantplug_register_kernels
-    name = qp.register(plugin, name="spy-linear-kernels")
+    name = qp.register(plugin, name=f"spy-{op}-kernels")
     try:
+        yield
+    finally:
+        qp.unregister(name)
+
+
+def test_a_lora_linear_kernel_gets_the_base_call_and_the_first_adapter():
+    calls = []
+
+    def overlap(base, x, xa, A, B, scale):
+        calls.append((A.shape[0], xa is x))
+        return base(x) + (xa @ A.T) @ B.T * scale
+
+    with kernel_plugin("lora_linear", overlap):
         model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))
         qp.attach(model, qp.LoraConfig(r=2, target_modules=["q_proj"], init="random"), "second")
         qp.set_adapter(model, ["default", "second"])
@@ -249,8 +259,6 @@ def test_a_lora_linear_kernel_gets_the_base_call_and_the_first_adapter():
         assert calls == [(4, True)], "lora_linear serves the first active adapter only, with the base"
         weight = layer.base.weight + layer.delta_weight("default") + layer.delta_weight("second")
         assert relative_error(got, x @ weight.T + layer.base.bias) < 1e-5
-    finally:
-        qp.unregister(name)
 
 
 def test_a_fused_kernel_serves_the_base_alone_where_no_adapter_runs():
@@ -259,23 +267,14 @@ def test_a_fused_kernel_serves_the_base_alone_where_no_adapter_runs():
     calls = []
     declining = {"on": False}
 
-    @qp.hookimpl
-    def quantplug_register_kernels(register):
-        def fused(module, x, xa, A, B, scale):
-            calls.append("base" if A is None else "adapter")
-            if declining["on"]:
-                return None
-            y = torch.nn.functional.linear(x, module.weight, module.bias)
-            return y if A is None else y + (xa @ A.T) @ B.T * scale
+    def fused(module, x, xa, A, B, scale):
+        calls.append("base" if A is None else "adapter")
+        if declining["on"]:
+            return None
+        y = torch.nn.functional.linear(x, module.weight, module.bias)
+        return y if A is None else y + (xa @ A.T) @ B.T * scale
 
-        register.kernel("fused_lora_linear", fused, name="spy-fused", backend="linear", priority=50)
-
-    import types
-
-    plugin = types.ModuleType("fused_kernel_plugin")
-    plugin.quantplug_register_kernels = quantplug_register_kernels
-    name = qp.register(plugin, name="spy-fused-kernels")
-    try:
+    with kernel_plugin("fused_lora_linear", fused, backend="linear"):
         model = qp.attach(Tiny(), qp.LoraConfig(r=4, target_modules=["q_proj"], init="random"))
         qp.attach(model, qp.LoraConfig(r=2, target_modules=["q_proj"], init="random"), "second")
         qp.set_adapter(model, "default")
@@ -308,5 +307,3 @@ def test_a_fused_kernel_serves_the_base_alone_where_no_adapter_runs():
             finally:
                 qp.use_reference_kernels(False)
             assert calls == [], "forced references: no plugin kernel runs"
-    finally:
-        qp.unregister(name)
