@@ -314,8 +314,8 @@ def _bgmv_expand_kernel(
     if adapter >= 0:
         rr = tl.arange(0, BLOCK_R)
         r_mask = rr < R
-        # the reference rounds x @ A.T to the compute dtype before the expand
-        s = tl.load(ws_ptr + t * BLOCK_R + rr).to(y_ptr.dtype.element_ty).to(tl.float32)
+        # the reference rounds x @ A.T to the adapter's dtype (the compute dtype, or float32) before the expand
+        s = tl.load(ws_ptr + t * BLOCK_R + rr).to(b_ptr.dtype.element_ty).to(tl.float32)
         bt = tl.load(
             b_ptr + adapter * stride_bn_adapter + rn[:, None] * stride_bn + rr[None, :],
             mask=n_mask[:, None] & r_mask[None, :],
@@ -399,9 +399,15 @@ def lora_mixed_add_bgmv(y, x, A_stack, B_stack, scales, rows, config=None):
 
 def lora_mixed_add(y, x, As, Bs, scales, rows):
     """The registered ``lora_mixed_add`` for CUDA: BGMV over the cached adapter stacks."""
+    # adapters in the compute dtype or in float32 (gptq's and awq's layers keep theirs in float32), all alike
+    adapters = (*As, *Bs)
     if (
         not As
-        or not _fast_ok(y, x, (*As, *Bs))
+        or not _fast_ok(y, x, ())
+        or len({t.dtype for t in adapters}) != 1
+        or As[0].dtype not in (y.dtype, torch.float32)
+        or not all(t.is_cuda for t in adapters)
+        or _needs_grad(*adapters)
         or len({tuple(a.shape) for a in As}) != 1
         or len({tuple(b.shape) for b in Bs}) != 1
         or rows.dim() != 1

@@ -296,7 +296,7 @@ def test_mixed_adapter_batch(backend, variant, plugin):
                 assert rel(layer(x[row : row + 1]), want) < TOL[dtype], name
 
 
-FUSED_KERNEL_NAME = re.compile(r"_(nf4|hqq4|int8|gptq4|awq4)_(gemv|lora)_kernel")
+FUSED_KERNEL_NAME = re.compile(r"_(nf4|hqq4|int8|gptq4|awq4)_(word_)?(gemv|lora)_kernel")
 
 
 def fused_kernels_launched(fn):

@@ -130,6 +130,28 @@ def test_lora_mixed_add_matches_reference(triton_kernels, dtype, case):
     assert torch.equal(fast[base_rows], y[base_rows]), "rows with no adapter must come back unchanged"
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lora_mixed_add_with_float32_adapters(triton_kernels, dtype):
+    """gptq's and awq's adapter layers keep their adapters in float32: BGMV serves them, unrounded."""
+    k, n, r, count = 1024, 768, 16, 4
+    As = [torch.randn(r, k, device="cuda") / k**0.5 for _ in range(count)]
+    Bs = [torch.randn(n, r, device="cuda") / r**0.5 for _ in range(count)]
+    scales = [0.5 + i for i in range(count)]
+    x = torch.randn(12, k, device="cuda", dtype=dtype)
+    y = (0.3 * torch.randn(12, n, device="cuda")).to(dtype)
+    rows = torch.tensor([i % (count + 1) - 1 for i in range(12)], device="cuda")
+    truth = lora_mixed_add_reference(
+        y.double(), x.double(), [a.double() for a in As], [b.double() for b in Bs], scales, rows
+    )
+    ref = lora_mixed_add_reference(y, x, As, Bs, scales, rows)
+    poison((12, n), dtype)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fast = triton_kernels.lora_mixed_add(y, x, As, Bs, scales, rows)
+        torch.cuda.synchronize()
+    assert any("_bgmv_" in e.name for e in prof.events()), "float32 adapters fell back to the reference"
+    check_close(fast, ref, truth, dtype)
+
+
 def test_lora_mixed_add_sees_in_place_updates(triton_kernels):
     dtype = torch.bfloat16
     As = [(torch.randn(8, 256, device="cuda") / 16).to(dtype) for _ in range(2)]

@@ -272,10 +272,17 @@ def model_rows(args, device: str, dtype, env: dict, log) -> list[dict]:
 
     model = _llama(backend, variant, device, dtype, config)
     peft_markers(model, model)
-    peft_model = get_peft_model(
-        model,
-        PeftConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=LINEARS, init_lora_weights=False),
-    )
+    try:
+        peft_model = get_peft_model(
+            model,
+            PeftConfig(
+                r=args.rank, lora_alpha=2 * args.rank, target_modules=LINEARS, init_lora_weights=False
+            ),
+        )
+    except Exception as exc:  # PEFT's dispatchers may raise on an unrelated install (peft 0.21: gptqmodel
+        # without optimum): quantplug's rows stand, the log says why PEFT's are missing
+        log(f"PEFT could not wrap the model, no PEFT rows: {type(exc).__name__}: {str(exc)[:200]}")
+        return rows
     peft_unmerged = _decode_tps(peft_model, prompt, new_tokens, device)
     with peft_model.disable_adapter():
         peft_disabled = _decode_tps(peft_model, prompt, new_tokens, device)
