@@ -134,3 +134,27 @@ def test_render_states_the_whole_model_ceiling(tmp_path):
     text = src.with_suffix(".md").read_text()
     assert "| 576.0 | 1.60x |" in text  # the table's row for the step with no linear kernel
     assert "at most 1.60 with linear kernels that took no time" in text  # and the target's line
+
+
+def test_render_names_every_call_the_rows_come_from(tmp_path):
+    # docs/performance.json gathers rows from several device calls (and keeps older training rows): the header
+    # lists each call with its GPU and copy rate, since "% copy" is per call
+    def env(date, gpu, copy, command):
+        return {"date": date, "gpu": gpu, "copy_gbs": copy, "versions": {}, "command": command}
+
+    layer = {"backend": "bnb", "shape": "4096x4096", "tokens": 1, "library": "quantplug", "kernel": "k",
+             "kernels": "fast", "bare_us": 10.0, "wrapped_us": 10.5, "wrapped_over_bare": 1.05}  # fmt: skip
+    first = env("2026-12-06 20:34 UTC", "GPU A", 4239.0, "quantplug bench --backends bnb")
+    second = env("2026-12-05 05:30 UTC", "GPU B", 3017.0, "quantplug bench --backends hqq")
+    rows = [{**layer, "env": first}, {**layer, "env": first}, {**layer, "backend": "hqq", "env": second}]
+    src = tmp_path / "performance.json"
+    src.write_text(json.dumps(rows))
+    assert main(["bench", "--render", str(src)]) == 0
+    text = src.with_suffix(".md").read_text()
+    assert "come from 2 calls:" in text
+    assert "- 2026-12-06 20:34 UTC, **GPU A**, copy 4239 GB/s: `quantplug bench --backends bnb`" in text
+    assert "- 2026-12-05 05:30 UTC, **GPU B**, copy 3017 GB/s: `quantplug bench --backends hqq`" in text
+    src.write_text(json.dumps(rows[:2]))  # one call: the single command line, no list
+    assert main(["bench", "--render", str(src)]) == 0
+    text = src.with_suffix(".md").read_text()
+    assert "Command: `quantplug bench --backends bnb`" in text and "calls:" not in text

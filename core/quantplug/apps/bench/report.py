@@ -80,8 +80,19 @@ def render(json_path: Path, md_path: Path) -> str:
     return text
 
 
+def _runs(rows: list[dict]) -> list[dict]:
+    """The environments of the distinct calls (date, GPU, command) the rows come from, in order."""
+    runs = {}
+    for row in rows:
+        env = row.get("env") or {}
+        if env:
+            runs.setdefault((env.get("date"), env.get("gpu"), env.get("command")), env)
+    return list(runs.values())
+
+
 def _render_body(rows: list[dict], json_path) -> str:
-    env = next((r["env"] for r in rows if r.get("env")), {})
+    runs = _runs(rows)
+    env = runs[0] if runs else {}
     out = [
         f"Measured {env.get('date', '?')} on **{env.get('gpu', '?')}** (CUDA {env.get('cuda')}, Python "
         f"{env.get('python')}); device copy bandwidth {fmt(env.get('copy_gbs'), '.0f')} GB/s (read + write).",
@@ -90,6 +101,15 @@ def _render_body(rows: list[dict], json_path) -> str:
         "",
         f"Command: `{env.get('command', '?')}` (rows in `{Path(json_path).name}`).",
         "",
+    ]
+    if len(runs) > 1:  # rows gathered from several calls: each says where it ran (% copy is per call)
+        out[-2] = f"The rows in `{Path(json_path).name}` come from {len(runs)} calls:"
+        out[-1:-1] = [
+            f"- {run.get('date', '?')}, **{run.get('gpu', '?')}**, copy {fmt(run.get('copy_gbs'), '.0f')} GB/s: "
+            f"`{run.get('command', '?')}`"
+            for run in runs
+        ]
+    out += [
         "### Layers: adapter layer time over the bare quantized layer",
         "",
         "r=16, bf16, eager unless marked *graph* (the same calls captured in one CUDA graph and replayed: the GPU's "
