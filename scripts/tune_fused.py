@@ -1,7 +1,7 @@
 # ruff: noqa: B023  (each lambda is timed before the loop moves on)
 """Sweep and time the plugins' fused quantized-GEMV + LoRA kernels on one GPU, in one call.
 
-    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao,gptq] [--shapes 4096x4096,4096x14336,11008x4096]
+    python scripts/tune_fused.py OUT.json [--formats bnb,hqq,torchao,gptq,awq] [--shapes 4096x4096,4096x14336,11008x4096]
         [--tokens 1,16] [--sweep] [--workers 12] [--shrink-slices 16,32,64]
 
 For each format, shape (out x in) and token count, r=16, bf16, it reports
@@ -9,7 +9,9 @@ GPU time from CUDA-graph replay (a graph of calls cycling over enough
 copies of the layer to overflow L2, so the weights come from HBM; median of
 trials), for:
 
-- ``library``: the library's own bare layer (``base(x)``);
+- ``library``: the library's own bare layer (``base(x)``; ``None``, with
+  ``library_error`` saying why, where a CUDA graph cannot capture it, as
+  gptqmodel's ``AwqTorchLinear``);
 - ``fused_base``: the plugin's fused kernel without an adapter (``A=None``);
 - ``fused_lora`` / ``fused_lora_nopdl``: with the adapter (the shrink as
   its own launch), with and without programmatic dependent launch;
@@ -500,7 +502,7 @@ def _row(args, ck, qp, fmt, n, k, tokens, layers, probe, size, copies, best, res
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
-    parser.add_argument("--formats", default="bnb,hqq,torchao,gptq")
+    parser.add_argument("--formats", default="bnb,hqq,torchao,gptq,awq")
     parser.add_argument("--shapes", default="4096x4096,4096x14336,11008x4096")
     parser.add_argument("--tokens", default="1,16")
     parser.add_argument("--sweep", action="store_true")
