@@ -418,3 +418,4 @@ from quantplug._fused_launch import (  # noqa: E402, F401
     token_block,
     usable,
 )
+from quantplug._grid import cdiv, next_power_of_2  # noqa: E402, F401  (host-side: triton's cost 6 us a call)

@@ -12,9 +12,9 @@ so that what tools patch there (``shrink_kernel``, ``INTERPRET``,
 from __future__ import annotations
 
 import torch
-import triton
 
 from quantplug import _fused as shared
+from quantplug._grid import cdiv, next_power_of_2
 
 
 def token_block(m: int) -> int:
@@ -25,7 +25,7 @@ def token_block(m: int) -> int:
 
 def group_block_k(K: int, group: int, want: int) -> int | None:
     """``BLOCK_K`` near ``want`` holding whole quantization groups of ``group`` inputs, or None."""
-    bk = min(want, triton.next_power_of_2(K))
+    bk = min(want, next_power_of_2(K))
     return bk if bk >= group and bk % group == 0 else None
 
 
@@ -134,19 +134,17 @@ def launch(
     pdl = shared.PDL if pdl is None else (pdl and shared.HAS_PDL)
     pdl = pdl and shared.capability(x.device) >= shared.PDL_CAPABILITY
     launch_pdl = {"launch_pdl": True} if pdl else {}
-    grid_n = triton.cdiv(rows, block_n)
+    grid_n = cdiv(rows, block_n)
     if lora:
         KA = xa.shape[-1]
         xa2 = xa.reshape(M, KA).contiguous()
         A = A.contiguous()
         B = B.contiguous()
         R = A.shape[0]
-        k_per_split = max(
-            64, triton.next_power_of_2(triton.cdiv(KA, shrink_slices or shared.SHRINK_SPLITS[block_m]))
-        )
-        splits = triton.cdiv(KA, k_per_split)
-        block_r = max(16, triton.next_power_of_2(R))
-        block_s = triton.next_power_of_2(splits)
+        k_per_split = max(64, next_power_of_2(cdiv(KA, shrink_slices or shared.SHRINK_SPLITS[block_m])))
+        splits = cdiv(KA, k_per_split)
+        block_r = max(16, next_power_of_2(R))
+        block_s = next_power_of_2(splits)
         part = torch.empty((splits, 16, block_r), device=x.device, dtype=torch.float32)
         shrink_k = min(k_per_split, shared.SHRINK_STEP[block_m])
         if mode == 2:
@@ -163,13 +161,13 @@ def launch(
         xa2, A, B, part, sync_t = x2, x2, x2, y, y
         KA = R = splits = 1
         k_per_split = shrink_k = block_r = block_s = 16
-    k_blocks = triton.cdiv(K, block_k)
+    k_blocks = cdiv(K, block_k)
     cnt = shared.counters.get(module)
     if splitk > 1 and cnt is None and not _capturing():
         cnt = shared.counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
     splitk = min(splitk, k_blocks) if cnt is not None else 1  # first call under capture: no counters
-    k_split = triton.cdiv(k_blocks, splitk) * block_k
-    splitk = triton.cdiv(K, k_split)
+    k_split = cdiv(k_blocks, splitk) * block_k
+    splitk = cdiv(K, k_split)
     ws = torch.empty((splitk, block_m, N), device=x.device, dtype=torch.float32) if splitk > 1 else y
     kernel[(grid_n * splitk + (splits if mode == 2 else 0),)](
         x2, *weights, bias if bias is not None else y,

@@ -50,6 +50,7 @@ import torch
 import triton
 import triton.language as tl
 
+from quantplug._grid import cdiv, next_power_of_2
 from quantplug._kernels import lora_add_reference, lora_mixed_add_reference
 
 DTYPES = (torch.bfloat16, torch.float16)
@@ -152,11 +153,11 @@ def _splitk_shrink(shrink, x, A):
     A = A.contiguous()
     M = x2.shape[0]
     # about 32 slices of the input dimension, each at least 128 wide
-    k_per_split = max(128, triton.next_power_of_2(triton.cdiv(K, 32)))
-    splits = triton.cdiv(K, k_per_split)
-    block_s = triton.next_power_of_2(splits)
+    k_per_split = max(128, next_power_of_2(cdiv(K, 32)))
+    splits = cdiv(K, k_per_split)
+    block_s = next_power_of_2(splits)
     block_r = _pow2_at_least(R, 16)
-    m_blocks = triton.cdiv(M, 16)
+    m_blocks = cdiv(M, 16)
     part = torch.empty((m_blocks * 16, block_s, block_r), device=x.device, dtype=torch.float32)
     shrink[(splits, m_blocks)](
         x2, A, part, M, K, R, x2.stride(0), A.stride(0),
@@ -174,7 +175,7 @@ def _splitk_expand(expand, y, part, layout, B, scale):
     B = B.contiguous()
     out = torch.empty((M, N), device=y.device, dtype=y.dtype)
     block_n = 64 if N <= 4096 else 128
-    expand[(m_blocks, triton.cdiv(N, block_n))](
+    expand[(m_blocks, cdiv(N, block_n))](
         y2, part, B, out, M, N, R, splits, scale, y2.stride(0), B.stride(0), out.stride(0),
         BLOCK_M=16, BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_S=block_s, num_warps=4,
     )  # fmt: skip
@@ -193,7 +194,7 @@ def lora_add_splitk(y, x, A, B, scale):
 
 
 def _pow2_at_least(n: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(n))
+    return max(floor, next_power_of_2(n))
 
 
 def lora_add_cublas(
@@ -390,7 +391,7 @@ def lora_mixed_add_bgmv(y, x, A_stack, B_stack, scales, rows, config=None):
         BLOCK_K=config["SHRINK_BLOCK_K"], BLOCK_R=BLOCK_R, num_warps=config["shrink_warps"],
     )  # fmt: skip
     BLOCK_N = config["EXPAND_BLOCK_N"]
-    _bgmv_expand_kernel[(T, triton.cdiv(N, BLOCK_N))](
+    _bgmv_expand_kernel[(T, cdiv(N, BLOCK_N))](
         y2, ws, B_stack, idx, scales, out, N, R, seq, y2.stride(0), B_stack.stride(0), B_stack.stride(1),
         out.stride(0), BLOCK_N=BLOCK_N, BLOCK_R=BLOCK_R, num_warps=config["expand_warps"],
     )  # fmt: skip

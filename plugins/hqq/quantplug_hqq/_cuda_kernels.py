@@ -522,8 +522,8 @@ def _dequantize(W_q, scale, zero, N, K, group):
     block_n, groups, warps = DEQUANT_CONFIG
     budget = block_n * groups * 64  # codes per program (group is a power of two)
     block_n = max(1, min(block_n, budget // group))
-    groups = max(1, min(groups, budget // (block_n * group), triton.next_power_of_2(K // group)))
-    grid = (triton.cdiv(half, block_n), triton.cdiv(K // group, groups))
+    groups = max(1, min(groups, budget // (block_n * group), fl.next_power_of_2(K // group)))
+    grid = (fl.cdiv(half, block_n), fl.cdiv(K // group, groups))
     # Triton launches on the current device: the weight's, which need not be the current one
     with torch.cuda.device(W_q.device) if W_q.is_cuda else contextlib.nullcontext():
         _hqq4_dequant_kernel[grid](

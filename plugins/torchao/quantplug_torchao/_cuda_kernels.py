@@ -197,7 +197,7 @@ def fused_lora_linear(
     block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
-    block_k = min(config[1], max(16, triton.next_power_of_2(K)))
+    block_k = min(config[1], max(16, fl.next_power_of_2(K)))
     return fl.launch(
         _int8_gemv_kernel if gemv else _int8_lora_kernel, module, x, xa, A, B, scale, (qdata, wscale),
         module.bias, N=N, rows=N, block_m=block_m, block_k=block_k, config=config,

@@ -240,7 +240,7 @@ def fused_lora_linear(
     if config[0] % 8:
         return None  # whole words a program
     # one group a step, or part of one: BLOCK_K divides the group (16 inputs at least, for the dot)
-    block_k = min(config[1], triton.next_power_of_2(K))
+    block_k = min(config[1], fl.next_power_of_2(K))
     while block_k > 16 and group % block_k:
         block_k //= 2
     if group % block_k:

@@ -237,7 +237,7 @@ def fused_lora_linear(
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
     if gemv:  # whole groups a step, or a power-of-two part of one
-        block_k = min(config[1], triton.next_power_of_2(K))
+        block_k = min(config[1], fl.next_power_of_2(K))
         if block_k >= group:
             block_k -= block_k % group
             groups_per_step, rows_per_group = block_k // group, group // 8
@@ -249,7 +249,7 @@ def fused_lora_linear(
             return None  # tile sides are powers of two
         kernel, own = _gptq4_gemv_kernel, {"GB": groups_per_step, "WG": rows_per_group}
     else:
-        block_k = max(128, min(config[1], triton.next_power_of_2(K)))
+        block_k = max(128, min(config[1], fl.next_power_of_2(K)))
         kernel, own = _gptq4_lora_kernel, {}
     return fl.launch(
         kernel, module, x, xa, A, B, scale, (qweight, qzeros, scales), getattr(module, "bias", None), N=N, rows=N,
