@@ -15,21 +15,14 @@ import sys
 import quantplug as qp
 import torch
 from quantplug.testing import Holder
+from tune_fused import PLUGINS  # format -> (kernel module's package, variant)
 
 OUT, IN = (int(d) for d in sys.argv[1:3]) if len(sys.argv) > 2 else (4096, 4096)
 TOKENS = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 
-FORMATS = (
-    ("torchao", "int8wo", "quantplug_torchao"),
-    ("hqq", "4bit-g64", "quantplug_hqq"),
-    ("bnb", "nf4", "quantplug_bnb"),
-    ("gptq", "int4-g128-sym", "quantplug_gptqmodel.gptq"),
-    ("awq", "int4-g128-asym", "quantplug_gptqmodel.awq"),
-)
-
 USABLE = {row.name for row in qp.backends() if row.ok}
 
-for backend, variant, plugin in FORMATS:
+for backend, (plugin, variant) in PLUGINS.items():
     if backend not in USABLE:
         print(backend, "not usable here", flush=True)
         continue

@@ -31,14 +31,8 @@ import re
 import sys
 
 import torch
+from tune_fused import PLUGINS  # format -> (kernel module's package, variant)
 
-PLUGINS = {
-    "bnb": ("quantplug_bnb", "nf4"),
-    "hqq": ("quantplug_hqq", "4bit-g64"),
-    "torchao": ("quantplug_torchao", "int8wo"),
-    "gptq": ("quantplug_gptqmodel.gptq", "int4-g128-sym"),
-    "awq": ("quantplug_gptqmodel.awq", "int4-g128-asym"),
-}
 # weight elements one loop iteration decodes, from the launch's constexprs
 ELEMENTS = {
     "_hqq4_gemv_kernel": lambda c: 2 * c["BLOCK_N"] * c["BLOCK_K"],

@@ -93,22 +93,25 @@ def _runs(rows: list[dict]) -> list[dict]:
 def _render_body(rows: list[dict], json_path) -> str:
     runs = _runs(rows)
     env = runs[0] if runs else {}
+    name = Path(json_path).name
+    if len(runs) > 1:  # rows gathered from several calls: each says where it ran (% copy is per call)
+        where = [f"The rows in `{name}` come from {len(runs)} calls:"]
+        where += [
+            f"- {run.get('date', '?')}, **{run.get('gpu', '?')}**, copy {fmt(run.get('copy_gbs'), '.0f')} GB/s: "
+            f"`{run.get('command', '?')}`"
+            for run in runs
+        ]
+    else:
+        where = [f"Command: `{env.get('command', '?')}` (rows in `{name}`)."]
     out = [
         f"Measured {env.get('date', '?')} on **{env.get('gpu', '?')}** (CUDA {env.get('cuda')}, Python "
         f"{env.get('python')}); device copy bandwidth {fmt(env.get('copy_gbs'), '.0f')} GB/s (read + write).",
         "",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in env.get("versions", {}).items()) + ".",
         "",
-        f"Command: `{env.get('command', '?')}` (rows in `{Path(json_path).name}`).",
+        *where,
         "",
     ]
-    if len(runs) > 1:  # rows gathered from several calls: each says where it ran (% copy is per call)
-        out[-2] = f"The rows in `{Path(json_path).name}` come from {len(runs)} calls:"
-        out[-1:-1] = [
-            f"- {run.get('date', '?')}, **{run.get('gpu', '?')}**, copy {fmt(run.get('copy_gbs'), '.0f')} GB/s: "
-            f"`{run.get('command', '?')}`"
-            for run in runs
-        ]
     out += [
         "### Layers: adapter layer time over the bare quantized layer",
         "",
