@@ -10,7 +10,8 @@
 # bitsandbytes 0.50.2 (only libbitsandbytes_cuda130.so and _cpu.so kept: 4 MB),
 # torchao 0.18.0, hqq 0.2.8.post1 with termcolor, and the core's
 # importlib_metadata with lazy_importer and zipp (the image lacks them): 25 MB.
-# Stage "fused": scripts/tune_fused.py (fused GEMV + LoRA kernels, graph time); "profile": ncu on them.
+# Stage "fused": scripts/tune_fused.py (fused GEMV + LoRA kernels, graph time); "profile": ncu on them;
+# "host": scripts/profile_host.py (the Python of an eager one-token call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -38,6 +39,8 @@ for stage in $STAGES; do
         --section Occupancy --section WarpStateStats --section LaunchStats --section InstructionStats \
         --section MemoryWorkloadAnalysis $PY scripts/profile_fused.py ${PROFILE_ARGS:-} \
         >"$OUT/ncu.txt" 2>&1; tail -5 "$OUT/ncu.txt" ;;
+    host)  # where an eager one-token call's host time goes (HOST_ARGS, e.g. "--formats bnb --shape 4096x4096")
+      timeout ${HOST_TIMEOUT:-200} $PY scripts/profile_host.py "$OUT/host.json" ${HOST_ARGS:-} 2>&1 | tee "$OUT/host.log" | tail -30 ;;
     trainprof)  # where a training step's time goes (torch.profiler), quantplug and PEFT, per backend
       for b in ${TRAINPROF_BACKENDS:-bnb}; do
         timeout ${TRAINPROF_TIMEOUT:-200} $PY scripts/profile_training.py "$OUT/train_profile.txt" --backend $b \
