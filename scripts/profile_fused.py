@@ -14,25 +14,18 @@ import sys
 
 import quantplug as qp
 import torch
-from quantplug.testing import Holder
-from tune_fused import PLUGINS  # format -> (kernel module's package, variant)
+from tune_fused import PLUGINS, build  # PLUGINS: format -> (kernel module's package, variant)
 
 OUT, IN = (int(d) for d in sys.argv[1:3]) if len(sys.argv) > 2 else (4096, 4096)
 TOKENS = int(sys.argv[3]) if len(sys.argv) > 3 else 1
 
 USABLE = {row.name for row in qp.backends() if row.ok}
 
-for backend, (plugin, variant) in PLUGINS.items():
+for backend, (plugin, _) in PLUGINS.items():
     if backend not in USABLE:
         print(backend, "not usable here", flush=True)
         continue
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(IN, OUT, bias=False, device="cuda", dtype=torch.bfloat16)
-    model = qp.attach(
-        Holder(qp.quantize(linear, backend, variant)),
-        qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random"),
-    )
-    layer = model.proj
+    layer = build(backend, OUT, IN, seed=0)
     kernels = importlib.import_module(f"{plugin}._cuda_kernels")
     x = torch.randn(TOKENS, IN, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():

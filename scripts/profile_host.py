@@ -23,8 +23,7 @@ import time
 import quantplug as qp
 import torch
 from quantplug.plugin import fused_lora
-from quantplug.testing import Holder
-from tune_fused import PLUGINS  # format -> (kernel module's package, variant)
+from tune_fused import PLUGINS, build  # PLUGINS: format -> (kernel module's package, variant)
 
 
 def per_call_us(fn, calls: int, trials: int = 5) -> tuple[float, float, float]:
@@ -44,15 +43,8 @@ def per_call_us(fn, calls: int, trials: int = 5) -> tuple[float, float, float]:
 
 def profile_layer(backend: str, n_out: int, n_in: int, calls: int) -> tuple[dict, str]:
     """One format's row of per-call times, and its cProfile report."""
-    plugin, variant = PLUGINS[backend]
-    torch.manual_seed(0)
-    linear = torch.nn.Linear(n_in, n_out, bias=False, device="cuda", dtype=torch.bfloat16)
-    model = qp.attach(
-        Holder(qp.quantize(linear, backend, variant)),
-        qp.LoraConfig(r=16, alpha=32, target_modules=["proj"], init="random"),
-    )
-    layer = model.proj
-    storage = importlib.import_module(f"{plugin}._cuda_kernels")._storage
+    layer = build(backend, n_out, n_in, seed=0)
+    storage = importlib.import_module(f"{PLUGINS[backend][0]}._cuda_kernels")._storage
     x = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
     A, B, scale = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
     fused = layer._fused_kernel(x)
