@@ -78,6 +78,27 @@ def check_hqq_word_fallback():
     return ok
 
 
+def check_bnb_eager_one_token_base():
+    """bnb leaves one token's base alone to bitsandbytes outside a CUDA-graph capture (never one here):
+    declined unasked, served when forced; with the adapter, or at two tokens, served unasked."""
+    from quantplug_bnb._cuda_kernels import fused_lora_linear as fused
+
+    base = qp.quantize(torch.nn.Linear(256, 48, dtype=torch.float16), "bnb", "nf4")
+    A, B = torch.randn(4, 256, dtype=torch.float16) / 16, torch.randn(48, 4, dtype=torch.float16) / 2
+    one, two = torch.randn(1, 256, dtype=torch.float16), torch.randn(2, 256, dtype=torch.float16)
+    declined = fused(base, one, None, None, None, 0.0) is None
+    served = [
+        fused(base, one, None, None, None, 0.0, force=True),
+        fused(base, one, one, A, B, 2.0),
+        fused(base, two, None, None, None, 0.0),
+    ]
+    ok = declined and all(y is not None for y in served)
+    print(
+        f"bnb one token's base alone left to the library eagerly: declined {declined} {'ok' if ok else 'FAIL'}"
+    )
+    return ok
+
+
 def main(backends):
     ok = True
     for backend in backends:
@@ -92,6 +113,7 @@ def main(backends):
                 ("nf4", (33, 128, 2, 1), torch.float16),  # bf16: the interpreter's bf16 dot is wrong
             ]:
                 ok &= check(backend, variant, fused, N, K, M, R, dtype)
+            ok &= check_bnb_eager_one_token_base()
         elif backend == "hqq":
             from quantplug_hqq._cuda_kernels import fused_lora_linear as fused
 

@@ -412,6 +412,7 @@ MIN_CAPABILITY, PDL_CAPABILITY = (8, 0), (9, 0)
 # it reads this module's names at call time
 from quantplug._fused_launch import (  # noqa: E402, F401
     admit,
+    capturing,
     dense_lora_linear,
     group_block_k,
     launch,

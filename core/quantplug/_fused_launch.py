@@ -34,7 +34,11 @@ def _compiling() -> bool:
     return bool(compiler is not None and compiler.is_compiling())
 
 
-def _capturing() -> bool:
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (never under Triton's interpreter).
+
+    Eagerly each launch from Python costs the host tens of microseconds, which a replayed graph does not
+    pay: a plugin whose library is as fast for some calls may leave those to it outside a capture."""
     return not shared.INTERPRET and torch.cuda.is_current_stream_capturing()
 
 
@@ -128,7 +132,7 @@ def launch(
         x2 = x2.clone()  # a fresh allocation: aligned
     y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     lora = A is not None
-    mode = (2 if one_launch and (module in shared.sync or not _capturing()) else 1) if lora else 0
+    mode = (2 if one_launch and (module in shared.sync or not capturing()) else 1) if lora else 0
     mode = lora_mode if lora_mode is not None and lora else mode
     mode = min(mode, 1) if block_m == 1 else mode  # a one-token GEMV kernel has no in-launch shrink (LORA=2)
     pdl = shared.PDL if pdl is None else (pdl and shared.HAS_PDL)
@@ -163,7 +167,7 @@ def launch(
         k_per_split = shrink_k = block_r = block_s = 16
     k_blocks = cdiv(K, block_k)
     cnt = shared.counters.get(module)
-    if splitk > 1 and cnt is None and not _capturing():
+    if splitk > 1 and cnt is None and not capturing():
         cnt = shared.counters[module] = torch.zeros(N, device=x.device, dtype=torch.int32)
     splitk = min(splitk, k_blocks) if cnt is not None else 1  # first call under capture: no counters
     k_split = cdiv(k_blocks, splitk) * block_k

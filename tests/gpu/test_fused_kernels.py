@@ -311,8 +311,11 @@ def fused_kernels_launched(fn):
 @pytest.mark.parametrize("tokens", [1, 16])
 def test_disabled_and_mixed_batches_run_the_fused_base(backend, variant, plugin, tokens):
     """With no adapter to add (disabled, ``adapter_names=`` batches) the layer's base is the fused kernel
-    with ``A=None``; under forced references it is the library's own forward."""
-    kernels_module(plugin)
+    with ``A=None``; under forced references it is the library's own forward. A plugin with
+    ``LIBRARY_EAGER_ONE_TOKEN_BASE`` (bnb) leaves one token's base to its library eagerly, and its fused
+    kernel serves that call inside a CUDA-graph capture."""
+    fused = kernels_module(plugin)
+    eager_fused = not (tokens == 1 and getattr(fused, "LIBRARY_EAGER_ONE_TOKEN_BASE", False))
     dtype = torch.bfloat16
     layer = wrapped(backend, variant, (1024, 2048), dtype, ranks=(4, 16))
     x = torch.randn(tokens, 2048, device="cuda", dtype=dtype)
@@ -320,11 +323,12 @@ def test_disabled_and_mixed_batches_run_the_fused_base(backend, variant, plugin,
     with torch.no_grad():
         layer.disabled = True
         try:
-            assert fused_kernels_launched(lambda: layer(x)), (
-                "the disabled layer's base is not the fused kernel"
-            )
+            launched = fused_kernels_launched(lambda: layer(x))
+            assert bool(launched) == eager_fused, f"eager disabled base: fused kernels {launched}"
             poison(tokens * 1024, dtype)
             assert rel(layer(x), truth(layer, x, [])) < TOL[dtype]
+            if not eager_fused:
+                assert_captured_base_is_fused(layer, x, dtype)
             qp.use_reference_kernels(True)
             try:
                 assert not fused_kernels_launched(lambda: layer(x)), "forced references still launch it"
@@ -332,11 +336,33 @@ def test_disabled_and_mixed_batches_run_the_fused_base(backend, variant, plugin,
                 qp.use_reference_kernels(False)
         finally:
             layer.disabled = False
-        assert fused_kernels_launched(lambda: layer(x, adapter_names=names))
+        launched = fused_kernels_launched(lambda: layer(x, adapter_names=names))
+        assert bool(launched) == eager_fused, f"eager mixed batch's base: fused kernels {launched}"
         got = layer(x, adapter_names=names)
         for row, name in enumerate(names):
             want = truth(layer, x[row : row + 1], [] if name == "__base__" else [name])
             assert rel(got[row : row + 1], want) < TOL[dtype], (row, name)
+
+
+def assert_captured_base_is_fused(layer, x, dtype):
+    """The disabled layer's base, captured in a CUDA graph, is not the library's forward (its eager
+    warm-up is), and the replay on a fresh input is right."""
+    library, captured = layer.base_forward, []
+
+    def spy(inputs):
+        captured.append(torch.cuda.is_current_stream_capturing())
+        return library(inputs)
+
+    layer.base_forward = spy
+    static_x, outputs = x.clone(), []
+    try:
+        graph = capture_graph(lambda: outputs.append(layer(static_x)), repeat=1)
+    finally:
+        del layer.base_forward
+    assert False in captured and True not in captured, captured
+    static_x.copy_(torch.randn_like(static_x))
+    graph.replay()
+    assert rel(outputs[-1], truth(layer, static_x, [])) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

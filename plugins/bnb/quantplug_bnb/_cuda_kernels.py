@@ -29,7 +29,9 @@ most :data:`MAX_TOKENS` rows, rank at most :data:`MAX_RANK`, ``in_features``
 a multiple of the blocksize, a ``Params4bit`` not repacked for bitsandbytes'
 CPU kernel; otherwise it returns ``None`` and the core takes the library's
 own forward plus ``lora_linear``. Under ``torch.compile`` it also returns
-``None`` (the core's compiled path serves).
+``None`` (the core's compiled path serves), and so it does for one token's
+base alone outside a CUDA-graph capture
+(:data:`LIBRARY_EAGER_ONE_TOKEN_BASE`).
 """
 
 from __future__ import annotations
@@ -61,6 +63,12 @@ ONE_TOKEN_SHRINK_SLICES = 32
 SERVE = True
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
+# Whether one token's base alone (adapters disabled or merged, adapter_names= batches, DoRA) is left to
+# bitsandbytes' own GEMV outside a CUDA-graph capture. Its GPU time is close to this kernel's (10.8 against
+# 9.0 us at 4096x4096, H100), and it is one C++ op, while this kernel's launch from Python costs the host
+# tens of microseconds: an eager decode waits on the host (LLaMA-1.1B, adapter merged, one H100 run:
+# 33.8 tokens/s on this kernel, 43.7 on the library's). Captured, this kernel serves it.
+LIBRARY_EAGER_ONE_TOKEN_BASE = True
 
 
 # inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the table in memory there)
@@ -344,6 +352,8 @@ def fused_lora_linear(
     if found is None:
         return None
     M, packed, state, N, K, blocksize = found
+    if A is None and M == 1 and LIBRARY_EAGER_ONE_TOKEN_BASE and not force and not fl.capturing():
+        return None
     block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
