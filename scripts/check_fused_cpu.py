@@ -80,14 +80,17 @@ def check_hqq_word_fallback():
 
 def check_bnb_eager_one_token_base():
     """bnb leaves one token's base alone to bitsandbytes outside a CUDA-graph capture (never one here):
-    declined unasked, served when forced; with the adapter, or at two tokens, served unasked."""
+    served on the layer's first such call (the warm-up loads the kernel for a later capture), then
+    declined unasked; served when forced, with the adapter, or at two tokens."""
     from quantplug_bnb._cuda_kernels import fused_lora_linear as fused
 
     base = qp.quantize(torch.nn.Linear(256, 48, dtype=torch.float16), "bnb", "nf4")
     A, B = torch.randn(4, 256, dtype=torch.float16) / 16, torch.randn(48, 4, dtype=torch.float16) / 2
     one, two = torch.randn(1, 256, dtype=torch.float16), torch.randn(2, 256, dtype=torch.float16)
+    first = fused(base, one, None, None, None, 0.0)
     declined = fused(base, one, None, None, None, 0.0) is None
     served = [
+        first,
         fused(base, one, None, None, None, 0.0, force=True),
         fused(base, one, one, A, B, 2.0),
         fused(base, two, None, None, None, 0.0),

@@ -5,8 +5,10 @@
 At one token a layer's GPU work takes a few microseconds, so an eager call's
 wall time is its host time. Each row times, side by side on one layer with a
 random r=16 adapter: the library's bare layer, the wrapped layer (adapter on
-and disabled), the plugin's fused op called directly (with and without the
-adapter), its ``admit`` check alone, and the slowest Python functions of the
+and disabled), the plugin's fused op called directly with ``force=True``
+(with and without the adapter: its kernel even where the layer leaves the
+call to the library, as bnb does one token's base eagerly), its ``admit``
+check alone, and the slowest Python functions of the
 wrapped call under cProfile (written beside OUT as OUT.prof.txt).
 ``scripts/gpu_run.sh host`` runs it.
 """
@@ -44,17 +46,18 @@ def per_call_us(fn, calls: int, trials: int = 5) -> tuple[float, float, float]:
 def profile_layer(backend: str, n_out: int, n_in: int, calls: int) -> tuple[dict, str]:
     """One format's row of per-call times, and its cProfile report."""
     layer = build(backend, n_out, n_in, seed=0)
-    storage = importlib.import_module(f"{PLUGINS[backend][0]}._cuda_kernels")._storage
+    kernels = importlib.import_module(f"{PLUGINS[backend][0]}._cuda_kernels")
     x = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
     A, B, scale = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
-    fused = layer._fused_kernel(x)
     timed = {
         "library bare layer": lambda: layer.base(x),
         "wrapped, adapter on": lambda: layer(x),
         "wrapped, adapters disabled (base_call)": lambda: layer.base_call(x),
-        "fused op, adapter": lambda: fused.fn(layer.base, x, x, A, B, scale),
-        "fused op, base alone": lambda: fused.fn(layer.base, x, None, None, None, 0.0),
-        "admit alone": lambda: fused_lora.admit(layer.base, x, x, A, B, storage, serve=True),
+        "fused op, adapter": lambda: kernels.fused_lora_linear(layer.base, x, x, A, B, scale, force=True),
+        "fused op, base alone": lambda: kernels.fused_lora_linear(
+            layer.base, x, None, None, None, 0.0, force=True
+        ),
+        "admit alone": lambda: fused_lora.admit(layer.base, x, x, A, B, kernels._storage, serve=True),
         "torch.empty alone": lambda: torch.empty((1, n_out), device="cuda", dtype=torch.bfloat16),
     }
     row = {"backend": backend, "shape": f"{n_out}x{n_in}", "gpu": torch.cuda.get_device_name(0)}

@@ -312,8 +312,8 @@ def fused_kernels_launched(fn):
 def test_disabled_and_mixed_batches_run_the_fused_base(backend, variant, plugin, tokens):
     """With no adapter to add (disabled, ``adapter_names=`` batches) the layer's base is the fused kernel
     with ``A=None``; under forced references it is the library's own forward. A plugin with
-    ``LIBRARY_EAGER_ONE_TOKEN_BASE`` (bnb) leaves one token's base to its library eagerly, and its fused
-    kernel serves that call inside a CUDA-graph capture."""
+    ``LIBRARY_EAGER_ONE_TOKEN_BASE`` (bnb) leaves one token's base to its library eagerly after the
+    layer's first such call, and its fused kernel serves that call inside a CUDA-graph capture."""
     fused = kernels_module(plugin)
     eager_fused = not (tokens == 1 and getattr(fused, "LIBRARY_EAGER_ONE_TOKEN_BASE", False))
     dtype = torch.bfloat16
@@ -323,6 +323,8 @@ def test_disabled_and_mixed_batches_run_the_fused_base(backend, variant, plugin,
     with torch.no_grad():
         layer.disabled = True
         try:
+            first = fused_kernels_launched(lambda: layer(x))
+            assert first, "the layer's first base-alone call is not the fused kernel (nothing loads it)"
             launched = fused_kernels_launched(lambda: layer(x))
             assert bool(launched) == eager_fused, f"eager disabled base: fused kernels {launched}"
             poison(tokens * 1024, dtype)

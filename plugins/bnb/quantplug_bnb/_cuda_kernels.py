@@ -30,11 +30,13 @@ a multiple of the blocksize, a ``Params4bit`` not repacked for bitsandbytes'
 CPU kernel; otherwise it returns ``None`` and the core takes the library's
 own forward plus ``lora_linear``. Under ``torch.compile`` it also returns
 ``None`` (the core's compiled path serves), and so it does for one token's
-base alone outside a CUDA-graph capture
+base alone outside a CUDA-graph capture, after the layer's first
 (:data:`LIBRARY_EAGER_ONE_TOKEN_BASE`).
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 import triton
@@ -64,11 +66,15 @@ SERVE = True
 # Whether calls above MAX_TOKENS rows are served too (no: the library's own forward serves them).
 DENSE = False
 # Whether one token's base alone (adapters disabled or merged, adapter_names= batches, DoRA) is left to
-# bitsandbytes' own GEMV outside a CUDA-graph capture. Its GPU time is close to this kernel's (10.8 against
-# 9.0 us at 4096x4096, H100), and it is one C++ op, while this kernel's launch from Python costs the host
-# tens of microseconds: an eager decode waits on the host (LLaMA-1.1B, adapter merged, one H100 run:
-# 33.8 tokens/s on this kernel, 43.7 on the library's). Captured, this kernel serves it.
+# bitsandbytes' own GEMV outside a CUDA-graph capture. Its GPU time is close to this kernel's (a graph at
+# 4096x4096, H100: bitsandbytes' bare layer 10.8 us, this kernel with an adapter 9.0), and it is one C++ op,
+# while this kernel's launch from Python costs the host tens of microseconds: an eager decode waits on the
+# host (LLaMA-1.1B, one H100 run: merged on this kernel 33.8 tokens/s; adapters disabled on the library's
+# forward 43.7). Captured, this kernel serves it. A layer's first such call still runs it (_BASE_LOADED):
+# Triton loads a kernel into the GPU on its first launch, which a capture does not permit, so the eager
+# warm-up before a capture must have launched it.
 LIBRARY_EAGER_ONE_TOKEN_BASE = True
+_BASE_LOADED: weakref.WeakSet = weakref.WeakSet()  # layers whose one-token base alone ran here once
 
 
 # inline PTX: on NVIDIA GPUs, not in Triton's interpreter nor on ROCm (the table in memory there)
@@ -353,7 +359,9 @@ def fused_lora_linear(
         return None
     M, packed, state, N, K, blocksize = found
     if A is None and M == 1 and LIBRARY_EAGER_ONE_TOKEN_BASE and not force and not fl.capturing():
-        return None
+        if module in _BASE_LOADED:
+            return None
+        _BASE_LOADED.add(module)
     block_m = fl.token_block(M)
     gemv = block_m == 1
     config = config or CONFIGS["gemv" if gemv else block_m]
